@@ -1,0 +1,148 @@
+"""Tokenise trajectories with the tokenizer's chat template and exact step-end indices.
+
+The chat template renders ``Trajectory.to_messages()``.  The end of assistant step
+``i`` is found by rendering the conversation up to and including that assistant turn
+and checking that this rendering is a prefix of the whole conversation; the step-end
+token is the last token that starts before the prefix ends (for Llama-3 templates,
+the ``<|eot_id|>`` closing the turn).  Offsets, not a string search for a separator,
+map characters to tokens, so the indices are exact for any fast tokenizer.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+from agentrm.data.schema import Trajectory
+
+
+class ChatTemplateError(ValueError):
+    """The tokenizer cannot render trajectories with exact step boundaries."""
+
+
+@dataclass
+class TokenizedTrajectory:
+    """One trajectory as token ids with step-end positions.
+
+    Attributes:
+        input_ids: ``[T]`` token ids (``T <= max_length`` after truncation).
+        step_start_idx: ``[S]`` index of each surviving step's first action token (the
+            assistant content, after the template's turn header).
+        step_end_idx: ``[S]`` index into ``input_ids`` of each surviving step's end token.
+        step_values: ``[S]`` value targets, ``nan`` where the step has none.
+        step_parent: ``[S]`` 63-bit hash of everything before the step (siblings share it).
+        step_action: ``[S]`` 63-bit hash of the step's action (siblings differ in it).
+        success / reward: the trajectory's final outcome.
+    """
+
+    id: str
+    group: str
+    input_ids: list[int]
+    step_start_idx: list[int]
+    step_end_idx: list[int]
+    step_values: list[float]
+    step_parent: list[int] = field(default_factory=list)
+    step_action: list[int] = field(default_factory=list)
+    success: bool = False
+    reward: float = 0.0
+    num_steps_total: int = 0
+
+    def __post_init__(self) -> None:
+        n = len(self.step_end_idx)
+        assert len(self.step_values) == n == len(self.step_start_idx) == len(self.step_parent) == len(self.step_action), (
+            "labels must match surviving steps"
+        )
+
+
+def _hash63(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+
+
+def _render(tokenizer, messages: list[dict[str, str]]) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+
+
+def step_char_spans(tokenizer, traj: Trajectory) -> tuple[str, list[int], list[int]]:
+    """Render the trajectory; return ``(text, [char start], [char end])`` of each assistant step.
+
+    The start is where the assistant content begins (the rendering of the conversation
+    before the step with ``add_generation_prompt=True``); the end is where the rendering
+    up to and including the step ends (trailing whitespace excluded).
+
+    Raises:
+        ChatTemplateError: when the tokenizer has no chat template or its rendering of a
+            shorter conversation is not a prefix of the full rendering.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateError(
+            f"tokenizer {type(tokenizer).__name__} has no chat_template; set one (see agentrm/assets/tiny_tokenizer)"
+        )
+    messages = traj.to_messages()
+    full = _render(tokenizer, messages)
+    starts, ends = [], []
+    for i in range(len(traj.steps)):
+        head = tokenizer.apply_chat_template(messages[: 1 + 2 * i], tokenize=False, add_generation_prompt=True)
+        prefix = _render(tokenizer, messages[: 2 + 2 * i])  # user, (assistant, user)*i, assistant
+        for what, text in (("before", head), ("up to", prefix)):
+            if not full.startswith(text):
+                raise ChatTemplateError(
+                    f"trajectory {traj.id}: chat template rendering {what} step {i} is not a prefix of the full "
+                    "conversation; step boundaries cannot be located exactly with this template"
+                )
+        starts.append(len(head))
+        ends.append(len(prefix.rstrip()))
+    return full, starts, ends
+
+
+def tokenize_trajectory(tokenizer, traj: Trajectory, max_length: int | None = None) -> TokenizedTrajectory:
+    """Tokenise one trajectory; truncate on the right to ``max_length`` tokens.
+
+    Steps whose end token falls beyond ``max_length`` (including a step cut in the
+    middle) are dropped together with their labels, so labels and step ends stay
+    aligned.  A trajectory with zero steps yields empty step lists.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise ChatTemplateError("a fast tokenizer (with offset mapping) is required for exact step ends")
+    text, char_starts, char_ends = step_char_spans(tokenizer, traj)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = enc["input_ids"]
+    starts = [s for s, _ in enc["offset_mapping"]]
+    ends_tok = []
+    for c in char_ends:
+        j = bisect.bisect_left(starts, c) - 1  # last token starting before char c
+        if j < 0:
+            raise ChatTemplateError(f"trajectory {traj.id}: step end at char {c} maps to no token")
+        ends_tok.append(j)
+    starts_tok = [min(bisect.bisect_left(starts, c), e) for c, e in zip(char_starts, ends_tok)]
+
+    parents, actions = [], []
+    ctx = f"{traj.task}\x00{traj.instruction}"
+    for s in traj.steps:
+        parents.append(_hash63(ctx))
+        actions.append(_hash63(s.action))
+        ctx += f"\x00{s.action}\x00{s.observation}"
+    values = [math.nan if s.value is None else float(s.value) for s in traj.steps]
+
+    if max_length is not None and len(ids) > max_length:
+        ids = ids[:max_length]
+    keep = [k for k, e in enumerate(ends_tok) if e < len(ids)]
+    # ends are increasing, so the survivors are a prefix of the steps
+    assert keep == list(range(len(keep)))
+    n = len(keep)
+    out = TokenizedTrajectory(
+        id=traj.id,
+        group=traj.group,
+        input_ids=ids,
+        step_start_idx=starts_tok[:n],
+        step_end_idx=ends_tok[:n],
+        step_values=values[:n],
+        step_parent=parents[:n],
+        step_action=actions[:n],
+        success=bool(traj.success),
+        reward=float(traj.reward),
+        num_steps_total=len(traj.steps),
+    )
+    assert len(out.step_values) == len(out.step_end_idx) == n
+    return out

@@ -1,0 +1,115 @@
+"""LightningDataModule over trajectory files (native JSONL or AgentGym conversations)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from functools import partial
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from agentrm.data.agentgym import load_trajectories
+from agentrm.data.collate import collate_trajectories
+from agentrm.data.schema import Trajectory
+from agentrm.data.tokenize import TokenizedTrajectory, tokenize_trajectory
+from agentrm.paths import load_tokenizer, resolve_path
+
+
+def split_by_group(trajs: list[Trajectory], val_fraction: float, seed: int) -> tuple[list[Trajectory], list[Trajectory]]:
+    """Deterministic split on ``Trajectory.group`` so branches never straddle train and validation."""
+    train, val = [], []
+    for t in trajs:
+        h = int.from_bytes(hashlib.blake2b(f"{seed}:{t.group}".encode(), digest_size=8).digest(), "little")
+        (val if (h % 1_000_000) < val_fraction * 1_000_000 else train).append(t)
+    return train, val
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A permutation that depends only on ``(seed, epoch)``, so a resumed run sees the same order.
+
+    Lightning calls ``set_epoch`` before each epoch (and wraps this sampler for DDP).
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class TrajectoryDataModule(L.LightningDataModule):
+    """Tokenised trajectories with step ends, for the value RM and the implicit PRM.
+
+    Args:
+        train_path: trajectory JSONL (or AgentGym .json/.jsonl).
+        val_path: held-out file; if ``None``, ``val_fraction`` of the trajectory groups
+            of ``train_path`` are held out (split by ``meta.group``, seeded by ``split_seed``).
+        tokenizer: local path or hub id of a fast tokenizer with a chat template.
+        max_length: right truncation in tokens; steps beyond it lose their labels.
+        skip_invalid: skip malformed records (a count is printed) instead of failing.
+    """
+
+    def __init__(
+        self,
+        train_path: str = "agentrm/assets/babyai_sample.jsonl",
+        val_path: str | None = None,
+        val_fraction: float = 0.2,
+        tokenizer: str = "agentrm/assets/tiny_tokenizer",
+        max_length: int = 1024,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        split_seed: int = 0,
+        skip_invalid: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer = None
+        self.train_items: list[TokenizedTrajectory] = []
+        self.val_items: list[TokenizedTrajectory] = []
+
+    def _load(self, path: str) -> list[Trajectory]:
+        return load_trajectories(resolve_path(path), skip_invalid=self.hparams.skip_invalid)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_items or self.val_items:
+            return
+        hp = self.hparams
+        self.tokenizer = load_tokenizer(hp.tokenizer)
+        trajs = self._load(hp.train_path)
+        if hp.val_path:
+            train, val = trajs, self._load(hp.val_path)
+        else:
+            train, val = split_by_group(trajs, hp.val_fraction, hp.split_seed)
+        if not train:
+            raise ValueError(f"{hp.train_path}: no training trajectories after the split")
+        tok = partial(tokenize_trajectory, self.tokenizer, max_length=hp.max_length)
+        self.train_items = [tok(t) for t in train]
+        self.val_items = [tok(t) for t in val]
+
+    def _loader(self, items: list[TokenizedTrajectory], shuffle: bool, batch_size: int) -> DataLoader:
+        seed = int(os.environ.get("PL_GLOBAL_SEED", self.hparams.split_seed))
+        return DataLoader(
+            items,
+            batch_size=batch_size,
+            sampler=EpochShuffleSampler(len(items), seed) if shuffle else None,
+            num_workers=self.hparams.num_workers,
+            collate_fn=partial(collate_trajectories, pad_token_id=self.tokenizer.pad_token_id),
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_items, True, self.hparams.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_items, False, self.hparams.eval_batch_size or self.hparams.batch_size)

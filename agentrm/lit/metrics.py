@@ -1,0 +1,61 @@
+"""Validation metrics that need more than torchmetrics ships."""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+
+class PairwiseRankingAccuracy(Metric):
+    """Accuracy of ordering sibling steps (same prefix, different action) by predicted value.
+
+    Each update takes flat ``[M]`` tensors: predictions, targets, a parent key (hash of
+    everything before the step) and an action key.  At compute time duplicate
+    ``(parent, action)`` entries are merged, and every pair of siblings whose targets
+    differ by more than ``margin`` counts: 1 when the prediction orders them like the
+    targets, 0.5 on a prediction tie, 0 otherwise.  States are concatenated across
+    processes, so the result is exact under DDP.  Returns ``nan`` without any pair.
+    """
+
+    full_state_update = False
+
+    def __init__(self, margin: float = 1e-6, **kwargs):
+        super().__init__(**kwargs)
+        self.margin = margin
+        for name in ("preds", "targets", "parents", "actions"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, preds: torch.Tensor, targets: torch.Tensor, parents: torch.Tensor, actions: torch.Tensor) -> None:
+        self.preds.append(preds.detach().float().flatten())
+        self.targets.append(targets.detach().float().flatten())
+        self.parents.append(parents.flatten())
+        self.actions.append(actions.flatten())
+
+    def pair_count_and_correct(self) -> tuple[int, float]:
+        if not self.preds:
+            return 0, 0.0
+        preds, targets = dim_zero_cat(self.preds).cpu(), dim_zero_cat(self.targets).cpu()
+        parents, actions = dim_zero_cat(self.parents).cpu(), dim_zero_cat(self.actions).cpu()
+        seen: dict[tuple[int, int], int] = {}
+        for i, key in enumerate(zip(parents.tolist(), actions.tolist())):
+            seen.setdefault(key, i)
+        by_parent: dict[int, list[int]] = {}
+        for (parent, _), i in seen.items():
+            by_parent.setdefault(parent, []).append(i)
+        pairs, correct = 0, 0.0
+        for idx in by_parent.values():
+            if len(idx) < 2:
+                continue
+            ix = torch.tensor(idx)
+            dt = targets[ix][:, None] - targets[ix][None, :]
+            dp = preds[ix][:, None] - preds[ix][None, :]
+            upper = torch.triu(torch.ones_like(dt, dtype=torch.bool), diagonal=1) & (dt.abs() > self.margin)
+            pairs += int(upper.sum())
+            agree = (dt * dp > 0).float() + 0.5 * (dp == 0).float()
+            correct += float(agree[upper].sum())
+        return pairs, correct
+
+    def compute(self) -> torch.Tensor:
+        pairs, correct = self.pair_count_and_correct()
+        return torch.tensor(correct / pairs if pairs else float("nan"))

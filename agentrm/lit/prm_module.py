@@ -1,0 +1,116 @@
+"""LightningModule training the implicit PRM on outcome labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+from torchmetrics.classification import BinaryAUROC
+
+from agentrm.lit.optim import adamw_with_warmup_cosine
+from agentrm.lit.value_module import apply_lora
+from agentrm.models.backbone import build_backbone
+from agentrm.models.implicit_prm import ImplicitPRM
+from agentrm.models.value_rm import aggregate_steps
+from agentrm.paths import load_tokenizer
+
+
+class ImplicitPRMModule(L.LightningModule):
+    """BCE-with-logits of ``beta * sum_t log(pi_theta/pi_ref)`` against the success label.
+
+    Args:
+        tokenizer: path or hub id (linked from the DataModule by the CLI).
+        backbone / backbone_config: pretrained causal LM, or a config to build one.
+        beta: reward scale (default 0.05).
+        lora: LoRA fields; with LoRA the reference is the base with the adapter disabled.
+        aggregate: step-reward aggregation for the trajectory score in validation.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str = "agentrm/assets/tiny_tokenizer",
+        backbone: str | None = None,
+        backbone_config: dict[str, Any] | None = None,
+        beta: float = 0.05,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 30,
+        lora: dict[str, Any] | None = None,
+        aggregate: str = "min",
+        dtype: str | None = None,
+        attn_implementation: str = "auto",
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(tokenizer)
+        policy = build_backbone(
+            backbone, backbone_config, vocab_size=len(self.tokenizer), causal_lm=True,
+            dtype=dtype, attn_implementation=attn_implementation,
+        )
+        if gradient_checkpointing:
+            policy.gradient_checkpointing_enable()
+        policy = apply_lora(policy, lora, "CAUSAL_LM")
+        self.model = ImplicitPRM(policy, beta=beta)
+        self.val_auroc = BinaryAUROC()
+        self.val_step_auroc = BinaryAUROC()
+        self.val_loss = MeanMetric()
+
+    def on_fit_start(self) -> None:
+        if self.model.reference is not None:
+            self.model.reference.to(self.device)
+
+    # A randomly initialised reference (backbone_config) cannot be rebuilt from a hub id,
+    # so it travels in the checkpoint; a pretrained or adapter-disabled one does not need to.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.hparams.backbone_config is not None and self.model.reference is not None:
+            checkpoint["reference_state_dict"] = self.model.reference.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "reference_state_dict" in checkpoint and self.model.reference is not None:
+            self.model.reference.load_state_dict(checkpoint["reference_state_dict"])
+
+    def _outcome_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        r = self.model.step_rewards(batch)
+        logits = self.model.outcome_logits(r, batch["step_mask"])
+        return F.binary_cross_entropy_with_logits(logits, batch["success"]), r
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, _ = self._outcome_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss, r = self._outcome_loss(batch)
+        self.val_loss.update(loss, weight=batch["input_ids"].shape[0])
+        mask = batch["step_mask"]
+        scores = aggregate_steps(r.masked_fill(~mask, float("nan")), self.hparams.aggregate)
+        has = ~torch.isnan(scores)
+        if has.any():
+            self.val_auroc.update(scores[has], batch["success"][has].long())
+        if mask.any():
+            success = batch["success"][:, None].expand_as(mask)
+            self.val_step_auroc.update(r[mask], success[mask].long())
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/loss", self.val_loss.compute(), prog_bar=True)
+        self.val_loss.reset()
+        for name, metric in (("val/auroc", self.val_auroc), ("val/step_auroc", self.val_step_auroc)):
+            if metric.update_count:
+                self.log(name, metric.compute(), prog_bar=name == "val/auroc")
+            metric.reset()
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        return adamw_with_warmup_cosine(
+            self.model.policy, hp.learning_rate, hp.weight_decay, hp.warmup_steps,
+            int(self.trainer.estimated_stepping_batches),
+        )
+
+    def export(self, directory: str | Path) -> Path:
+        """Save as a directory ``ImplicitPRM.from_pretrained`` loads."""
+        return self.model.save_pretrained(directory, tokenizer=self.tokenizer, aggregate=self.hparams.aggregate)

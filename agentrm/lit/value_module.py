@@ -1,0 +1,138 @@
+"""LightningModule training the explicit value reward model on step-value targets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric, MeanSquaredError
+from torchmetrics.classification import BinaryAUROC
+
+from agentrm.lit.metrics import PairwiseRankingAccuracy
+from agentrm.lit.optim import adamw_with_warmup_cosine
+from agentrm.models.backbone import build_backbone
+from agentrm.models.value_rm import ValueRewardModel
+from agentrm.paths import load_tokenizer
+
+
+def apply_lora(model, lora: dict[str, Any] | None, task_type: str):
+    """Wrap ``model`` with a peft LoRA adapter built from ``lora`` (LoraConfig fields)."""
+    if not lora:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    cfg = dict(lora)
+    cfg.setdefault("task_type", task_type)
+    return get_peft_model(model, LoraConfig(**cfg))
+
+
+class ValueRMModule(L.LightningModule):
+    """Regress step-end values onto Monte-Carlo / tree-search value targets.
+
+    Args:
+        tokenizer: path or hub id (linked from the DataModule's ``tokenizer`` by the CLI).
+        backbone: hub id or local dir of a pretrained model; or
+        backbone_config: dict with ``model_type`` and fields to build a randomly
+            initialised model (the tiny CPU default).
+        loss: ``mse`` on raw head outputs, or ``bce`` on logits with soft labels.
+        lora: LoRA fields (``r``, ``lora_alpha``, ``target_modules``...) to train an
+            adapter instead of the full backbone.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str = "agentrm/assets/tiny_tokenizer",
+        backbone: str | None = None,
+        backbone_config: dict[str, Any] | None = None,
+        loss: Literal["mse", "bce"] = "mse",
+        learning_rate: float = 3e-4,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 50,
+        lora: dict[str, Any] | None = None,
+        dtype: str | None = None,
+        attn_implementation: str = "auto",
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(tokenizer)
+        bb = build_backbone(
+            backbone, backbone_config, vocab_size=len(self.tokenizer), causal_lm=False,
+            dtype=dtype, attn_implementation=attn_implementation,
+        )
+        if gradient_checkpointing:
+            bb.gradient_checkpointing_enable()
+        bb = apply_lora(bb, lora, "FEATURE_EXTRACTION")
+        self.model = ValueRewardModel(bb, value_activation="sigmoid" if loss == "bce" else "none")
+        self.val_mse = MeanSquaredError()
+        self.val_auroc = BinaryAUROC()
+        self.val_traj_auroc = BinaryAUROC()
+        self.val_rank_acc = PairwiseRankingAccuracy()
+        self.train_loss = MeanMetric()
+
+    def _loss(self, raw: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        labeled = batch["step_mask"] & ~torch.isnan(batch["step_values"])
+        target = batch["step_values"][labeled]
+        pred = raw[labeled]
+        if pred.numel() == 0:
+            # keep every parameter in the graph so DDP ranks without labels do not hang
+            return raw.sum() * 0.0, labeled
+        if self.hparams.loss == "bce":
+            return F.binary_cross_entropy_with_logits(pred, target.clamp(0, 1)), labeled
+        return F.mse_loss(pred, target), labeled
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        raw = self.model(batch["input_ids"], batch["attention_mask"], batch["step_end_idx"])
+        loss, labeled = self._loss(raw, batch)
+        self.train_loss(loss.detach(), weight=max(1, int(labeled.sum())))
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.log("train/epoch_loss", self.train_loss.compute(), sync_dist=False)
+        self.train_loss.reset()
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        raw = self.model(batch["input_ids"], batch["attention_mask"], batch["step_end_idx"])
+        pred = torch.sigmoid(raw) if self.hparams.loss == "bce" else raw
+        mask = batch["step_mask"]
+        labeled = mask & ~torch.isnan(batch["step_values"])
+        if labeled.any():
+            self.val_mse.update(pred[labeled], batch["step_values"][labeled])
+        success = batch["success"][:, None].expand_as(mask)
+        if mask.any():
+            self.val_auroc.update(pred[mask], success[mask].long())
+        has_step = mask.any(1)
+        if has_step.any():
+            last = mask.sum(1).clamp(min=1) - 1
+            last_pred = pred.gather(1, last[:, None])[:, 0]
+            self.val_traj_auroc.update(last_pred[has_step], batch["success"][has_step].long())
+        if labeled.any():
+            self.val_rank_acc.update(
+                pred[labeled], batch["step_values"][labeled], batch["step_parent"][labeled], batch["step_action"][labeled]
+            )
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = {"val/mse": self.val_mse, "val/auroc": self.val_auroc, "val/traj_auroc": self.val_traj_auroc}
+        for name, metric in metrics.items():
+            if metric.update_count:
+                self.log(name, metric.compute(), prog_bar=name in ("val/mse", "val/auroc"))
+            metric.reset()
+        pairs, _ = self.val_rank_acc.pair_count_and_correct()
+        if pairs:
+            self.log("val/rank_acc", self.val_rank_acc.compute())
+            self.log("val/rank_pairs", float(pairs))
+        self.val_rank_acc.reset()
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        return adamw_with_warmup_cosine(
+            self.model, hp.learning_rate, hp.weight_decay, hp.warmup_steps, int(self.trainer.estimated_stepping_batches)
+        )
+
+    def export(self, directory: str | Path) -> Path:
+        """Save the trained model as a Hugging Face directory ``ValueRewardModel.from_pretrained`` loads."""
+        return self.model.save_pretrained(directory, tokenizer=self.tokenizer, loss=self.hparams.loss)

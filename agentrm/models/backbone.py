@@ -1,0 +1,76 @@
+"""Build or load the Hugging Face backbone of a reward model."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """Map ``"bf16"``/``"float32"``/... to a torch dtype (``None`` keeps the checkpoint's)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def pick_attn_implementation(requested: str = "auto") -> str:
+    """``flash_attention_2`` when flash-attn is installed and CUDA is present, else ``sdpa``.
+
+    An explicit value (``"eager"``, ``"sdpa"``, ``"flash_attention_2"``) is returned as
+    is, after checking that flash-attn is importable when asked for.
+    """
+    has_fa = importlib.util.find_spec("flash_attn") is not None
+    if requested == "auto":
+        return "flash_attention_2" if (has_fa and torch.cuda.is_available()) else "sdpa"
+    if requested == "flash_attention_2" and not has_fa:
+        raise ImportError("attn_implementation='flash_attention_2' needs flash-attn: pip install 'agentrm[gpu]'")
+    return requested
+
+
+def build_backbone(
+    name_or_path: str | None = None,
+    config: dict[str, Any] | None = None,
+    *,
+    vocab_size: int | None = None,
+    causal_lm: bool = False,
+    dtype: str | torch.dtype | None = None,
+    attn_implementation: str = "auto",
+    **from_pretrained_kwargs: Any,
+) -> PreTrainedModel:
+    """Load ``name_or_path`` (hub id or local dir) or build a randomly initialised model from ``config``.
+
+    Args:
+        config: a dict with ``model_type`` (e.g. ``"llama"``) and that architecture's
+            fields; ``vocab_size`` is filled from the tokenizer when given.
+        causal_lm: load with the LM head (implicit PRM, policy) or without (value RM).
+    """
+    auto = AutoModelForCausalLM if causal_lm else AutoModel
+    attn = pick_attn_implementation(attn_implementation)
+    torch_dtype = resolve_dtype(dtype)
+    if config is not None:
+        if name_or_path:
+            raise ValueError("give either a backbone name/path or a backbone_config, not both")
+        cfg = dict(config)
+        model_type = cfg.pop("model_type", None)
+        if model_type is None:
+            raise ValueError("backbone_config needs a 'model_type' field (e.g. 'llama')")
+        if vocab_size is not None:
+            cfg["vocab_size"] = vocab_size
+        hf_config = AutoConfig.for_model(model_type, **cfg)
+        hf_config._attn_implementation = attn
+        model = auto.from_config(hf_config, attn_implementation=attn)
+        return model.to(torch_dtype) if torch_dtype is not None else model
+    if not name_or_path:
+        raise ValueError("a backbone name/path or a backbone_config is required")
+    kwargs = dict(from_pretrained_kwargs)
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    return auto.from_pretrained(name_or_path, attn_implementation=attn, **kwargs)

@@ -1,0 +1,132 @@
+"""Explicit value reward model: an LM backbone with a scalar value head read at step ends."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel
+
+from agentrm.models.backbone import build_backbone
+from agentrm.models.step_gather import gather_step_values
+
+AGENTRM_CONFIG = "agentrm_config.json"
+VALUE_HEAD_FILE = "value_head.safetensors"
+AGGREGATIONS = ("last", "min", "mean", "max")
+
+
+class ValueRewardModel(nn.Module):
+    """Backbone (any HF base model) + ``value_head = Linear(H, 1)`` at each step-end token.
+
+    Args:
+        backbone: a Hugging Face model returning ``last_hidden_state`` (``AutoModel``),
+            optionally wrapped by peft.
+        value_activation: ``"none"`` (trained with MSE) or ``"sigmoid"`` (trained with
+            BCE on logits); :meth:`score` applies it, :meth:`forward` does not.
+    """
+
+    def __init__(self, backbone: PreTrainedModel, value_activation: str = "none"):
+        super().__init__()
+        if value_activation not in ("none", "sigmoid"):
+            raise ValueError(f"value_activation must be 'none' or 'sigmoid', got {value_activation!r}")
+        self.backbone = backbone
+        self.value_activation = value_activation
+        hidden = backbone.config.hidden_size
+        self.value_head = nn.Linear(hidden, 1)
+        nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1) ** 0.5)
+        nn.init.zeros_(self.value_head.bias)
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, step_end_idx: torch.Tensor
+    ) -> torch.Tensor:
+        """Raw head outputs at step ends.
+
+        Args:
+            input_ids, attention_mask: ``[B, T]``.
+            step_end_idx: ``[B, S]`` token index of each step end, ``-1`` for padding.
+        Returns:
+            ``[B, S]`` float32 head outputs (``0`` at padding).
+        """
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        head_b = self.value_head.bias[0]
+        return gather_step_values(hidden, self.value_head.weight[0], head_b, step_end_idx)
+
+    @torch.no_grad()
+    def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-step values ``[B, S]`` (activation applied; ``nan`` at padded steps)."""
+        raw = self(batch["input_ids"], batch["attention_mask"], batch["step_end_idx"])
+        vals = torch.sigmoid(raw) if self.value_activation == "sigmoid" else raw
+        return vals.masked_fill(batch["step_end_idx"] < 0, float("nan"))
+
+    @torch.no_grad()
+    def score_trajectory(self, batch: dict[str, torch.Tensor], aggregate: str = "last") -> torch.Tensor:
+        """One score per trajectory ``[B]``: the ``last`` (default), ``min``, ``mean`` or ``max`` step value.
+
+        A trajectory with no step scores ``nan``.
+        """
+        return aggregate_steps(self.score(batch), aggregate)
+
+    # ---- Hugging Face style persistence -------------------------------------------------
+    def save_pretrained(self, save_directory: str | Path, tokenizer=None, **extra: Any) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (or a peft adapter), the value head and our config."""
+        d = Path(save_directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(d, safe_serialization=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
+                  str(d / VALUE_HEAD_FILE))
+        cfg = {"model_class": "ValueRewardModel", "value_activation": self.value_activation,
+               "hidden_size": self.backbone.config.hidden_size, **extra}
+        (d / AGENTRM_CONFIG).write_text(json.dumps(cfg, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(d)
+        return d
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype | None = None,
+                        attn_implementation: str = "auto", **kwargs: Any) -> ValueRewardModel:
+        """Load a directory written by :meth:`save_pretrained`."""
+        d = Path(path)
+        cfg_file = d / AGENTRM_CONFIG
+        if not cfg_file.exists():
+            raise FileNotFoundError(f"{d} is not an agentrm value-RM directory: {AGENTRM_CONFIG} missing")
+        cfg = json.loads(cfg_file.read_text())
+        if cfg.get("model_class") != "ValueRewardModel":
+            raise ValueError(f"{cfg_file}: model_class is {cfg.get('model_class')!r}, expected 'ValueRewardModel'")
+        backbone = build_backbone(str(d), dtype=dtype, attn_implementation=attn_implementation, **kwargs)
+        model = cls(backbone, value_activation=cfg.get("value_activation", "none"))
+        model.value_head.load_state_dict(load_file(str(d / VALUE_HEAD_FILE)))
+        return model
+
+
+def aggregate_steps(step_scores: torch.Tensor, aggregate: str) -> torch.Tensor:
+    """Reduce ``[B, S]`` step scores (``nan`` = padding) to ``[B]``.
+
+    ``last`` takes the last real step; ``min``/``max``/``mean``/``sum`` ignore padding.
+    Rows without any step give ``nan`` (``0`` for ``sum``).
+    """
+    valid = ~torch.isnan(step_scores)
+    if aggregate == "last":
+        n = valid.sum(1)
+        idx = (n - 1).clamp(min=0)
+        out = step_scores.gather(1, idx[:, None])[:, 0]
+        return out.masked_fill(n == 0, float("nan"))
+    if aggregate == "sum":
+        return torch.where(valid, step_scores, torch.zeros_like(step_scores)).sum(1)
+    if aggregate == "mean":
+        return torch.where(valid, step_scores, torch.zeros_like(step_scores)).sum(1) / valid.sum(1)
+    if aggregate == "min":
+        out = torch.where(valid, step_scores, torch.full_like(step_scores, float("inf"))).amin(1)
+    elif aggregate == "max":
+        out = torch.where(valid, step_scores, torch.full_like(step_scores, float("-inf"))).amax(1)
+    else:
+        raise ValueError(f"aggregate must be one of {AGGREGATIONS + ('sum',)}, got {aggregate!r}")
+    return out.masked_fill(valid.sum(1) == 0, float("nan"))

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create .venv and install agentrm with pinned dependencies (CPU torch unless one is present).
+# Idempotent: re-running only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build on a CPU machine.
+# GPU users: install the torch build for your CUDA first, or set AGENTRM_TORCH (e.g. "torch==2.13.0").
+python -c "import torch" 2>/dev/null || python -m pip install -q "${AGENTRM_TORCH:-torch==2.13.0}"
+python -m pip install -q -c constraints.txt -e ".[dev]"
+python -c "import agentrm, torch, lightning, transformers; print(f'agentrm ready: torch {torch.__version__}, lightning {lightning.__version__}, transformers {transformers.__version__}')"

@@ -1,0 +1,33 @@
+"""Shared fixtures: small trajectories and a tokenizer trained on them (no hub access)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from agentrm.data.schema import Step, Trajectory  # noqa: E402
+from agentrm.data.tiny_tokenizer import train_tiny_tokenizer, trajectory_texts  # noqa: E402
+
+
+def make_trajectory(tid: str, n_steps: int, success: bool = True, group: str | None = None) -> Trajectory:
+    steps = [
+        Step(action=f"move forward {i}", observation=f"You see a red ball {n_steps - i} steps ahead.",
+             value=(i + 1) / max(1, n_steps) if success else 0.1)
+        for i in range(n_steps)
+    ]
+    return Trajectory(id=tid, task="GoToRedBall", instruction="Go to the red ball. You see a wall.",
+                      steps=steps, reward=0.9 if success else 0.0, success=success,
+                      meta={"group": group} if group else {})
+
+
+@pytest.fixture(scope="session")
+def small_trajectories() -> list[Trajectory]:
+    return [make_trajectory(f"t{i}", n_steps=i % 5, success=i % 2 == 0) for i in range(12)]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(small_trajectories):
+    return train_tiny_tokenizer(trajectory_texts(small_trajectories), vocab_size=400)

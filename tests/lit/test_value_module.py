@@ -1,0 +1,69 @@
+import csv
+
+import lightning as L
+import pytest
+import torch
+
+from agentrm.fit import main
+from agentrm.models.value_rm import ValueRewardModel
+
+
+def val_metrics(run):
+    rows = list(csv.DictReader(open(next((run / "logs").glob("version_*/metrics.csv")))))
+    return [float(r["val/mse"]) for r in rows if r.get("val/mse")]
+
+
+def test_fit_lowers_val_loss_and_exports(tiny_setup):
+    cfg, run = tiny_setup
+    cli = main(["--config", str(cfg)])
+    mse = val_metrics(run)
+    assert len(mse) == 4
+    assert mse[-1] < 0.5 * mse[0], mse
+    assert float(cli.trainer.callback_metrics["val/auroc"]) > 0.8
+    model = ValueRewardModel.from_pretrained(run / "hf_model")
+    dm = cli.datamodule
+    batch = next(iter(dm.val_dataloader()))
+    scores = model.score(batch)
+    assert scores.shape == batch["step_end_idx"].shape
+    assert torch.isnan(scores[~batch["step_mask"]]).all() and not torch.isnan(scores[batch["step_mask"]]).any()
+    # the reloaded model scores exactly like the trained one
+    cli.model.model.eval()
+    ref = cli.model.model.score(batch)
+    torch.testing.assert_close(scores, ref, equal_nan=True)
+
+
+class Crash(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == 2 and batch_idx == 1:
+            raise RuntimeError("simulated crash")
+
+
+def test_resume_after_crash_matches_uninterrupted(tiny_setup, tmp_path):
+    cfg, run = tiny_setup
+    full = main(["--config", str(cfg), "--trainer.default_root_dir", str(run)])
+    full_state = {k: v.clone() for k, v in full.model.state_dict().items()}
+    full_metrics = {k: float(v) for k, v in full.trainer.callback_metrics.items() if k.startswith("val/")}
+
+    run2 = tmp_path / "run2"
+    args = ["--config", str(cfg), "--trainer.default_root_dir", str(run2),
+            "--trainer.logger.init_args.save_dir", str(run2)]
+    import yaml
+
+    y = yaml.safe_load(open(cfg))
+    y["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(run2 / "checkpoints")
+    y["trainer"]["callbacks"][1]["init_args"]["dirpath"] = str(run2 / "hf_model")
+    y["trainer"]["callbacks"].append({"class_path": "tests.lit.test_value_module.Crash"})
+    cfg2 = tmp_path / "cfg2.yaml"
+    cfg2.write_text(yaml.safe_dump(y))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(["--config", str(cfg2), *args[2:]])
+    assert (run2 / "checkpoints" / "last.ckpt").exists()
+    y["trainer"]["callbacks"].pop()
+    cfg2.write_text(yaml.safe_dump(y))
+    resumed = main(["--config", str(cfg2), *args[2:], "--ckpt_path", "last"])
+    res_metrics = {k: float(v) for k, v in resumed.trainer.callback_metrics.items() if k.startswith("val/")}
+    assert res_metrics.keys() == full_metrics.keys()
+    for k in full_metrics:
+        assert res_metrics[k] == pytest.approx(full_metrics[k], rel=1e-4, abs=1e-5), k
+    for k, v in resumed.model.state_dict().items():
+        torch.testing.assert_close(v, full_state[k], rtol=1e-4, atol=1e-5)
