@@ -143,7 +143,11 @@ def _check_main(path: str | os.PathLike, rec: dict, job: Job, settings: Settings
     meta = rec.get("meta", {})
     want = job.episode_id(settings.seed)
     got = {k: meta.get(k) for k in ("error_rate", "rollouts", "max_steps")}
-    expected = {"error_rate": settings.error_rate, "rollouts": settings.rollouts, "max_steps": settings.max_steps}
+    expected = {
+        "error_rate": settings.error_rate,
+        "rollouts": settings.rollouts,
+        "max_steps": settings.max_steps,
+    }
     if rec.get("id") != want or got != expected:
         raise ValueError(
             f"{path} was written with other arguments (found {rec.get('id')!r} {got}, expected {want!r} "

@@ -151,7 +151,12 @@ def _branches(
     for t in points:
         state = before[t]
         prefix = Trajectory(
-            id=main.id, task=main.task, instruction=main.instruction, steps=main.steps[:t], reward=0.0, success=False
+            id=main.id,
+            task=main.task,
+            instruction=main.instruction,
+            steps=main.steps[:t],
+            reward=0.0,
+            success=False,
         )
         main_action = main.steps[t].action
         alt = _alternative(policy, state, prefix, main_action, rng)

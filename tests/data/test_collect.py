@@ -1,0 +1,134 @@
+"""The resumable trajectory collector (agentrm.data.collect / python -m agentrm.collect)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agentrm.data.collect import collect, main, summarize
+from agentrm.data.schema import read_jsonl
+
+ARGS = dict(
+    levels=["GoToRedBall", "PickupLoc"],
+    episodes=3,
+    error_rate=0.6,
+    rollouts=2,
+    siblings=1,
+    max_steps=16,
+    seed=5,
+    progress=False,
+)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> bytes:
+    out = tmp_path_factory.mktemp("ref") / "ref.jsonl"
+    summary = collect(out=str(out), **ARGS)
+    assert summary["episodes"] == 6 and summary["branch_records"] == 6
+    return out.read_bytes()
+
+
+def test_records_are_valid_and_unique(reference, tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(reference)
+    trajs = read_jsonl(path)
+    ids = [t.id for t in trajs]
+    assert len(ids) == len(set(ids)) == 12
+    mains = [t for t in trajs if "branch_at" not in t.meta]
+    assert [t.meta["level"] for t in mains] == ["GoToRedBall", "PickupLoc"] * 3  # round-robin
+    for t in trajs:
+        assert t.meta["error_rate"] == 0.6 and t.meta["group"] in ids
+        assert t.steps and len(t.steps) <= 16
+    summary = summarize(path)
+    assert summary["success_rate"] == sum(t.success for t in mains) / 6
+    assert summary["bytes"] == len(reference)
+
+
+def test_stop_and_resume_equals_uninterrupted(reference, tmp_path):
+    out = tmp_path / "o.jsonl"
+    collect(out=str(out), limit=2, **ARGS)
+    partial = out.read_bytes()
+    assert 0 < len(partial) < len(reference) and reference.startswith(partial)
+    collect(out=str(out), limit=1, **ARGS)
+    collect(out=str(out), **ARGS)
+    assert out.read_bytes() == reference
+    collect(out=str(out), **ARGS)  # nothing left to do: unchanged
+    assert out.read_bytes() == reference
+
+
+@pytest.mark.parametrize("cut", ["mid_line", "partial_block", "garbage_tail"])
+def test_resume_after_crash_artifacts(reference, tmp_path, cut):
+    lines = reference.splitlines(keepends=True)
+    if cut == "mid_line":  # killed while writing the 4th record
+        damaged = b"".join(lines[:3]) + lines[3][: len(lines[3]) // 2]
+    elif cut == "partial_block":  # main record of episode 2 written, its branch not
+        damaged = b"".join(lines[:3])
+    else:
+        damaged = b"".join(lines[:4]) + b'{"id": "x", "ste\n'
+    out = tmp_path / "d.jsonl"
+    out.write_bytes(damaged)
+    collect(out=str(out), **ARGS)
+    assert out.read_bytes() == reference
+
+
+def test_resume_after_killed_subprocess(reference, tmp_path):
+    out = tmp_path / "k.jsonl"
+    cmd = [sys.executable, "-m", "agentrm.collect", "--out", str(out), "--levels", "[GoToRedBall, PickupLoc]"]
+    cmd += [
+        "--episodes",
+        "3",
+        "--error_rate",
+        "0.6",
+        "--rollouts",
+        "2",
+        "--siblings",
+        "1",
+        "--max_steps",
+        "16",
+    ]
+    cmd += ["--seed", "5", "--progress", "false"]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=Path(__file__).parents[2]
+    )
+    deadline = time.time() + 20
+    while time.time() < deadline and proc.poll() is None:
+        if out.exists() and out.read_bytes().count(b"\n") >= 3:
+            break
+        time.sleep(0.01)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert out.exists()
+    collect(out=str(out), **ARGS)
+    assert out.read_bytes() == reference
+
+
+def test_workers_give_identical_output(reference, tmp_path):
+    out = tmp_path / "w.jsonl"
+    collect(out=str(out), workers=2, **ARGS)
+    assert out.read_bytes() == reference
+
+
+def test_refuses_to_mix_settings_and_overwrite_restarts(reference, tmp_path):
+    out = tmp_path / "m.jsonl"
+    out.write_bytes(reference)
+    with pytest.raises(ValueError, match="other arguments"):
+        collect(out=str(out), **{**ARGS, "error_rate": 0.2})
+    with pytest.raises(ValueError, match="unknown BabyAI level"):
+        collect(out=str(out), **{**ARGS, "levels": ["Nope"]})
+    args = {**ARGS, "episodes": 1, "levels": ["GoToRedBall"]}
+    collect(out=str(out), overwrite=True, **args)
+    assert len(read_jsonl(out)) == 2
+
+
+def test_cli_main(tmp_path, capsys):
+    out = tmp_path / "cli.jsonl"
+    summary = main(["--out", str(out), "--levels", "[GoToObj]", "--episodes", "2", "--rollouts", "1"])
+    assert "success rate" in capsys.readouterr().out
+    assert summary["episodes"] == 2 and len(read_jsonl(out)) == 4
