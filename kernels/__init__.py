@@ -8,7 +8,7 @@ device (:mod:`agentrm.kernels.dispatch`) and an autograd wrapper:
 * :func:`step_values`: value head evaluated only at step-end tokens.
 """
 
-from .dispatch import BACKEND_ENV, interpreting, resolve_backend, triton_available
+from .dispatch import BACKEND_ENV, interpreter_ready, interpreting, resolve_backend, triton_available
 from .step_logratio import (
     step_logratio,
     step_logratio_chunked,
@@ -21,6 +21,7 @@ from .step_values import step_values, step_values_eager, step_values_torch
 
 __all__ = [
     "BACKEND_ENV",
+    "interpreter_ready",
     "interpreting",
     "resolve_backend",
     "step_logratio",

@@ -23,6 +23,7 @@ import torch
 __all__ = [
     "BACKEND_ENV",
     "Backend",
+    "interpreter_ready",
     "interpreting",
     "resolve_backend",
     "triton_available",
@@ -51,6 +52,22 @@ def interpreting() -> bool:
     the kernels in this package are decorated lazily, on first use (see ``_triton_kernels`` in each op).
     """
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def interpreter_ready() -> bool:
+    """Whether Triton kernels can run on CPU tensors in this process.
+
+    Needs ``TRITON_INTERPRET=1`` *and* that ``triton`` was first imported with it set: Triton's own jit'd
+    standard library (``tl.sum``, ``tl.max``, ...) is decorated when ``triton.language`` is imported, and the
+    interpreter cannot call compiled-mode functions. (Importing ``lightning`` or ``transformers`` imports
+    ``triton``, so set the variable in the environment, before those imports.)
+    """
+    if not (interpreting() and triton_available()):
+        return False
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    return not isinstance(tl.sum, JITFunction)
 
 
 def _normalise(name: str | None, source: str) -> str | None:
@@ -92,6 +109,11 @@ def resolve_backend(backend: str | None, tensor: torch.Tensor) -> Backend:
             raise RuntimeError(
                 f"kernel backend 'triton' requested for a tensor on {tensor.device}; Triton kernels run on "
                 "CUDA, or on CPU only under the interpreter (set TRITON_INTERPRET=1 before importing triton)"
+            )
+        if not tensor.is_cuda and not interpreter_ready():
+            raise RuntimeError(
+                "TRITON_INTERPRET=1 is set but triton was imported before it was (triton's standard library "
+                "was compiled-mode decorated); set TRITON_INTERPRET=1 before the first import of triton"
             )
         return "triton"
     return "torch"

@@ -62,7 +62,7 @@ __all__ = [
 ]
 
 DEFAULT_CHUNK_TOKENS = 1024
-DEFAULT_CHUNK_VOCAB = 4096
+DEFAULT_CHUNK_VOCAB = 8192
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -70,9 +70,13 @@ DEFAULT_CHUNK_VOCAB = 4096
 # --------------------------------------------------------------------------------------------------------
 def _check_lm_inputs(hidden: Tensor, weight: Tensor, targets: Tensor) -> None:
     if hidden.dim() != 2 or weight.dim() != 2:
-        raise ValueError(f"hidden must be [N, H] and weight [V, H]; got {tuple(hidden.shape)}, {tuple(weight.shape)}")
+        raise ValueError(
+            f"hidden must be [N, H] and weight [V, H]; got {tuple(hidden.shape)}, {tuple(weight.shape)}"
+        )
     if hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden size mismatch: hidden {tuple(hidden.shape)} vs weight {tuple(weight.shape)}")
+        raise ValueError(
+            f"hidden size mismatch: hidden {tuple(hidden.shape)} vs weight {tuple(weight.shape)}"
+        )
     if targets.shape != (hidden.shape[0],):
         raise ValueError(f"targets must be [N={hidden.shape[0]}]; got {tuple(targets.shape)}")
     if targets.dtype.is_floating_point or targets.dtype == torch.bool:
@@ -86,7 +90,9 @@ def _check_lm_inputs(hidden: Tensor, weight: Tensor, targets: Tensor) -> None:
 
 def _check_step_inputs(n: int, step_ids: Tensor, ref_logp: Tensor, num_steps: int) -> None:
     if step_ids.shape != (n,) or ref_logp.shape != (n,):
-        raise ValueError(f"step_ids and ref_logp must be [N={n}]; got {tuple(step_ids.shape)}, {tuple(ref_logp.shape)}")
+        raise ValueError(
+            f"step_ids and ref_logp must be [N={n}]; got {tuple(step_ids.shape)}, {tuple(ref_logp.shape)}"
+        )
     if step_ids.dtype.is_floating_point or step_ids.dtype == torch.bool:
         raise TypeError(f"step_ids must be an integer tensor; got {step_ids.dtype}")
     if num_steps < 0:
@@ -182,8 +188,7 @@ def _torch_forward(
         n1 = min(n0 + chunk_tokens, n)
         h = hidden[n0:n1]
         t = targets[n0:n1].long()
-        m = torch.full((n1 - n0,), -math.inf, dtype=torch.float32, device=dev)
-        s = torch.zeros(n1 - n0, dtype=torch.float32, device=dev)
+        run_lse = torch.full((n1 - n0,), -math.inf, dtype=torch.float32, device=dev)
         tgt_logit = torch.zeros(n1 - n0, dtype=torch.float32, device=dev)
         for v0 in range(0, v, chunk_vocab):
             v1 = min(v0 + chunk_vocab, v)
@@ -191,10 +196,9 @@ def _torch_forward(
             in_chunk = (t >= v0) & (t < v1)
             local = (t - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)
             tgt_logit += torch.where(in_chunk, logits.gather(1, local).squeeze(1), 0.0)
-            m_new = torch.maximum(m, logits.amax(dim=1))
-            s = s * torch.exp(m - m_new) + logits.sub_(m_new.unsqueeze(1)).exp_().sum(dim=1)
-            m = m_new
-        lse_c = m + torch.log(s)
+            # online log-sum-exp: merge this chunk's (fused, max-shifted) LSE into the running one
+            run_lse = torch.logaddexp(run_lse, torch.logsumexp(logits, dim=1))
+        lse_c = run_lse
         lse[n0:n1] = lse_c
         logp[n0:n1] = torch.where(t >= 0, tgt_logit - lse_c, 0.0)
     return logp, lse
@@ -488,7 +492,9 @@ def _triton_kernels(interpret: bool) -> dict[str, Any]:
 
     fwd_t = triton.autotune(cfgs(_FWD_CONFIGS), key=["D", "V", "DOT_FP32"])(fwd)
     bwd_t = triton.autotune(
-        cfgs(_BWD_CONFIGS), key=["D", "V", "DOT_FP32", "NEED_GH", "NEED_GW"], reset_to_zero=["gh_ptr", "gw_ptr"]
+        cfgs(_BWD_CONFIGS),
+        key=["D", "V", "DOT_FP32", "NEED_GH", "NEED_GW"],
+        reset_to_zero=["gh_ptr", "gw_ptr"],
     )(bwd)
     return {"fwd": fwd_t, "bwd": bwd_t, "combine": combine, "tuned": True}
 
@@ -589,9 +595,20 @@ def _triton_backward(
     if n == 0 or not (need_h or need_w):
         return gh, gw
     dot_fp32, prec = _dot_flags(hidden, weight, interp)
-    dummy = lse  # never written when the matching NEED_* flag is off
+    # placeholder for a gradient buffer that is not needed: never touched by the kernel, but a separate
+    # tensor, because the autotuner's reset_to_zero zeroes whatever is passed as gh_ptr / gw_ptr
+    dummy = torch.zeros(1, dtype=torch.float32, device=dev)
     args = (hidden, weight, targets.contiguous(), lse, g.contiguous(), gh if need_h else dummy)
-    args += (gw if need_w else dummy, n, v, d, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1))
+    args += (
+        gw if need_w else dummy,
+        n,
+        v,
+        d,
+        hidden.stride(0),
+        hidden.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+    )
     flags = {"DOT_FP32": dot_fp32, "PRECISION": prec, "NEED_GH": need_h, "NEED_GW": need_w}
     if k["tuned"]:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(v, meta["BLOCK_V"]))  # noqa: E731
@@ -709,7 +726,9 @@ def _step_logratio_impl(
     _check_step_inputs(hidden.shape[0], step_ids, ref_logp, num_steps)
     if backend == "triton" and not _needs_grad(hidden, weight, ref_logp):
         # scoring path: segment sum fused into the combine kernel
-        logp, _, rewards = _triton_forward(hidden, weight, targets, (step_ids, ref_logp, float(beta), num_steps))
+        logp, _, rewards = _triton_forward(
+            hidden, weight, targets, (step_ids, ref_logp, float(beta), num_steps)
+        )
         assert rewards is not None
     else:
         logp = _token_logprobs_impl(hidden, weight, targets, backend, chunk_tokens, chunk_vocab)

@@ -38,7 +38,9 @@ def _check(hidden: Tensor, head_w: Tensor, step_end_idx: Tensor) -> None:
     if head_w.shape != (hidden.shape[1],):
         raise ValueError(f"head_w must be [H={hidden.shape[1]}]; got {tuple(head_w.shape)}")
     if step_end_idx.dim() != 1 or step_end_idx.dtype.is_floating_point or step_end_idx.dtype == torch.bool:
-        raise ValueError(f"step_end_idx must be a 1-D integer tensor; got {step_end_idx.dtype} {tuple(step_end_idx.shape)}")
+        raise ValueError(
+            f"step_end_idx must be a 1-D integer tensor; got {step_end_idx.dtype} {tuple(step_end_idx.shape)}"
+        )
     if not step_end_idx.is_cuda and step_end_idx.numel():
         lo, hi = int(step_end_idx.min()), int(step_end_idx.max())
         if lo < 0 or hi >= hidden.shape[0]:
@@ -139,10 +141,17 @@ if triton_available():
         g = tl.load(g_ptr + offs_s, mask=mask_s, other=0.0)
         if NEED_GH:
             w = tl.load(w_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            tl.atomic_add(gh_ptr + rows[:, None] * D + offs_k[None, :], g[:, None] * w[None, :], mask=mask, sem="relaxed")
+            tl.atomic_add(
+                gh_ptr + rows[:, None] * D + offs_k[None, :],
+                g[:, None] * w[None, :],
+                mask=mask,
+                sem="relaxed",
+            )
         if NEED_GW:
             h = tl.load(h_ptr + rows[:, None] * stride_hn + offs_k[None, :] * stride_hd, mask=mask, other=0.0)
-            tl.atomic_add(gw_ptr + offs_k, tl.sum(g[:, None] * h.to(tl.float32), axis=0), mask=mask_k, sem="relaxed")
+            tl.atomic_add(
+                gw_ptr + offs_k, tl.sum(g[:, None] * h.to(tl.float32), axis=0), mask=mask_k, sem="relaxed"
+            )
 
 
 _INTERP = {"BLOCK_S": 16, "BLOCK_K": 32}
@@ -165,7 +174,17 @@ def _triton_forward(hidden: Tensor, head_w: Tensor, bias: Tensor, idx: Tensor, s
     cfg = _INTERP if interp else _CUDA
     grid = (triton.cdiv(s, cfg["BLOCK_S"]),)
     fwd[grid](
-        hidden, head_w.contiguous(), bias.reshape(1), idx, out, s, d, hidden.stride(0), hidden.stride(1), SIGMOID=sigmoid, **cfg
+        hidden,
+        head_w.contiguous(),
+        bias.reshape(1),
+        idx,
+        out,
+        s,
+        d,
+        hidden.stride(0),
+        hidden.stride(1),
+        SIGMOID=sigmoid,
+        **cfg,
     )
     return out
 

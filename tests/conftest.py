@@ -5,8 +5,13 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Without CUDA the Triton kernels are tested through the interpreter; it must be chosen
+# before anything (lightning, transformers) imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from agentrm.data.schema import Step, Trajectory  # noqa: E402
 from agentrm.data.tiny_tokenizer import train_tiny_tokenizer, trajectory_texts  # noqa: E402

@@ -1,9 +1,11 @@
 """Kernel tests run the Triton kernels on CPU tensors through the Triton interpreter.
 
-``TRITON_INTERPRET`` must be set before a kernel is decorated; the kernels in ``agentrm.kernels`` are
-decorated lazily (on first launch), so setting it here, before any test in this folder runs, takes effect
-even if another test folder imported ``triton`` or ``agentrm.kernels`` earlier. ``test_interpreter_active``
-checks that it did.
+``TRITON_INTERPRET`` must be set before ``triton`` is first imported (triton decorates its own standard
+library, ``tl.sum`` etc., at import). Setting it here works when this folder is collected first or alone
+(``pytest tests/kernels``). When an earlier test folder has already imported triton (importing lightning or
+transformers does), ``agentrm.kernels.interpreter_ready()`` is False: the in-process Triton tests skip and
+``test_triton_paths_in_fresh_process`` reruns this folder in a fresh interpreter-mode process instead.
+(Setting ``TRITON_INTERPRET=1`` in the environment avoids the rerun.)
 """
 
 import os

@@ -1,12 +1,16 @@
 """step_logratio / token_logprobs: Triton (interpreter) and chunked torch paths vs the eager reference."""
 
 import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-
 from agentrm.kernels import (
     BACKEND_ENV,
+    interpreter_ready,
     interpreting,
     resolve_backend,
     step_logratio,
@@ -21,8 +25,13 @@ from agentrm.kernels import (
 # the submodule (the package attribute of the same name is the function)
 slr_module = importlib.import_module("agentrm.kernels.step_logratio")
 
-HAS_TRITON_HERE = triton_available() and (interpreting() or torch.cuda.is_available())
-needs_triton = pytest.mark.skipif(not HAS_TRITON_HERE, reason="triton (or TRITON_INTERPRET=1) unavailable")
+# The Triton paths run on CPU tensors through the interpreter; that needs triton to have been imported with
+# TRITON_INTERPRET=1 (see conftest.py). If another test folder imported it first (lightning/transformers do),
+# they are skipped here and test_triton_paths_in_fresh_process reruns this folder in a fresh process.
+HAS_TRITON_HERE = interpreter_ready()
+needs_triton = pytest.mark.skipif(
+    not HAS_TRITON_HERE, reason="triton missing, or imported before TRITON_INTERPRET=1 (rerun in subprocess)"
+)
 
 # backends: "triton" (interpreter on CPU), "chunked" (pure torch with small, odd chunks)
 BACKENDS = [pytest.param("triton", marks=needs_triton), "chunked"]
@@ -75,10 +84,25 @@ def oracle(c: dict, beta=0.1, num_steps=None):
     return run("eager", c, c["hidden"].float(), c["weight"].float(), beta=beta, num_steps=num_steps)
 
 
+@pytest.mark.skipif(
+    not triton_available() or HAS_TRITON_HERE, reason="triton missing, or the Triton tests run in-process"
+)
+def test_triton_paths_in_fresh_process():
+    """triton was imported before TRITON_INTERPRET=1 took effect: rerun this folder where it is set first."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).parent)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert "passed" in summary and "1 skipped" in summary, summary  # only this test skips there
+
+
 def test_interpreter_active():
     if not triton_available():
         pytest.skip("triton not installed")
     assert interpreting(), "TRITON_INTERPRET=1 did not take effect"
+    if not HAS_TRITON_HERE:
+        pytest.skip("triton was imported before TRITON_INTERPRET=1; see test_triton_paths_in_fresh_process")
     kernels = slr_module._triton_kernels(True)
     assert type(kernels["fwd"]).__name__ == "InterpretedFunction"
 
@@ -217,7 +241,9 @@ def test_token_logprobs(seed, backend):
     torch.testing.assert_close(h.grad, h2.grad, atol=2e-4, rtol=1e-3)
     torch.testing.assert_close(w.grad, w2.grad, atol=2e-4, rtol=1e-3)
     with torch.no_grad():
-        chunked = token_logprobs_chunked(c["hidden"], c["weight"], c["targets"], chunk_tokens=7, chunk_vocab=13)
+        chunked = token_logprobs_chunked(
+            c["hidden"], c["weight"], c["targets"], chunk_tokens=7, chunk_vocab=13
+        )
     torch.testing.assert_close(chunked, ref.detach(), atol=2e-4, rtol=1e-4)
 
 
