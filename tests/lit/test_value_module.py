@@ -67,3 +67,44 @@ def test_resume_after_crash_matches_uninterrupted(tiny_setup, tmp_path):
         assert res_metrics[k] == pytest.approx(full_metrics[k], rel=1e-4, abs=1e-5), k
     for k, v in resumed.model.state_dict().items():
         torch.testing.assert_close(v, full_state[k], rtol=1e-4, atol=1e-5)
+
+
+def val_mse_of(module, datamodule) -> float:
+    module.eval()
+    se, n = 0.0, 0
+    with torch.no_grad():
+        for batch in datamodule.val_dataloader():
+            raw = module.model(batch["input_ids"], batch["attention_mask"], batch["step_end_idx"])
+            lab = batch["step_mask"] & ~torch.isnan(batch["step_values"])
+            se += float(((raw[lab] - batch["step_values"][lab]) ** 2).sum())
+            n += int(lab.sum())
+    return se / n
+
+
+def test_training_lowers_val_loss_on_shipped_sample(tmp_path):
+    """A short run on a slice of the shipped BabyAI sample with the shipped tokenizer."""
+    import itertools
+    import json
+
+    from agentrm.data.schema import iter_jsonl, write_jsonl
+    from agentrm.lit.value_module import ValueRMModule
+    from agentrm.paths import resolve_path
+    from tests.lit.conftest import TINY_BACKBONE
+
+    data = tmp_path / "slice.jsonl"
+    write_jsonl(data, itertools.islice(iter_jsonl(resolve_path("agentrm/assets/babyai_sample.jsonl")), 200))
+    run = tmp_path / "run"
+    cli = main([
+        "--config", "configs/tiny/value_rm.yaml",
+        "--data.train_path", str(data), "--data.max_length", "256", "--data.batch_size", "16",
+        "--model.init_args.backbone_config", json.dumps(TINY_BACKBONE), "--model.init_args.warmup_steps", "3",
+        "--trainer.max_epochs", "3", "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.save_dir", str(run), "--trainer.callbacks", "[]",
+        "--trainer.enable_checkpointing", "false",
+    ])
+    assert len(val_metrics(run)) == 3
+    trained = val_mse_of(cli.model, cli.datamodule)
+    L.seed_everything(0)
+    hp = {k: v for k, v in cli.model.hparams.items() if not k.startswith("_")}
+    untrained = val_mse_of(ValueRMModule(**hp), cli.datamodule)
+    assert trained < 0.5 * untrained, (trained, untrained)
