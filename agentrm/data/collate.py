@@ -35,7 +35,7 @@ def collate_trajectories(items: Sequence[TokenizedTrajectory], pad_token_id: int
         n, s = len(it.input_ids), len(it.step_end_idx)
         input_ids[b, :n] = torch.tensor(it.input_ids, dtype=torch.long)
         attention_mask[b, :n] = 1
-        for i, (a, e) in enumerate(zip(it.step_start_idx, it.step_end_idx)):
+        for i, (a, e) in enumerate(zip(it.step_start_idx, it.action_end_idx)):
             token_step[b, a : e + 1] = i
         if s:
             step_end_idx[b, :s] = torch.tensor(it.step_end_idx, dtype=torch.long)

@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import functools
 import json
-import multiprocessing as mp
 import os
 import time
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
+from agentrm.data.resumable import run_resumable, scan_blocks
 from agentrm.envs.babyai import BabyAITextEnv, available_levels
 from agentrm.policies.scripted import ScriptedBabyAIPolicy
 from agentrm.targets.monte_carlo import run_episode
@@ -113,30 +111,17 @@ def scan_complete(path: str | os.PathLike, jobs: list[Job], settings: Settings) 
     Raises:
         ValueError: if the file holds records of different jobs or settings.
     """
-    done, good_end, offset = 0, 0, 0
-    expect_branches, block_id = -1, None
-    with open(path, "rb") as f:
-        for raw in f:
-            offset += len(raw)
-            if not raw.endswith(b"\n"):
-                break  # truncated last line
-            try:
-                rec = json.loads(raw)
-            except json.JSONDecodeError:
-                break  # garbage from an interrupted write: drop it and everything after
-            meta = rec.get("meta", {})
-            if expect_branches < 0:  # expecting a main record
-                if done >= len(jobs):
-                    raise ValueError(f"{path} has more records than this run would write")
-                _check_main(path, rec, jobs[done], settings)
-                expect_branches, block_id = int(meta.get("branches", 0)), rec["id"]
-            elif meta.get("group") != block_id or "branch_at" not in meta:
-                raise ValueError(f"{path}: record {rec.get('id')!r} does not belong to block {block_id!r}")
-            else:
-                expect_branches -= 1
-            if expect_branches == 0:
-                done, good_end, expect_branches = done + 1, offset, -1
-    return done, good_end
+    return scan_blocks(path, len(jobs), functools.partial(_check_head, path, jobs, settings), _is_branch)
+
+
+def _check_head(path: str | os.PathLike, jobs: list[Job], settings: Settings, rec: dict, index: int) -> int:
+    _check_main(path, rec, jobs[index], settings)
+    return int(rec.get("meta", {}).get("branches", 0))
+
+
+def _is_branch(rec: dict, head: dict) -> bool:
+    meta = rec.get("meta", {})
+    return meta.get("group") == head.get("id") and "branch_at" in meta
 
 
 def _check_main(path: str | os.PathLike, rec: dict, job: Job, settings: Settings) -> None:
@@ -153,16 +138,6 @@ def _check_main(path: str | os.PathLike, rec: dict, job: Job, settings: Settings
             f"{path} was written with other arguments (found {rec.get('id')!r} {got}, expected {want!r} "
             f"{expected}); pass --overwrite true or choose another --out"
         )
-
-
-def _results(jobs: list[Job], settings: Settings, workers: int) -> Iterator[list[str]]:
-    fn = functools.partial(run_job, settings=settings)
-    if workers <= 1 or len(jobs) <= 1:
-        yield from map(fn, jobs)
-        return
-    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-    with ctx.Pool(workers) as pool:
-        yield from pool.imap(fn, jobs, chunksize=1)
 
 
 def summarize(path: str | os.PathLike) -> dict[str, Any]:
@@ -208,7 +183,8 @@ def collect(
         levels: BabyAI level names (e.g. GoToRedBall GoToLocal PickupLoc); default [GoToRedBall].
         episodes: main episodes per level.
         error_rate: probability that the expert's action is replaced by another one.
-        rollouts: rollouts per Monte-Carlo value estimate.
+        rollouts: rollouts per Monte-Carlo value estimate; 0 skips the estimates (only the
+            terminal step gets a value: cheap expert demonstrations for behaviour cloning).
         siblings: sibling branch records per main episode.
         max_steps: step limit per episode (None: minigrid's default, 64 for one room).
         seed: base seed; every episode's seeds derive from (seed, level, episode index).
@@ -225,29 +201,25 @@ def collect(
     unknown = [lv for lv in levels if lv not in valid]
     if unknown:
         raise ValueError(f"unknown BabyAI level(s) {unknown}; valid levels: {', '.join(valid)}")
-    if rollouts < 1 or episodes < 0 or siblings < 0:
-        raise ValueError("need rollouts >= 1, episodes >= 0, siblings >= 0")
+    if rollouts < 0 or episodes < 0 or siblings < 0 or (siblings and not rollouts):
+        raise ValueError("need rollouts >= 0, episodes >= 0, siblings >= 0 (and rollouts >= 1 for siblings)")
     settings = Settings(error_rate, rollouts, siblings, max_steps, seed)
     jobs = plan_jobs(levels, episodes)
     path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    done = 0
-    if path.exists() and not overwrite:
-        done, end = scan_complete(path, jobs, settings)
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    else:
-        path.write_bytes(b"")
-    todo = jobs[done:] if limit is None else jobs[done : done + limit]
     start = time.perf_counter()
-    with open(path, "a", encoding="utf-8") as f:
-        bar = tqdm(total=len(jobs), initial=done, desc="episodes", unit="ep", disable=not progress)
-        for lines in _results(todo, settings, workers):
-            for line in lines:
-                f.write(line + "\n")
-                f.flush()
-            bar.update(1)
-        bar.close()
+    run_resumable(
+        path,
+        jobs,
+        functools.partial(run_job, settings=settings),
+        functools.partial(_check_head, path, jobs, settings),
+        _is_branch,
+        overwrite=overwrite,
+        limit=limit,
+        workers=workers,
+        progress=progress,
+        desc="episodes",
+        unit="ep",
+    )
     summary = summarize(path)
     summary["seconds"] = time.perf_counter() - start
     return summary

@@ -1,11 +1,20 @@
 """Tokenise trajectories with the tokenizer's chat template and exact step-end indices.
 
-The chat template renders ``Trajectory.to_messages()``.  The end of assistant step
-``i`` is found by rendering the conversation up to and including that assistant turn
-and checking that this rendering is a prefix of the whole conversation; the step-end
-token is the last token that starts before the prefix ends (for Llama-3 templates,
-the ``<|eot_id|>`` closing the turn).  Offsets, not a string search for a separator,
-map characters to tokens, so the indices are exact for any fast tokenizer.
+The chat template renders ``Trajectory.to_messages()``.  A step is one assistant action
+and the environment's reply, so step ``i`` spans
+
+* its **action**: from the first token of the assistant content to the token closing
+  the assistant turn (``step_start_idx .. action_end_idx``); the implicit PRM sums
+  log-ratios over these tokens, the tokens the policy generated;
+* its **end** (``step_end_idx``): the token closing the observation turn that follows.
+  The value RM reads its value there: the step's value target is the value of the
+  state the step reached, which that observation describes.
+
+Boundaries are found by rendering the conversation up to each point and checking that
+the rendering is a prefix of the whole conversation; the boundary token is the last
+token that starts before the prefix ends (for Llama-3 templates, the ``<|eot_id|>``
+closing the turn).  Offsets, not a string search for a separator, map characters to
+tokens, so the indices are exact for any fast tokenizer.
 """
 
 from __future__ import annotations
@@ -30,7 +39,8 @@ class TokenizedTrajectory:
         input_ids: ``[T]`` token ids (``T <= max_length`` after truncation).
         step_start_idx: ``[S]`` index of each surviving step's first action token (the
             assistant content, after the template's turn header).
-        step_end_idx: ``[S]`` index into ``input_ids`` of each surviving step's end token.
+        action_end_idx: ``[S]`` index of the token closing each step's assistant turn.
+        step_end_idx: ``[S]`` index of the token closing each step's observation turn.
         step_values: ``[S]`` value targets, ``nan`` where the step has none.
         step_parent: ``[S]`` 63-bit hash of everything before the step (siblings share it).
         step_action: ``[S]`` 63-bit hash of the step's action (siblings differ in it).
@@ -41,6 +51,7 @@ class TokenizedTrajectory:
     group: str
     input_ids: list[int]
     step_start_idx: list[int]
+    action_end_idx: list[int]
     step_end_idx: list[int]
     step_values: list[float]
     step_parent: list[int] = field(default_factory=list)
@@ -51,7 +62,7 @@ class TokenizedTrajectory:
 
     def __post_init__(self) -> None:
         n = len(self.step_end_idx)
-        assert len(self.step_values) == n == len(self.step_start_idx) == len(self.step_parent) == len(self.step_action), (
+        assert len(self.step_values) == n == len(self.step_start_idx) == len(self.action_end_idx) == len(self.step_parent) == len(self.step_action), (
             "labels must match surviving steps"
         )
 
@@ -64,12 +75,14 @@ def _render(tokenizer, messages: list[dict[str, str]]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
 
 
-def step_char_spans(tokenizer, traj: Trajectory) -> tuple[str, list[int], list[int]]:
-    """Render the trajectory; return ``(text, [char start], [char end])`` of each assistant step.
+def step_char_spans(tokenizer, traj: Trajectory) -> tuple[str, list[int], list[int], list[int]]:
+    """Render the trajectory; return ``(text, starts, action_ends, step_ends)`` in characters.
 
     The start is where the assistant content begins (the rendering of the conversation
-    before the step with ``add_generation_prompt=True``); the end is where the rendering
-    up to and including the step ends (trailing whitespace excluded).
+    before the step with ``add_generation_prompt=True``); the action end is where the
+    rendering up to and including the assistant turn ends, the step end where the
+    rendering up to and including the following observation ends (trailing whitespace
+    excluded).
 
     Raises:
         ChatTemplateError: when the tokenizer has no chat template or its rendering of a
@@ -81,41 +94,46 @@ def step_char_spans(tokenizer, traj: Trajectory) -> tuple[str, list[int], list[i
         )
     messages = traj.to_messages()
     full = _render(tokenizer, messages)
-    starts, ends = [], []
+    starts, action_ends, ends = [], [], []
     for i in range(len(traj.steps)):
         head = tokenizer.apply_chat_template(messages[: 1 + 2 * i], tokenize=False, add_generation_prompt=True)
-        prefix = _render(tokenizer, messages[: 2 + 2 * i])  # user, (assistant, user)*i, assistant
-        for what, text in (("before", head), ("up to", prefix)):
+        action = _render(tokenizer, messages[: 2 + 2 * i])  # user, (assistant, user)*i, assistant
+        step = _render(tokenizer, messages[: 3 + 2 * i])  # ... assistant, user (observation)
+        for what, text in (("before", head), ("up to the action of", action), ("up to", step)):
             if not full.startswith(text):
                 raise ChatTemplateError(
                     f"trajectory {traj.id}: chat template rendering {what} step {i} is not a prefix of the full "
                     "conversation; step boundaries cannot be located exactly with this template"
                 )
         starts.append(len(head))
-        ends.append(len(prefix.rstrip()))
-    return full, starts, ends
+        action_ends.append(len(action.rstrip()))
+        ends.append(len(step.rstrip()))
+    return full, starts, action_ends, ends
 
 
 def tokenize_trajectory(tokenizer, traj: Trajectory, max_length: int | None = None) -> TokenizedTrajectory:
     """Tokenise one trajectory; truncate on the right to ``max_length`` tokens.
 
-    Steps whose end token falls beyond ``max_length`` (including a step cut in the
-    middle) are dropped together with their labels, so labels and step ends stay
+    Steps whose end token (closing the observation) falls beyond ``max_length``
+    (including a step cut in the middle) are dropped together with their labels, so labels and step ends stay
     aligned.  A trajectory with zero steps yields empty step lists.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise ChatTemplateError("a fast tokenizer (with offset mapping) is required for exact step ends")
-    text, char_starts, char_ends = step_char_spans(tokenizer, traj)
+    text, char_starts, char_action_ends, char_ends = step_char_spans(tokenizer, traj)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = enc["input_ids"]
     starts = [s for s, _ in enc["offset_mapping"]]
-    ends_tok = []
-    for c in char_ends:
-        j = bisect.bisect_left(starts, c) - 1  # last token starting before char c
+
+    def last_token_before(c: int) -> int:
+        j = bisect.bisect_left(starts, c) - 1
         if j < 0:
-            raise ChatTemplateError(f"trajectory {traj.id}: step end at char {c} maps to no token")
-        ends_tok.append(j)
-    starts_tok = [min(bisect.bisect_left(starts, c), e) for c, e in zip(char_starts, ends_tok)]
+            raise ChatTemplateError(f"trajectory {traj.id}: boundary at char {c} maps to no token")
+        return j
+
+    ends_tok = [last_token_before(c) for c in char_ends]
+    action_ends_tok = [last_token_before(c) for c in char_action_ends]
+    starts_tok = [min(bisect.bisect_left(starts, c), e) for c, e in zip(char_starts, action_ends_tok)]
 
     parents, actions = [], []
     ctx = f"{traj.task}\x00{traj.instruction}"
@@ -136,6 +154,7 @@ def tokenize_trajectory(tokenizer, traj: Trajectory, max_length: int | None = No
         group=traj.group,
         input_ids=ids,
         step_start_idx=starts_tok[:n],
+        action_end_idx=action_ends_tok[:n],
         step_end_idx=ends_tok[:n],
         step_values=values[:n],
         step_parent=parents[:n],

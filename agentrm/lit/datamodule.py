@@ -9,7 +9,7 @@ from functools import partial
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from agentrm.data.agentgym import load_trajectories
 from agentrm.data.collate import collate_trajectories
@@ -45,6 +45,32 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.n
+
+
+class DistributedEpochShuffleSampler(DistributedSampler):
+    """:class:`EpochShuffleSampler`'s permutation strided over ranks: rank ``r`` takes positions ``r, r+R, ...``.
+
+    With a per-rank batch of ``B/R``, batch ``i`` of the ``R`` ranks together is exactly
+    batch ``i`` of one process with batch ``B``, so a DDP run follows the single-process
+    run.  (Left alone, Lightning wraps a custom sampler in a ``DistributedSamplerWrapper``
+    that, for training, shuffles the permutation a second time; being a
+    ``DistributedSampler``, this one is used as is.)  The tail is padded by wrapping
+    around, like ``DistributedSampler`` with ``drop_last=False``.
+    """
+
+    def __init__(self, n: int, seed: int, num_replicas: int, rank: int):
+        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.base = EpochShuffleSampler(n, seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.base.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        perm = list(self.base)
+        while perm and len(perm) < self.total_size:
+            perm += perm[: self.total_size - len(perm)]
+        return iter(perm[self.rank : self.total_size : self.num_replicas])
 
 
 class TrajectoryDataModule(L.LightningDataModule):
@@ -99,10 +125,16 @@ class TrajectoryDataModule(L.LightningDataModule):
 
     def _loader(self, items: list[TokenizedTrajectory], shuffle: bool, batch_size: int) -> DataLoader:
         seed = int(os.environ.get("PL_GLOBAL_SEED", self.hparams.split_seed))
+        sampler = None
+        if shuffle:
+            trainer = getattr(self, "trainer", None)
+            world = trainer.world_size if trainer is not None else 1
+            sampler = (DistributedEpochShuffleSampler(len(items), seed, world, trainer.global_rank) if world > 1
+                       else EpochShuffleSampler(len(items), seed))
         return DataLoader(
             items,
             batch_size=batch_size,
-            sampler=EpochShuffleSampler(len(items), seed) if shuffle else None,
+            sampler=sampler,
             num_workers=self.hparams.num_workers,
             collate_fn=partial(collate_trajectories, pad_token_id=self.tokenizer.pad_token_id),
             persistent_workers=self.hparams.num_workers > 0,

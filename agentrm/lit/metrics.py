@@ -33,7 +33,8 @@ class PairwiseRankingAccuracy(Metric):
         self.actions.append(actions.flatten())
 
     def pair_count_and_correct(self) -> tuple[int, float]:
-        if not self.preds:
+        # a list of tensors locally; one concatenated tensor while synced across DDP ranks
+        if len(self.preds) == 0:
             return 0, 0.0
         preds, targets = dim_zero_cat(self.preds).cpu(), dim_zero_cat(self.targets).cpu()
         parents, actions = dim_zero_cat(self.parents).cpu(), dim_zero_cat(self.actions).cpu()

@@ -11,10 +11,12 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAUROC
 
+from agentrm.lit.dist_metrics import synced_compute
 from agentrm.lit.optim import adamw_with_warmup_cosine
 from agentrm.lit.value_module import apply_lora
 from agentrm.models.backbone import build_backbone
 from agentrm.models.implicit_prm import ImplicitPRM
+from agentrm.models.quant import check_quantization, validate_training_setup
 from agentrm.models.value_rm import aggregate_steps
 from agentrm.paths import load_tokenizer
 
@@ -28,6 +30,8 @@ class ImplicitPRMModule(L.LightningModule):
         beta: reward scale (default 0.05).
         lora: LoRA fields; with LoRA the reference is the base with the adapter disabled.
         aggregate: step-reward aggregation for the trajectory score in validation.
+        quantization: ``"nf4"``/``"int8"`` bitsandbytes base for QLoRA (needs CUDA,
+            bitsandbytes, ``lora`` and a non-sharding strategy; checked before loading).
     """
 
     def __init__(
@@ -44,21 +48,32 @@ class ImplicitPRMModule(L.LightningModule):
         dtype: str | None = None,
         attn_implementation: str = "auto",
         gradient_checkpointing: bool = False,
+        quantization: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
+        validate_training_setup(quantization, lora)
+        check_quantization(quantization)
         self.tokenizer = load_tokenizer(tokenizer)
         policy = build_backbone(
             backbone, backbone_config, vocab_size=len(self.tokenizer), causal_lm=True,
-            dtype=dtype, attn_implementation=attn_implementation,
+            dtype=dtype, attn_implementation=attn_implementation, quantization=quantization,
         )
-        if gradient_checkpointing:
+        if quantization is not None:
+            from peft import prepare_model_for_kbit_training
+
+            policy = prepare_model_for_kbit_training(policy, use_gradient_checkpointing=gradient_checkpointing)
+        elif gradient_checkpointing:
             policy.gradient_checkpointing_enable()
         policy = apply_lora(policy, lora, "CAUSAL_LM")
         self.model = ImplicitPRM(policy, beta=beta)
         self.val_auroc = BinaryAUROC()
         self.val_step_auroc = BinaryAUROC()
         self.val_loss = MeanMetric()
+
+    def setup(self, stage: str) -> None:
+        """Reject quantisation under a sharding strategy before the strategy wraps the model."""
+        validate_training_setup(self.hparams.quantization, self.hparams.lora, self.trainer.strategy)
 
     def on_fit_start(self) -> None:
         if self.model.reference is not None:
@@ -90,19 +105,18 @@ class ImplicitPRMModule(L.LightningModule):
         mask = batch["step_mask"]
         scores = aggregate_steps(r.masked_fill(~mask, float("nan")), self.hparams.aggregate)
         has = ~torch.isnan(scores)
-        if has.any():
-            self.val_auroc.update(scores[has], batch["success"][has].long())
-        if mask.any():
-            success = batch["success"][:, None].expand_as(mask)
-            self.val_step_auroc.update(r[mask], success[mask].long())
+        # update on every batch (empty selections included): same state dtypes on every DDP rank
+        self.val_auroc.update(scores[has], batch["success"][has].long())
+        success = batch["success"][:, None].expand_as(mask)
+        self.val_step_auroc.update(r[mask], success[mask].long())
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val/loss", self.val_loss.compute(), prog_bar=True)
-        self.val_loss.reset()
-        for name, metric in (("val/auroc", self.val_auroc), ("val/step_auroc", self.val_step_auroc)):
-            if metric.update_count:
-                self.log(name, metric.compute(), prog_bar=name == "val/auroc")
-            metric.reset()
+        # collective on every rank under DDP (see agentrm.lit.dist_metrics)
+        for name, metric in (("val/loss", self.val_loss), ("val/auroc", self.val_auroc),
+                             ("val/step_auroc", self.val_step_auroc)):
+            value = synced_compute(metric)
+            if value is not None:
+                self.log(name, value, prog_bar=name in ("val/loss", "val/auroc"))
 
     def configure_optimizers(self):
         hp = self.hparams

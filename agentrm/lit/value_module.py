@@ -11,9 +11,11 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric, MeanSquaredError
 from torchmetrics.classification import BinaryAUROC
 
+from agentrm.lit.dist_metrics import synced_compute
 from agentrm.lit.metrics import PairwiseRankingAccuracy
 from agentrm.lit.optim import adamw_with_warmup_cosine
 from agentrm.models.backbone import build_backbone
+from agentrm.models.quant import check_quantization, validate_training_setup
 from agentrm.models.value_rm import ValueRewardModel
 from agentrm.paths import load_tokenizer
 
@@ -40,6 +42,9 @@ class ValueRMModule(L.LightningModule):
         loss: ``mse`` on raw head outputs, or ``bce`` on logits with soft labels.
         lora: LoRA fields (``r``, ``lora_alpha``, ``target_modules``...) to train an
             adapter instead of the full backbone.
+        quantization: ``"nf4"``/``"int8"``: load the pretrained backbone through
+            bitsandbytes and train a LoRA adapter on it (QLoRA); needs CUDA, bitsandbytes,
+            ``lora`` and a non-sharding strategy, all checked before anything is loaded.
     """
 
     def __init__(
@@ -55,15 +60,22 @@ class ValueRMModule(L.LightningModule):
         dtype: str | None = None,
         attn_implementation: str = "auto",
         gradient_checkpointing: bool = False,
+        quantization: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
+        validate_training_setup(quantization, lora)
+        check_quantization(quantization)
         self.tokenizer = load_tokenizer(tokenizer)
         bb = build_backbone(
             backbone, backbone_config, vocab_size=len(self.tokenizer), causal_lm=False,
-            dtype=dtype, attn_implementation=attn_implementation,
+            dtype=dtype, attn_implementation=attn_implementation, quantization=quantization,
         )
-        if gradient_checkpointing:
+        if quantization is not None:
+            from peft import prepare_model_for_kbit_training
+
+            bb = prepare_model_for_kbit_training(bb, use_gradient_checkpointing=gradient_checkpointing)
+        elif gradient_checkpointing:
             bb.gradient_checkpointing_enable()
         bb = apply_lora(bb, lora, "FEATURE_EXTRACTION")
         self.model = ValueRewardModel(bb, value_activation="sigmoid" if loss == "bce" else "none")
@@ -72,6 +84,10 @@ class ValueRMModule(L.LightningModule):
         self.val_traj_auroc = BinaryAUROC()
         self.val_rank_acc = PairwiseRankingAccuracy()
         self.train_loss = MeanMetric()
+
+    def setup(self, stage: str) -> None:
+        """Reject quantisation under a sharding strategy before the strategy wraps the model."""
+        validate_training_setup(self.hparams.quantization, self.hparams.lora, self.trainer.strategy)
 
     def _loss(self, raw: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         labeled = batch["step_mask"] & ~torch.isnan(batch["step_values"])
@@ -100,30 +116,30 @@ class ValueRMModule(L.LightningModule):
         pred = torch.sigmoid(raw) if self.hparams.loss == "bce" else raw
         mask = batch["step_mask"]
         labeled = mask & ~torch.isnan(batch["step_values"])
-        if labeled.any():
-            self.val_mse.update(pred[labeled], batch["step_values"][labeled])
+        # Update on every batch, with empty selections when there is nothing to add, so
+        # that every DDP rank holds states of the same dtypes for the epoch-end gather.
+        self.val_mse.update(pred[labeled], batch["step_values"][labeled])
         success = batch["success"][:, None].expand_as(mask)
-        if mask.any():
-            self.val_auroc.update(pred[mask], success[mask].long())
+        self.val_auroc.update(pred[mask], success[mask].long())
         has_step = mask.any(1)
-        if has_step.any():
-            last = mask.sum(1).clamp(min=1) - 1
-            last_pred = pred.gather(1, last[:, None])[:, 0]
-            self.val_traj_auroc.update(last_pred[has_step], batch["success"][has_step].long())
-        if labeled.any():
-            self.val_rank_acc.update(
-                pred[labeled], batch["step_values"][labeled], batch["step_parent"][labeled], batch["step_action"][labeled]
-            )
+        last = mask.sum(1).clamp(min=1) - 1
+        last_pred = pred.gather(1, last[:, None])[:, 0]
+        self.val_traj_auroc.update(last_pred[has_step], batch["success"][has_step].long())
+        self.val_rank_acc.update(
+            pred[labeled], batch["step_values"][labeled], batch["step_parent"][labeled], batch["step_action"][labeled]
+        )
 
     def on_validation_epoch_end(self) -> None:
+        # every call below is collective under DDP and made on every rank (see dist_metrics)
         metrics = {"val/mse": self.val_mse, "val/auroc": self.val_auroc, "val/traj_auroc": self.val_traj_auroc}
         for name, metric in metrics.items():
-            if metric.update_count:
-                self.log(name, metric.compute(), prog_bar=name in ("val/mse", "val/auroc"))
-            metric.reset()
-        pairs, _ = self.val_rank_acc.pair_count_and_correct()
+            value = synced_compute(metric)
+            if value is not None:
+                self.log(name, value, prog_bar=name in ("val/mse", "val/auroc"))
+        with self.val_rank_acc.sync_context():
+            pairs, correct = self.val_rank_acc.pair_count_and_correct()
         if pairs:
-            self.log("val/rank_acc", self.val_rank_acc.compute())
+            self.log("val/rank_acc", correct / pairs)
             self.log("val/rank_pairs", float(pairs))
         self.val_rank_acc.reset()
 

@@ -43,6 +43,7 @@ def build_backbone(
     causal_lm: bool = False,
     dtype: str | torch.dtype | None = None,
     attn_implementation: str = "auto",
+    quantization: str | None = None,
     **from_pretrained_kwargs: Any,
 ) -> PreTrainedModel:
     """Load ``name_or_path`` (hub id or local dir) or build a randomly initialised model from ``config``.
@@ -51,7 +52,17 @@ def build_backbone(
         config: a dict with ``model_type`` (e.g. ``"llama"``) and that architecture's
             fields; ``vocab_size`` is filled from the tokenizer when given.
         causal_lm: load with the LM head (implicit PRM, policy) or without (value RM).
+        quantization: ``"nf4"`` (4-bit, double quant, bf16 compute) or ``"int8"`` through
+            bitsandbytes, ``lm_head`` kept unquantised; checked before anything is loaded
+            (:class:`agentrm.models.quant.QuantizationUnavailable` without CUDA/bitsandbytes).
     """
+    if quantization is not None:
+        from agentrm.models.quant import check_quantization
+
+        check_quantization(quantization)
+        if config is not None:
+            raise ValueError("quantization needs a pretrained checkpoint: save the config-built model "
+                             "(save_pretrained) and load it by path")
     auto = AutoModelForCausalLM if causal_lm else AutoModel
     attn = pick_attn_implementation(attn_implementation)
     torch_dtype = resolve_dtype(dtype)
@@ -73,4 +84,8 @@ def build_backbone(
     kwargs = dict(from_pretrained_kwargs)
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
+    if quantization is not None:
+        from agentrm.models.quant import quantized_load_kwargs
+
+        kwargs = {**quantized_load_kwargs(quantization, torch_dtype), **kwargs}
     return auto.from_pretrained(name_or_path, attn_implementation=attn, **kwargs)

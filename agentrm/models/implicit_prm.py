@@ -20,6 +20,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from agentrm.kernels import step_logratio, token_logprobs
+from agentrm.models.adapters import BASE_SUBDIR, load_adapter, resolve_adapter_base, save_adapter_base
 from agentrm.models.backbone import build_backbone
 from agentrm.models.value_rm import AGENTRM_CONFIG, aggregate_steps
 
@@ -142,6 +143,9 @@ class ImplicitPRM(nn.Module):
         if self.reference is not None:
             self.reference.save_pretrained(d / "reference", safe_serialization=True)
         cfg = {"model_class": "ImplicitPRM", "beta": self.beta, "reference": ref_kind, **extra}
+        if _is_peft(self.policy):
+            base = save_adapter_base(self.policy, d)
+            cfg.update(adapter=True, base_model=base if base != BASE_SUBDIR else f"../{BASE_SUBDIR}")
         (d / AGENTRM_CONFIG).write_text(json.dumps(cfg, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(d)
@@ -149,8 +153,18 @@ class ImplicitPRM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype | None = None,
-                        attn_implementation: str = "auto", **kwargs: Any) -> ImplicitPRM:
-        """Load a directory written by :meth:`save_pretrained` (a LoRA policy loads through peft)."""
+                        attn_implementation: str = "auto", quantization: str | None = None,
+                        adapter: str | Path | None = None, base: str | None = None,
+                        **kwargs: Any) -> ImplicitPRM:
+        """Load a directory written by :meth:`save_pretrained` (a LoRA policy loads through peft).
+
+        Args:
+            quantization: ``"nf4"``/``"int8"`` bitsandbytes loading of policy and reference
+                (CUDA only; fails at once otherwise; ``lm_head`` stays unquantised).
+            adapter: a peft adapter directory to put on a full (non-LoRA) policy; the
+                saved (separate) reference stays the reference.
+            base: override the base recorded for a LoRA policy.
+        """
         d = Path(path)
         cfg_file = d / AGENTRM_CONFIG
         if not cfg_file.exists():
@@ -158,13 +172,14 @@ class ImplicitPRM(nn.Module):
         cfg = json.loads(cfg_file.read_text())
         if cfg.get("model_class") != "ImplicitPRM":
             raise ValueError(f"{cfg_file}: model_class is {cfg.get('model_class')!r}, expected 'ImplicitPRM'")
-        load = dict(causal_lm=True, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
+        load = dict(causal_lm=True, dtype=dtype, attn_implementation=attn_implementation,
+                    quantization=quantization, **kwargs)
         if (d / "policy" / "adapter_config.json").exists():
-            from peft import PeftConfig, PeftModel
-
-            base_path = PeftConfig.from_pretrained(d / "policy").base_model_name_or_path
-            policy = PeftModel.from_pretrained(build_backbone(base_path, **load), d / "policy")
+            base_path = base or resolve_adapter_base(d / "policy", cfg)
+            policy = load_adapter(d / "policy", base_path, **load)
         else:
             policy = build_backbone(str(d / "policy"), **load)
         reference = build_backbone(str(d / "reference"), **load) if cfg["reference"] == "separate" else None
+        if adapter is not None:
+            policy = load_adapter(Path(adapter), policy, causal_lm=True)
         return cls(policy, reference, beta=cfg["beta"])

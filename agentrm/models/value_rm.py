@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
+from agentrm.models.adapters import is_peft_model, load_adapter, resolve_adapter_base, save_adapter_base
 from agentrm.models.backbone import build_backbone
 from agentrm.models.step_gather import gather_step_values
 
@@ -77,7 +78,12 @@ class ValueRewardModel(nn.Module):
 
     # ---- Hugging Face style persistence -------------------------------------------------
     def save_pretrained(self, save_directory: str | Path, tokenizer=None, **extra: Any) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` (or a peft adapter), the value head and our config."""
+        """Write ``config.json`` + ``model.safetensors`` (or a peft adapter), the value head and our config.
+
+        With a LoRA backbone only the adapter is written, and ``agentrm_config.json``
+        records the base (``base_model``); a base without a name (built from a config)
+        is saved alongside under ``base/`` so the directory reloads on its own.
+        """
         d = Path(save_directory)
         d.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(d, safe_serialization=True)
@@ -85,6 +91,8 @@ class ValueRewardModel(nn.Module):
                   str(d / VALUE_HEAD_FILE))
         cfg = {"model_class": "ValueRewardModel", "value_activation": self.value_activation,
                "hidden_size": self.backbone.config.hidden_size, **extra}
+        if is_peft_model(self.backbone):
+            cfg.update(adapter=True, base_model=save_adapter_base(self.backbone, d))
         (d / AGENTRM_CONFIG).write_text(json.dumps(cfg, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(d)
@@ -92,8 +100,18 @@ class ValueRewardModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype | None = None,
-                        attn_implementation: str = "auto", **kwargs: Any) -> ValueRewardModel:
-        """Load a directory written by :meth:`save_pretrained`."""
+                        attn_implementation: str = "auto", quantization: str | None = None,
+                        adapter: str | Path | None = None, base: str | None = None,
+                        **kwargs: Any) -> ValueRewardModel:
+        """Load a directory written by :meth:`save_pretrained`.
+
+        Args:
+            quantization: ``"nf4"``/``"int8"`` to load the backbone weights through
+                bitsandbytes (CUDA only; fails at once otherwise).
+            adapter: a peft adapter directory to put on top of the loaded backbone; if it
+                holds a ``value_head.safetensors`` (an agentrm LoRA directory) that head is used.
+            base: override the base model recorded for an adapter-only directory.
+        """
         d = Path(path)
         cfg_file = d / AGENTRM_CONFIG
         if not cfg_file.exists():
@@ -101,9 +119,20 @@ class ValueRewardModel(nn.Module):
         cfg = json.loads(cfg_file.read_text())
         if cfg.get("model_class") != "ValueRewardModel":
             raise ValueError(f"{cfg_file}: model_class is {cfg.get('model_class')!r}, expected 'ValueRewardModel'")
-        backbone = build_backbone(str(d), dtype=dtype, attn_implementation=attn_implementation, **kwargs)
+        load = dict(dtype=dtype, attn_implementation=attn_implementation, quantization=quantization, **kwargs)
+        if (d / "adapter_config.json").exists():
+            backbone = load_adapter(d, base or resolve_adapter_base(d, cfg), causal_lm=False, **load)
+        else:
+            backbone = build_backbone(str(d), **load)
+        head_file = d / VALUE_HEAD_FILE
+        if adapter is not None:
+            backbone = load_adapter(Path(adapter), backbone, causal_lm=False)
+            if (Path(adapter) / VALUE_HEAD_FILE).exists():
+                head_file = Path(adapter) / VALUE_HEAD_FILE
         model = cls(backbone, value_activation=cfg.get("value_activation", "none"))
-        model.value_head.load_state_dict(load_file(str(d / VALUE_HEAD_FILE)))
+        model.value_head.load_state_dict(load_file(str(head_file)))
+        if quantization is not None:
+            model.value_head.to(next(backbone.parameters()).device)
         return model
 
 

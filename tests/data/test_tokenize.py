@@ -7,27 +7,31 @@ from agentrm.data.tokenize import ChatTemplateError, tokenize_trajectory
 from tests.conftest import make_trajectory
 
 
-def test_step_ends_are_end_of_assistant_turns(tiny_tokenizer):
+def test_step_ends_close_the_observation_and_action_ends_the_action(tiny_tokenizer):
     t = make_trajectory("a", 4)
     tt = tokenize_trajectory(tiny_tokenizer, t)
     end_id = tiny_tokenizer.convert_tokens_to_ids("<|end|>")
-    assert len(tt.step_end_idx) == 4
-    assert all(tt.input_ids[i] == end_id for i in tt.step_end_idx)
-    # the text before each step end ends with that step's action
-    for i, e in enumerate(tt.step_end_idx):
-        assert tiny_tokenizer.decode(tt.input_ids[: e]).endswith(t.steps[i].action)
+    assert len(tt.step_end_idx) == len(tt.action_end_idx) == 4
+    assert all(tt.input_ids[i] == end_id for i in tt.step_end_idx + tt.action_end_idx)
+    for i, (a, e) in enumerate(zip(tt.action_end_idx, tt.step_end_idx)):
+        assert tiny_tokenizer.decode(tt.input_ids[:a]).endswith(t.steps[i].action)
+        assert tiny_tokenizer.decode(tt.input_ids[:e]).endswith(t.steps[i].observation)
+        assert a < e
+    assert tt.step_end_idx[-1] == len(tt.input_ids) - 2  # last <|end|>, then the template's newline
     assert tt.step_values == [s.value for s in t.steps]
 
 
 def test_truncation_keeps_labels_aligned(tiny_tokenizer):
     t = make_trajectory("a", 4)
     full = tokenize_trajectory(tiny_tokenizer, t)
-    # cut in the middle of step 3's action: steps 0..1 survive, the cut step is dropped
+    # cut in the middle of step 3's observation: steps 0..1 survive, the cut step is dropped
     cut = full.step_end_idx[2] - 1
+    assert cut > full.action_end_idx[2]  # the cut step's action is whole, its observation is not
     tt = tokenize_trajectory(tiny_tokenizer, t, max_length=cut)
     assert len(tt.input_ids) == cut
     assert tt.step_end_idx == full.step_end_idx[:2]
     assert tt.step_values == full.step_values[:2]
+    assert tt.action_end_idx == full.action_end_idx[:2] and tt.step_start_idx == full.step_start_idx[:2]
     assert len(tt.step_parent) == len(tt.step_action) == 2
     # exactly at a step end: that step survives
     tt2 = tokenize_trajectory(tiny_tokenizer, t, max_length=full.step_end_idx[1] + 1)
@@ -69,10 +73,10 @@ def test_template_without_prefix_property_is_rejected(tiny_tokenizer):
 def test_step_start_covers_exactly_the_action(tiny_tokenizer):
     t = make_trajectory("a", 3)
     tt = tokenize_trajectory(tiny_tokenizer, t)
-    for i, (a, e) in enumerate(zip(tt.step_start_idx, tt.step_end_idx)):
+    for i, (a, e) in enumerate(zip(tt.step_start_idx, tt.action_end_idx)):
         assert tiny_tokenizer.decode(tt.input_ids[a:e]) == t.steps[i].action
     b = collate_trajectories([tt], pad_token_id=tiny_tokenizer.pad_token_id)
     tok_step = b["token_step"][0]
-    for i, (a, e) in enumerate(zip(tt.step_start_idx, tt.step_end_idx)):
+    for i, (a, e) in enumerate(zip(tt.step_start_idx, tt.action_end_idx)):
         assert (tok_step[a : e + 1] == i).all()
-    assert int((tok_step >= 0).sum()) == sum(e - a + 1 for a, e in zip(tt.step_start_idx, tt.step_end_idx))
+    assert int((tok_step >= 0).sum()) == sum(e - a + 1 for a, e in zip(tt.step_start_idx, tt.action_end_idx))

@@ -17,14 +17,13 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.trainer.connectors.data_connector import _get_distributed_sampler
-from lightning.pytorch.utilities.data import _is_dataloader_shuffled
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from agentrm.data.schema import Step, Trajectory, write_jsonl
 from agentrm.data.tiny_tokenizer import train_tiny_tokenizer, trajectory_texts
 from agentrm.fit import main
-from agentrm.lit.datamodule import EpochShuffleSampler
+from agentrm.lit.datamodule import DistributedEpochShuffleSampler, EpochShuffleSampler
 from agentrm.models.value_rm import ValueRewardModel
 from agentrm.paths import PROJECT_ROOT
 from tests.lit.conftest import TINY_BACKBONE
@@ -45,8 +44,16 @@ def fixed_length_trajectories(n: int, steps: int, seed: int, labeled: bool = Tru
             action = "move forward" if success else rng.choice(["turn left", "toggle"])
             obs = "You see the ball." if success else "You face a wall."
             st.append(Step(action, obs, value if labeled else None))
-        out.append(Trajectory(f"d{seed}-{i}", "GoToBall", "Go to the ball.", st,
-                              reward=0.9 if success else 0.0, success=success))
+        out.append(
+            Trajectory(
+                f"d{seed}-{i}",
+                "GoToBall",
+                "Go to the ball.",
+                st,
+                reward=0.9 if success else 0.0,
+                success=success,
+            )
+        )
     return out
 
 
@@ -59,16 +66,34 @@ def write_setup(tmp_path: Path, train: list[Trajectory], val: list[Trajectory], 
     cfg = {
         "seed_everything": 5,
         "trainer": {
-            "accelerator": "cpu", "devices": 1, "max_epochs": epochs, "enable_progress_bar": False,
-            "log_every_n_steps": 1, "num_sanity_val_steps": 0, "enable_checkpointing": False,
-            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                       "init_args": {"save_dir": str(tmp_path / "unused"), "name": "logs"}},
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_epochs": epochs,
+            "enable_progress_bar": False,
+            "log_every_n_steps": 1,
+            "num_sanity_val_steps": 0,
+            "enable_checkpointing": False,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(tmp_path / "unused"), "name": "logs"},
+            },
         },
-        "model": {"class_path": "agentrm.lit.value_module.ValueRMModule",
-                  "init_args": {"backbone_config": TINY_BACKBONE, "learning_rate": 3e-3, "warmup_steps": 1,
-                                "weight_decay": 0.01}},
-        "data": {"train_path": str(tmp_path / "train.jsonl"), "val_path": str(tmp_path / "val.jsonl"),
-                 "tokenizer": str(tmp_path / "tok"), "max_length": 256, "batch_size": 8},
+        "model": {
+            "class_path": "agentrm.lit.value_module.ValueRMModule",
+            "init_args": {
+                "backbone_config": TINY_BACKBONE,
+                "learning_rate": 3e-3,
+                "warmup_steps": 1,
+                "weight_decay": 0.01,
+            },
+        },
+        "data": {
+            "train_path": str(tmp_path / "train.jsonl"),
+            "val_path": str(tmp_path / "val.jsonl"),
+            "tokenizer": str(tmp_path / "tok"),
+            "max_length": 256,
+            "batch_size": 8,
+        },
     }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -76,19 +101,41 @@ def write_setup(tmp_path: Path, train: list[Trajectory], val: list[Trajectory], 
 
 
 def run_args(run: Path, batch_size: int) -> list[str]:
-    return ["--trainer.default_root_dir", str(run), "--trainer.logger.init_args.save_dir", str(run),
-            "--trainer.callbacks+=agentrm.lit.callbacks.ExportHF",
-            "--trainer.callbacks.dirpath", str(run / "hf_model"), "--data.batch_size", str(batch_size)]
+    return [
+        "--trainer.default_root_dir",
+        str(run),
+        "--trainer.logger.init_args.save_dir",
+        str(run),
+        "--trainer.callbacks+=agentrm.lit.callbacks.ExportHF",
+        "--trainer.callbacks.dirpath",
+        str(run / "hf_model"),
+        "--data.batch_size",
+        str(batch_size),
+    ]
 
 
 def run_ddp(cfg: Path, run: Path, batch_size: int) -> subprocess.CompletedProcess:
     """``python -m agentrm.fit`` with 2 CPU processes (gloo); fails the test on timeout (a hang)."""
-    cmd = [sys.executable, "-m", "agentrm.fit", "--config", str(cfg), "--trainer.strategy", "ddp",
-           "--trainer.devices", "2", "--trainer.accelerator", "cpu", *run_args(run, batch_size)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "agentrm.fit",
+        "--config",
+        str(cfg),
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+        *run_args(run, batch_size),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT_ROOT)}
     env.pop("MASTER_PORT", None)
     try:
-        proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=DDP_TIMEOUT_S)
+        proc = subprocess.run(
+            cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=DDP_TIMEOUT_S
+        )
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"DDP run hung (> {DDP_TIMEOUT_S}s): {(e.stderr or b'')[-3000:]!r}")
     assert proc.returncode == 0, proc.stderr[-5000:]
@@ -100,27 +147,36 @@ def epoch_metrics(run: Path, key: str) -> list[float]:
     return [float(r[key]) for r in rows if r.get(key)]
 
 
-def test_distributed_sampler_splits_the_global_batch():
-    """Lightning wraps EpochShuffleSampler in DistributedSamplerWrapper without re-shuffling:
-    rank r takes every 2nd index of the epoch permutation, so batch i of the two ranks together
-    is exactly batch i of one process with twice the batch size; ``set_epoch`` reaches our sampler."""
-    n, seed = 24, 7
+def test_lightning_would_reshuffle_a_plain_custom_sampler():
+    """Why the DataModule builds its own distributed sampler: for training Lightning wraps a custom
+    sampler in a DistributedSamplerWrapper with ``shuffle=True``, which permutes the epoch order a
+    second time, so the ranks' batches would not form the single-process batches."""
+    dl = DataLoader(list(range(16)), batch_size=4, sampler=EpochShuffleSampler(16, 7))
+    wrapped = _get_distributed_sampler(dl, shuffle=True, overfit_batches=0, num_replicas=2, rank=0)
+    assert wrapped.shuffle
+    assert list(wrapped) != list(EpochShuffleSampler(16, 7))[0::2]
+
+
+@pytest.mark.parametrize("n", [24, 23])
+def test_distributed_sampler_splits_the_global_batch(n):
+    """Rank r takes every 2nd index of the epoch permutation: batch i of the two ranks together is
+    exactly batch i of one process with twice the batch size; Lightning leaves the sampler alone."""
+    seed = 7
     single = DataLoader(list(range(n)), batch_size=8, sampler=EpochShuffleSampler(n, seed))
-    ranks = []
-    for rank in range(2):
-        dl = DataLoader(list(range(n)), batch_size=4, sampler=EpochShuffleSampler(n, seed))
-        assert not _is_dataloader_shuffled(dl)
-        ranks.append(_get_distributed_sampler(dl, shuffle=_is_dataloader_shuffled(dl), overfit_batches=0,
-                                              num_replicas=2, rank=rank))
+    ranks = [DistributedEpochShuffleSampler(n, seed, num_replicas=2, rank=r) for r in range(2)]
+    dl = DataLoader(list(range(n)), batch_size=4, sampler=ranks[0])
+    assert isinstance(dl.sampler, DistributedSampler)  # so Lightning does not wrap it again
     for epoch in (0, 3):
         single.sampler.set_epoch(epoch)
         for s in ranks:
             s.set_epoch(epoch)
         per_rank = [list(s) for s in ranks]
-        assert sorted(per_rank[0] + per_rank[1]) == list(range(n))
+        assert len(per_rank[0]) == len(per_rank[1]) == (n + 1) // 2
+        assert set(per_rank[0] + per_rank[1]) == set(range(n))
         for i, batch in enumerate(single):
-            union = per_rank[0][4 * i:4 * i + 4] + per_rank[1][4 * i:4 * i + 4]
-            assert sorted(union) == sorted(batch.tolist())
+            union = per_rank[0][4 * i : 4 * i + 4] + per_rank[1][4 * i : 4 * i + 4]
+            if len(batch) == 8:
+                assert sorted(union) == sorted(batch.tolist())
     ranks[0].set_epoch(1)
     assert list(ranks[0]) != per_rank[0]  # a new epoch, a new order
 
@@ -160,8 +216,13 @@ def test_ddp_rank_without_labels_does_not_hang(tmp_path):
 
     from agentrm.lit.datamodule import TrajectoryDataModule
 
-    dm = TrajectoryDataModule(train_path=str(tmp_path / "train.jsonl"), val_path=str(tmp_path / "val.jsonl"),
-                              tokenizer=str(tmp_path / "tok"), max_length=256, batch_size=2)
+    dm = TrajectoryDataModule(
+        train_path=str(tmp_path / "train.jsonl"),
+        val_path=str(tmp_path / "val.jsonl"),
+        tokenizer=str(tmp_path / "tok"),
+        max_length=256,
+        batch_size=2,
+    )
     dm.setup("fit")
     batch = next(iter(dm.val_dataloader()))
     model = ValueRewardModel.from_pretrained(run / "hf_model").eval()

@@ -1,0 +1,70 @@
+"""Quantised loading on a real GPU (bitsandbytes); skipped cleanly without CUDA or bitsandbytes."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("bitsandbytes") is None,
+        reason="needs bitsandbytes: pip install 'agentrm[quant]'",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    """A 2-layer LLaMA (real architecture, random weights) saved as a local checkpoint."""
+    cfg = AutoConfig.for_model(
+        "llama",
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+    )
+    d = tmp_path_factory.mktemp("llama2l")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_backbone_loads_quantised_with_unquantised_lm_head(llama_dir, scheme):
+    import bitsandbytes as bnb
+
+    from agentrm.models.backbone import build_backbone
+
+    model = build_backbone(str(llama_dir), causal_lm=True, quantization=scheme, dtype="bfloat16")
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, bnb.nn.Linear4bit if scheme == "nf4" else bnb.nn.Linear8bitLt)
+    assert isinstance(model.lm_head, torch.nn.Linear) and not isinstance(model.lm_head, bnb.nn.Linear4bit)
+    ids = torch.randint(0, 512, (2, 16), device="cuda")
+    logits = model(input_ids=ids).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_value_rm_qlora_round_trip(llama_dir, tmp_path):
+    from agentrm.lit.value_module import apply_lora
+    from agentrm.models.backbone import build_backbone
+    from agentrm.models.value_rm import ValueRewardModel
+
+    bb = build_backbone(str(llama_dir), quantization="nf4", dtype="bfloat16")
+    lora = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}
+    model = ValueRewardModel(apply_lora(bb, lora, "FEATURE_EXTRACTION")).cuda().eval()
+    batch = {
+        "input_ids": torch.randint(0, 512, (2, 16), device="cuda"),
+        "attention_mask": torch.ones(2, 16, dtype=torch.long, device="cuda"),
+        "step_end_idx": torch.tensor([[5, 15]] * 2, device="cuda"),
+    }
+    ref = model.score(batch)
+    model.save_pretrained(tmp_path / "rm")
+    loaded = ValueRewardModel.from_pretrained(tmp_path / "rm", quantization="nf4", dtype="bfloat16").eval()
+    torch.testing.assert_close(loaded.score(batch), ref, rtol=2e-2, atol=2e-2)
