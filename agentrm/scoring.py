@@ -1,0 +1,609 @@
+"""Batched candidate scoring for Best-of-N and step-level beam search.
+
+Beam search asks: given a conversation so far (a :class:`Trajectory` prefix whose last
+observation is the context) and ``K`` candidate next actions, how good is each? All
+candidates share the prefix, so they are **packed** into one sequence::
+
+    [prefix, cand_1, ..., cand_K]          (T = P + sum_k L_k tokens)
+
+with a 4D attention mask in which prefix tokens are causal among themselves and each
+candidate token sees the whole prefix plus the earlier tokens of its own candidate, and
+with position ids that restart at ``P`` for every candidate. One forward computes all K;
+each candidate's score equals scoring ``prefix + candidate`` alone as a normal causal
+sequence (the tests check this to 1e-4 in fp32).
+
+Tokenisation. The prefix is the chat-template rendering of ``prefix.to_messages()`` with
+``add_generation_prompt=True``; candidate ``k`` is the rest of the rendering with the
+candidate as the next assistant turn, through its end-of-turn token (the same action-end
+rule as :mod:`agentrm.data.tokenize`). Each ``prefix + candidate`` rendering is tokenised
+whole, and the shared prefix is the longest common token prefix that ends before the
+first action token, so a BPE merge across the boundary cannot make packed and alone
+scoring disagree.
+
+Truncation. With ``max_length``, the budget is per candidate context: if
+``P + max_k L_k > max_length`` the prefix is truncated from the **left** (the most recent
+context is kept; the instruction and the oldest steps go first). Positions then restart at
+0 at the first kept token, exactly as if the truncated tokens were scored alone. A
+candidate longer than ``max_length - 1`` raises ``ValueError``.
+
+How the mask reaches the model (transformers 5.x). ``create_causal_mask`` returns a
+4D ``attention_mask`` unchanged (``_preprocess_mask_arguments``: "If the mask is already
+4D, simply return as-is"), and LLaMA-family attention forwards it to the kernel:
+
+* ``sdpa``: a boolean ``[B, 1, Q, K]`` mask, ``True`` = attend
+  (``F.scaled_dot_product_attention`` semantics);
+* ``eager``: an additive float mask in the model dtype, ``0`` = attend and
+  ``finfo(dtype).min`` = masked (eager adds the mask to the scores, so a boolean mask
+  would be silently wrong).
+
+``flash_attention_2``/``flex_attention`` (and model types outside an allow-list, or with an
+active sliding window shorter than the context) cannot take such a mask: ``pack="auto"``
+then falls back to plain batching, one padded row per candidate with the prefix repeated.
+
+Counters (:class:`ScoringCounters`): ``forward_passes`` counts model forward calls (the
+implicit PRM makes two per batch: policy and reference) and ``forward_tokens`` the
+non-padding tokens fed through them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from agentrm.data.collate import collate_trajectories
+from agentrm.data.schema import Trajectory
+from agentrm.data.tokenize import ChatTemplateError, tokenize_trajectory
+from agentrm.kernels import step_logratio, step_values, token_logprobs
+from agentrm.models.implicit_prm import ImplicitPRM
+from agentrm.models.value_rm import AGGREGATIONS, ValueRewardModel, aggregate_steps
+
+PackMode = bool | Literal["auto"]
+PACKABLE_ATTENTION = ("sdpa", "eager")
+PACKABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass
+class ScoringCounters:
+    """Work done by a scorer since construction or :meth:`reset`."""
+
+    candidates: int = 0
+    trajectories: int = 0
+    forward_passes: int = 0
+    forward_tokens: int = 0  # non-padding tokens, summed over forward passes
+    padded_tokens: int = 0  # B * T, summed over forward passes (== forward_tokens when packed)
+
+    def reset(self) -> None:
+        for k in asdict(self):
+            setattr(self, k, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """Scores candidate next steps and whole trajectories (higher is better)."""
+
+    counters: ScoringCounters
+
+    def score_candidates(self, prefix: Trajectory, candidates: Sequence[str]) -> Tensor:
+        """``[K]`` scores of appending each candidate action as the step after ``prefix.steps``."""
+        ...
+
+    def score_trajectories(self, trajs: Sequence[Trajectory]) -> Tensor:
+        """``[N]`` whole-trajectory scores (``nan`` for a trajectory without a scored step)."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenisation
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class CandidateTokens:
+    """A prefix and K candidates as token ids.
+
+    Attributes:
+        prefix_ids: ``[P]`` shared prefix (after left truncation).
+        cand_ids: K lists ``[L_k]``: the tokens after the prefix through the token closing the action turn.
+        cand_start: ``[K]`` offset in ``cand_ids[k]`` of the first action token (the PRM sums
+            log-ratios over ``cand_ids[k][cand_start[k]:]``).
+        prefix_steps: ``(start, end)`` token spans (inclusive) in ``prefix_ids`` of the prefix's
+            steps that survive truncation whole (only filled when requested).
+        truncated: number of prefix tokens cut on the left.
+    """
+
+    prefix_ids: list[int]
+    cand_ids: list[list[int]]
+    cand_start: list[int]
+    prefix_steps: list[tuple[int, int]] = field(default_factory=list)
+    truncated: int = 0
+
+
+def _render(tokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def tokenize_candidates(
+    tokenizer,
+    prefix: Trajectory,
+    candidates: Sequence[str],
+    max_length: int | None = None,
+    with_prefix_steps: bool = False,
+) -> CandidateTokens:
+    """Tokenise a prefix and its candidate next actions for packed scoring (see module doc).
+
+    Raises:
+        ChatTemplateError: no chat template, a slow tokenizer, or a template whose rendering with
+            the generation prompt is not a prefix of the rendering with the candidate turn.
+        ValueError: a candidate does not fit ``max_length``.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateError(f"tokenizer {type(tokenizer).__name__} has no chat_template")
+    if not getattr(tokenizer, "is_fast", False):
+        raise ChatTemplateError("a fast tokenizer (with offset mapping) is required for exact step ends")
+    if not candidates:
+        return CandidateTokens([], [], [])
+    msgs = prefix.to_messages()
+    head = _render(tokenizer, msgs, True)
+    fulls, end_chars = [], []
+    for k, cand in enumerate(candidates):
+        full = _render(tokenizer, msgs + [{"role": "assistant", "content": cand}], False)
+        if not full.startswith(head):
+            raise ChatTemplateError(
+                f"trajectory {prefix.id}: the chat template's rendering with add_generation_prompt=True is not a "
+                f"prefix of the rendering with candidate {k} as the next assistant turn; candidates cannot share "
+                "a prefix (nor be located exactly) with this template"
+            )
+        fulls.append(full)
+        end_chars.append(len(full.rstrip()))
+    enc = tokenizer(fulls, add_special_tokens=False, return_offsets_mapping=True)
+    ids_all: list[list[int]] = enc["input_ids"]
+    starts_all = [[s for s, _ in offs] for offs in enc["offset_mapping"]]
+    act_start, step_end = [], []
+    for k, (starts, c_end) in enumerate(zip(starts_all, end_chars)):
+        j = bisect.bisect_left(starts, c_end) - 1  # closes the action turn (action_end_idx in tokenize.py)
+        if j < 0:
+            raise ChatTemplateError(f"candidate {k}: step end at char {c_end} maps to no token")
+        act_start.append(min(bisect.bisect_left(starts, len(head)), j))
+        step_end.append(j)
+    shared = min(act_start)  # never share an action token ...
+    ref = ids_all[0]
+    for ids in ids_all[1:]:  # ... nor a token on which the renderings disagree
+        n = 0
+        while n < shared and ids[n] == ref[n]:
+            n += 1
+        shared = n
+    if shared < 1:
+        raise ChatTemplateError(
+            "the candidates share no prefix token; the template must open the conversation"
+        )
+    prefix_ids = ref[:shared]
+    cand_ids = [ids[shared : e + 1] for ids, e in zip(ids_all, step_end)]
+    cand_start = [s - shared for s in act_start]
+    spans: list[tuple[int, int]] = []
+    if with_prefix_steps:
+        starts0 = starts_all[0]
+        for i in range(len(prefix.steps)):
+            before = _render(tokenizer, msgs[: 1 + 2 * i], True)
+            upto = _render(tokenizer, msgs[: 2 + 2 * i], False)
+            if not (head.startswith(before) and head.startswith(upto)):
+                raise ChatTemplateError(f"trajectory {prefix.id}: rendering up to step {i} is not a prefix")
+            e = bisect.bisect_left(starts0, len(upto.rstrip())) - 1
+            s = min(bisect.bisect_left(starts0, len(before)), e)
+            if e >= shared:
+                raise ChatTemplateError(f"trajectory {prefix.id}: step {i} ends inside the candidate tokens")
+            spans.append((s, e))
+    cut = 0
+    longest = max(len(c) for c in cand_ids)
+    if max_length is not None and shared + longest > max_length:
+        if longest + 1 > max_length:
+            raise ValueError(
+                f"a candidate has {longest} tokens; max_length={max_length} leaves no room for context"
+            )
+        cut = shared + longest - max_length
+        prefix_ids = prefix_ids[cut:]
+        # keep prefix steps whose first action token keeps its predecessor (whole log-ratio sum)
+        spans = [(s - cut, e - cut) for s, e in spans if s - cut >= 1]
+    return CandidateTokens(prefix_ids, cand_ids, cand_start, spans, cut)
+
+
+# ---------------------------------------------------------------------------------------------
+# model inputs: packed (one row, 4D mask) or plain (one padded row per candidate)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ScoringLayout:
+    """Model inputs for one forward, and where each candidate's quantities live in the flat output.
+
+    Attributes:
+        input_ids: ``[B, T]``. position_ids: ``[B, T]`` or ``None`` (default positions).
+        allowed: ``[B, 1, T, T]`` bool (packed) or ``None``; attention_mask_2d: ``[B, T]`` (plain).
+        end_idx: ``[K]`` flat index into ``B*T`` of each candidate's action-end token (value read point).
+        pred_idx, targets, step_ids: ``[M]`` for every scored action token: flat index of the hidden
+            state predicting it, the token id, and its step id (prefix step ``i`` -> ``i``, candidate
+            ``k`` -> ``num_prefix_steps + k``).
+        num_steps: ``num_prefix_steps + K``. real_tokens: non-padding tokens.
+    """
+
+    input_ids: Tensor
+    position_ids: Tensor | None
+    allowed: Tensor | None
+    attention_mask_2d: Tensor | None
+    end_idx: Tensor
+    pred_idx: Tensor
+    targets: Tensor
+    step_ids: Tensor
+    num_steps: int
+    real_tokens: int
+
+
+def _scored_tokens(
+    toks: CandidateTokens, ks: Sequence[int], cand_pos: Sequence[int], first_pred: Sequence[int]
+) -> tuple[list[int], list[int], list[int], int]:
+    """Predictor indices, targets and step ids of the prefix steps (row 0) and of candidates ``ks``.
+
+    ``cand_pos[j]`` is the flat index of candidate ``ks[j]``'s first token and ``first_pred[j]`` the
+    flat index of the hidden state that predicts it (the last prefix token of its context).
+    """
+    pred, tgt, sid = [], [], []
+    for i, (s, e) in enumerate(toks.prefix_steps):
+        pred += range(s - 1, e)
+        tgt += toks.prefix_ids[s : e + 1]
+        sid += [i] * (e + 1 - s)
+    n_pre = len(toks.prefix_steps)
+    for j, k in enumerate(ks):
+        ids, a = toks.cand_ids[k], toks.cand_start[k]
+        for t in range(a, len(ids)):
+            pred.append(first_pred[j] if t == 0 else cand_pos[j] + t - 1)
+            tgt.append(ids[t])
+            sid.append(n_pre + j)
+    return pred, tgt, sid, n_pre + len(ks)
+
+
+def packed_layout(
+    toks: CandidateTokens, ks: Sequence[int], device: torch.device | str = "cpu"
+) -> ScoringLayout:
+    """One row ``[prefix, cand_ks[0], ...]`` with a block mask and restarting position ids."""
+    P = len(toks.prefix_ids)
+    ids, pos, seg, cand_pos = list(toks.prefix_ids), list(range(P)), [-1] * P, []
+    for j, k in enumerate(ks):
+        L = len(toks.cand_ids[k])
+        cand_pos.append(len(ids))
+        ids += toks.cand_ids[k]
+        pos += range(P, P + L)
+        seg += [j] * L
+    T = len(ids)
+    seg_t = torch.tensor(seg, device=device)
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril_()
+    same = (seg_t[None, :] == -1) | (seg_t[None, :] == seg_t[:, None])  # key in prefix or same candidate
+    pred, tgt, sid, n = _scored_tokens(toks, ks, cand_pos, [P - 1] * len(ks))
+    ends = [c + len(toks.cand_ids[k]) - 1 for c, k in zip(cand_pos, ks)]
+    return ScoringLayout(
+        input_ids=torch.tensor([ids], device=device),
+        position_ids=torch.tensor([pos], device=device),
+        allowed=(causal & same)[None, None],
+        attention_mask_2d=None,
+        end_idx=torch.tensor(ends, device=device),
+        pred_idx=torch.tensor(pred, dtype=torch.long, device=device),
+        targets=torch.tensor(tgt, dtype=torch.long, device=device),
+        step_ids=torch.tensor(sid, dtype=torch.long, device=device),
+        num_steps=n,
+        real_tokens=T,
+    )
+
+
+def plain_layout(
+    toks: CandidateTokens, ks: Sequence[int], pad_id: int, device: torch.device | str = "cpu"
+) -> ScoringLayout:
+    """One right-padded row ``prefix + cand_k`` per candidate; ordinary causal attention."""
+    P = len(toks.prefix_ids)
+    T = P + max(len(toks.cand_ids[k]) for k in ks)
+    input_ids = torch.full((len(ks), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ks), T), dtype=torch.long)
+    for b, k in enumerate(ks):
+        row = toks.prefix_ids + toks.cand_ids[k]
+        input_ids[b, : len(row)] = torch.tensor(row)
+        mask[b, : len(row)] = 1
+    cand_pos = [b * T + P for b in range(len(ks))]
+    pred, tgt, sid, n = _scored_tokens(toks, ks, cand_pos, [c - 1 for c in cand_pos])
+    ends = [c + len(toks.cand_ids[k]) - 1 for c, k in zip(cand_pos, ks)]
+    return ScoringLayout(
+        input_ids=input_ids.to(device),
+        position_ids=None,
+        allowed=None,
+        attention_mask_2d=mask.to(device),
+        end_idx=torch.tensor(ends, device=device),
+        pred_idx=torch.tensor(pred, dtype=torch.long, device=device),
+        targets=torch.tensor(tgt, dtype=torch.long, device=device),
+        step_ids=torch.tensor(sid, dtype=torch.long, device=device),
+        num_steps=n,
+        real_tokens=int(mask.sum()),
+    )
+
+
+def packing_unsupported_reason(config, context_len: int | None = None) -> str | None:
+    """Why a model with HF ``config`` cannot take a custom 4D mask (``None`` if it can).
+
+    Args:
+        context_len: the longest ``prefix + candidate``; a sliding window shorter than it would be
+            ignored by a custom mask, so packing is refused.
+    """
+    attn = getattr(config, "_attn_implementation", None) or "eager"
+    if attn not in PACKABLE_ATTENTION:
+        return f"attn_implementation={attn!r} takes no custom 4D mask (packing needs one of {PACKABLE_ATTENTION})"
+    mtype = getattr(config, "model_type", None)
+    if mtype not in PACKABLE_MODEL_TYPES:
+        return f"model_type={mtype!r} is not in the packing allow-list {PACKABLE_MODEL_TYPES}"
+    window = getattr(config, "sliding_window", None)
+    if mtype in ("qwen2", "qwen3") and not getattr(config, "use_sliding_window", False):
+        window = None
+    if window is not None and (context_len is None or context_len > window):
+        return f"sliding_window={window} is active and shorter than the context"
+    return None
+
+
+def _attention_mask(layout: ScoringLayout, config, dtype: torch.dtype) -> Tensor:
+    """The ``attention_mask`` argument for a model: 2D (plain), bool 4D (sdpa) or additive 4D (eager)."""
+    if layout.allowed is None:
+        return layout.attention_mask_2d
+    if getattr(config, "_attn_implementation", None) == "sdpa":
+        return layout.allowed
+    zero = torch.zeros((), dtype=dtype, device=layout.allowed.device)
+    return torch.where(layout.allowed, zero, torch.finfo(dtype).min)
+
+
+def _forward_hidden(model, layout: ScoringLayout, causal_lm: bool) -> Tensor:
+    """Final hidden states ``[B*T, H]`` (after the final norm) for ``layout``."""
+    dtype = next(model.parameters()).dtype
+    kwargs = dict(
+        input_ids=layout.input_ids,
+        attention_mask=_attention_mask(layout, model.config, dtype),
+        use_cache=False,
+    )
+    if layout.position_ids is not None:
+        kwargs["position_ids"] = layout.position_ids
+    if causal_lm:  # as agentrm.models.implicit_prm.final_hidden: no logits for all tokens
+        h = model(**kwargs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+    else:
+        out = model(**kwargs)
+        h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return h.reshape(-1, h.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# scorers
+# ---------------------------------------------------------------------------------------------
+class _PackedScorer:
+    """Shared driver: tokenise, choose packed/plain, chunk candidates, count work.
+
+    Attributes:
+        counters: :class:`ScoringCounters` (cumulative; ``counters.reset()`` to restart).
+        last_packed: whether the last :meth:`score_candidates` call packed (``None`` before any).
+    """
+
+    _passes_per_forward = 1
+    _with_prefix_steps = False
+
+    def __init__(
+        self, tokenizer, max_length: int | None = None, pack: PackMode = "auto", batch_size: int = 16
+    ):
+        if pack not in (True, False, "auto"):
+            raise ValueError(f"pack must be True, False or 'auto'; got {pack!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.pack = pack
+        self.batch_size = batch_size
+        self.counters = ScoringCounters()
+        self.last_packed: bool | None = None
+
+    def _configs(self) -> list:
+        raise NotImplementedError
+
+    def _device(self) -> torch.device:
+        raise NotImplementedError
+
+    def _score_layout(self, layout: ScoringLayout, n_prefix_steps: int) -> Tensor:
+        """``[k]`` candidate scores of one forward."""
+        raise NotImplementedError
+
+    def _use_packing(self, toks: CandidateTokens) -> bool:
+        ctx = len(toks.prefix_ids) + max(len(c) for c in toks.cand_ids)
+        reasons = [r for r in (packing_unsupported_reason(c, ctx) for c in self._configs()) if r]
+        if self.pack is True and reasons:
+            raise ValueError(f"pack=True but the model cannot take a custom 4D mask: {reasons[0]}")
+        return self.pack is True or (self.pack == "auto" and not reasons)
+
+    @torch.no_grad()
+    def score_candidates(self, prefix: Trajectory, candidates: Sequence[str]) -> Tensor:
+        """``[K]`` float32 (CPU) scores of each candidate as the step after ``prefix.steps``.
+
+        Packed mode: one forward per ``batch_size`` candidates (prefix recomputed per chunk).
+        """
+        toks = tokenize_candidates(
+            self.tokenizer,
+            prefix,
+            list(candidates),
+            self.max_length,
+            with_prefix_steps=self._with_prefix_steps,
+        )
+        if not toks.cand_ids:
+            return torch.zeros(0)
+        packed = self._use_packing(toks)
+        self.last_packed = packed
+        dev = self._device()
+        out = []
+        K = len(toks.cand_ids)
+        for c0 in range(0, K, self.batch_size):
+            ks = range(c0, min(c0 + self.batch_size, K))
+            layout = packed_layout(toks, ks, dev) if packed else plain_layout(toks, ks, self._pad_id(), dev)
+            out.append(self._score_layout(layout, len(toks.prefix_steps)).float().cpu())
+            self.counters.forward_passes += self._passes_per_forward
+            self.counters.forward_tokens += self._passes_per_forward * layout.real_tokens
+            self.counters.padded_tokens += self._passes_per_forward * layout.input_ids.numel()
+        self.counters.candidates += K
+        return torch.cat(out)
+
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else 0
+
+    def _model_score_trajectory(self, batch: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def score_trajectories(self, trajs: Sequence[Trajectory]) -> Tensor:
+        """``[N]`` float32 (CPU) whole-trajectory scores via the model's ordinary ``score_trajectory``.
+
+        Tokenised as in training (``tokenize_trajectory``: right truncation to ``max_length``, steps
+        past it dropped); a trajectory with no surviving step scores ``nan``.
+        """
+        dev = self._device()
+        out = []
+        for i in range(0, len(trajs), self.batch_size):
+            items = [
+                tokenize_trajectory(self.tokenizer, t, self.max_length)
+                for t in trajs[i : i + self.batch_size]
+            ]
+            batch = {k: v.to(dev) for k, v in collate_trajectories(items, self._pad_id()).items()}
+            out.append(self._model_score_trajectory(batch).float().cpu())
+            self.counters.forward_passes += self._passes_per_forward
+            self.counters.forward_tokens += self._passes_per_forward * int(batch["attention_mask"].sum())
+            self.counters.padded_tokens += self._passes_per_forward * batch["input_ids"].numel()
+        self.counters.trajectories += len(trajs)
+        return torch.cat(out) if out else torch.zeros(0)
+
+
+class ValueRMScorer(_PackedScorer):
+    """Scores candidates by the value RM's value at the token closing each candidate's action turn.
+
+    Note: in training (``tokenize_trajectory``) a step's value is read at the end of the
+    *observation* turn that follows the action. A candidate has no observation yet, so it is
+    read at its action's end-of-turn token, the last token available. :meth:`score_trajectories`
+    reads at the observation ends, as in training.
+
+    Args:
+        model: a :class:`ValueRewardModel` (set to eval mode).
+        tokenizer: fast tokenizer with a chat template (the one the model was trained with).
+        max_length: per-candidate context budget (prefix truncated on the left; see module doc).
+        pack: ``True`` (packed, error if unsupported), ``False`` (plain batching) or ``"auto"``.
+        batch_size: candidates per forward (packed or plain); trajectories per forward.
+        aggregate: trajectory aggregation of step values for :meth:`score_trajectories` (``"last"``).
+    """
+
+    def __init__(
+        self,
+        model: ValueRewardModel,
+        tokenizer,
+        max_length: int | None = None,
+        pack: PackMode = "auto",
+        batch_size: int = 16,
+        aggregate: str = "last",
+    ):
+        super().__init__(tokenizer, max_length, pack, batch_size)
+        if aggregate not in AGGREGATIONS + ("sum",):
+            raise ValueError(f"aggregate must be one of {AGGREGATIONS + ('sum',)}; got {aggregate!r}")
+        self.model = model.eval()
+        self.aggregate = aggregate
+
+    def _configs(self) -> list:
+        return [self.model.backbone.config]
+
+    def _device(self) -> torch.device:
+        return self.model.value_head.weight.device
+
+    def _score_layout(self, layout: ScoringLayout, n_prefix_steps: int) -> Tensor:
+        hidden = _forward_hidden(self.model.backbone, layout, causal_lm=False)  # [B*T, H]
+        head = self.model.value_head
+        return step_values(
+            hidden,
+            head.weight[0],
+            head.bias[0],
+            layout.end_idx,
+            sigmoid=self.model.value_activation == "sigmoid",
+        )
+
+    def _model_score_trajectory(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.model.score_trajectory(batch, self.aggregate)
+
+
+class ImplicitPRMScorer(_PackedScorer):
+    """Scores candidates by the implicit PRM's step reward ``beta * sum log(pi/pi_ref)``.
+
+    Args:
+        model: an :class:`ImplicitPRM` (policy set to eval mode).
+        aggregate: trajectory aggregation (``"min"`` default, ``"mean"``, ``"last"``, ``"sum"``,
+            ``"max"``) for :meth:`score_trajectories`, and for candidates when ``include_prefix``.
+        include_prefix: ``False`` (default): a candidate's score is its own step reward. ``True``:
+            ``aggregate`` over the prefix's step rewards (those surviving left truncation) and the
+            candidate's.
+        tokenizer, max_length, pack, batch_size: as :class:`ValueRMScorer`.
+    """
+
+    _passes_per_forward = 2
+
+    def __init__(
+        self,
+        model: ImplicitPRM,
+        tokenizer,
+        aggregate: str = "min",
+        include_prefix: bool = False,
+        max_length: int | None = None,
+        pack: PackMode = "auto",
+        batch_size: int = 16,
+    ):
+        super().__init__(tokenizer, max_length, pack, batch_size)
+        if aggregate not in AGGREGATIONS + ("sum",):
+            raise ValueError(f"aggregate must be one of {AGGREGATIONS + ('sum',)}; got {aggregate!r}")
+        self.model = model
+        model.policy.eval()
+        self.aggregate = aggregate
+        self.include_prefix = include_prefix
+        self._with_prefix_steps = include_prefix
+
+    def _configs(self) -> list:
+        ref = self.model.reference
+        return [self.model.policy.config] + ([] if ref is None else [ref.config])
+
+    def _device(self) -> torch.device:
+        return next(self.model.policy.parameters()).device
+
+    def _reference_logprobs(self, layout: ScoringLayout) -> Tensor:
+        """``[M]`` reference log-probs of the scored tokens."""
+        if self.model.reference is None:
+            ctx, model = self.model.policy.disable_adapter(), self.model.policy
+        else:
+            ctx, model = contextlib.nullcontext(), self.model.reference
+            if next(model.parameters()).device != layout.input_ids.device:
+                model.to(layout.input_ids.device)
+        with ctx:
+            h = _forward_hidden(model, layout, causal_lm=True)
+            return token_logprobs(h[layout.pred_idx], model.get_output_embeddings().weight, layout.targets)
+
+    def _score_layout(self, layout: ScoringLayout, n_prefix_steps: int) -> Tensor:
+        ref_logp = self._reference_logprobs(layout)
+        h = _forward_hidden(self.model.policy, layout, causal_lm=True)
+        w = self.model.policy.get_output_embeddings().weight
+        r = step_logratio(
+            h[layout.pred_idx],
+            w,
+            layout.targets,
+            layout.step_ids,
+            ref_logp,
+            self.model.beta,
+            layout.num_steps,
+        )  # [n_prefix_steps + k]
+        cand = r[n_prefix_steps:]
+        if not self.include_prefix:
+            return cand
+        steps = torch.cat([r[:n_prefix_steps].expand(len(cand), -1), cand[:, None]], dim=1)  # [k, S_p + 1]
+        return aggregate_steps(steps, self.aggregate)
+
+    def _model_score_trajectory(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.model.score_trajectory(batch, self.aggregate)

@@ -1,0 +1,244 @@
+"""Packed candidate scoring equals scoring each candidate alone through the models' ordinary paths."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from agentrm.data.collate import collate_trajectories
+from agentrm.data.schema import Step, Trajectory
+from agentrm.data.tokenize import ChatTemplateError, tokenize_trajectory
+from agentrm.models.backbone import build_backbone
+from agentrm.models.implicit_prm import ImplicitPRM
+from agentrm.models.value_rm import ValueRewardModel, aggregate_steps
+from agentrm.scoring import (
+    ImplicitPRMScorer,
+    Scorer,
+    ValueRMScorer,
+    packing_unsupported_reason,
+    tokenize_candidates,
+)
+from tests.conftest import make_trajectory
+from tests.lit.conftest import TINY_BACKBONE
+
+CANDS5 = [
+    "turn left",
+    "move forward 3 and then pick up the red ball next to the wall",
+    "toggle",
+    "",
+    "go to the red ball",
+]
+ATOL = 1e-4
+# sdpa takes a boolean 4D mask, eager an additive float one: cover both; empty-steps prefix = first step
+CASES = [("sdpa", n, c) for n in (0, 3) for c in (CANDS5[1:2], CANDS5)] + [("eager", 3, CANDS5)]
+CASE_IDS = [f"{a}-prefix{n}-K{len(c)}" for a, n, c in CASES]
+
+
+def _sharpen(model: torch.nn.Module) -> None:
+    """Scale q/k projections so random attention is peaked: a wrong mask or position shows up clearly."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(4.0)
+
+
+def _value_rm(tok, attn: str, activation: str = "none") -> ValueRewardModel:
+    torch.manual_seed(0)
+    bb = build_backbone(config=TINY_BACKBONE, vocab_size=len(tok), attn_implementation=attn)
+    _sharpen(bb)
+    model = ValueRewardModel(bb, value_activation=activation)
+    torch.nn.init.normal_(model.value_head.weight, std=1.0)
+    return model.eval()
+
+
+def _prm(tok, attn: str) -> ImplicitPRM:
+    torch.manual_seed(0)
+    prm = ImplicitPRM(
+        build_backbone(config=TINY_BACKBONE, vocab_size=len(tok), causal_lm=True, attn_implementation=attn),
+        beta=0.5,
+    )
+    with torch.no_grad():
+        for p in prm.policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    _sharpen(prm.policy)
+    prm.policy.eval()
+    return prm
+
+
+def _alone_batch(tok, prefix: Trajectory, cand: str) -> dict[str, torch.Tensor]:
+    traj = Trajectory(
+        prefix.id,
+        prefix.task,
+        prefix.instruction,
+        [*prefix.steps, Step(cand, "You see a key.")],
+        reward=0.0,
+        success=False,
+    )
+    item = tokenize_trajectory(tok, traj)
+    # a candidate has no observation yet: the value RM reads it at the token closing the action turn
+    item.step_end_idx = list(item.action_end_idx)
+    return collate_trajectories([item], tok.pad_token_id)
+
+
+def _alone(model, tok, prefix: Trajectory, cands: list[str]) -> torch.Tensor:
+    """``[K, S]`` step scores of each candidate appended to the prefix as a normal trajectory (``model.score``)."""
+    return torch.cat([model.score(_alone_batch(tok, prefix, c)) for c in cands])
+
+
+@pytest.mark.parametrize(("attn", "n_prefix_steps", "cands"), CASES, ids=CASE_IDS)
+def test_value_rm_packed_equals_alone(tiny_tokenizer, attn, n_prefix_steps, cands):
+    model = _value_rm(tiny_tokenizer, attn)
+    prefix = make_trajectory("p", n_prefix_steps)
+    expect = _alone(model, tiny_tokenizer, prefix, cands)[:, -1]
+    for pack in (True, False):
+        scorer = ValueRMScorer(model, tiny_tokenizer, pack=pack)
+        got = scorer.score_candidates(prefix, cands)
+        assert scorer.last_packed is pack
+        torch.testing.assert_close(got, expect, atol=ATOL, rtol=0)
+    assert expect.std() > 0 if len(cands) > 1 else True
+
+
+@pytest.mark.parametrize(("attn", "n_prefix_steps", "cands"), CASES, ids=CASE_IDS)
+def test_prm_packed_equals_alone(tiny_tokenizer, attn, n_prefix_steps, cands):
+    prm = _prm(tiny_tokenizer, attn)
+    prefix = make_trajectory("p", n_prefix_steps)
+    alone = _alone(prm, tiny_tokenizer, prefix, cands)
+    expect = alone[:, -1]
+    assert expect.abs().max() > 1e-3
+    for pack in (True, False):
+        got = ImplicitPRMScorer(prm, tiny_tokenizer, pack=pack).score_candidates(prefix, cands)
+        torch.testing.assert_close(got, expect, atol=ATOL, rtol=0)
+    # candidate scored together with the prefix's step rewards
+    expect_min = aggregate_steps(alone, "min")
+    for pack in (True, False):
+        got = ImplicitPRMScorer(prm, tiny_tokenizer, include_prefix=True, pack=pack).score_candidates(
+            prefix, cands
+        )
+        torch.testing.assert_close(got, expect_min, atol=ATOL, rtol=0)
+
+
+def test_prm_lora_reference_packed(tiny_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = build_backbone(config=TINY_BACKBONE, vocab_size=len(tiny_tokenizer), causal_lm=True)
+    prm = ImplicitPRM(
+        get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)),
+        beta=1.0,
+    )
+    prefix = make_trajectory("p", 2)
+    expect = _alone(prm, tiny_tokenizer, prefix, CANDS5)[:, -1]
+    got = ImplicitPRMScorer(prm, tiny_tokenizer, pack=True).score_candidates(prefix, CANDS5)
+    torch.testing.assert_close(got, expect, atol=ATOL, rtol=0)
+
+
+def test_counters(tiny_tokenizer):
+    model, prm = _value_rm(tiny_tokenizer, "sdpa"), _prm(tiny_tokenizer, "sdpa")
+    prefix = make_trajectory("p", 2)
+    toks = tokenize_candidates(tiny_tokenizer, prefix, CANDS5)
+    P, lens = len(toks.prefix_ids), [len(c) for c in toks.cand_ids]
+    assert len(set(lens)) > 2  # candidates of different lengths
+
+    s = ValueRMScorer(model, tiny_tokenizer, pack=True)
+    s.score_candidates(prefix, CANDS5)
+    assert s.counters.as_dict() == {
+        "candidates": 5,
+        "trajectories": 0,
+        "forward_passes": 1,
+        "forward_tokens": P + sum(lens),
+        "padded_tokens": P + sum(lens),
+    }
+    s = ValueRMScorer(model, tiny_tokenizer, pack=False, batch_size=2)  # rows of 2, 2, 1 candidates
+    s.score_candidates(prefix, CANDS5)
+    c = s.counters
+    assert (c.candidates, c.forward_passes, c.forward_tokens) == (5, 3, 5 * P + sum(lens))
+    assert c.padded_tokens == sum(len(g) * (P + max(g)) for g in (lens[0:2], lens[2:4], lens[4:]))
+    p = ImplicitPRMScorer(prm, tiny_tokenizer, pack=True, batch_size=3)  # policy + reference per chunk
+    p.score_candidates(prefix, CANDS5)
+    assert (p.counters.forward_passes, p.counters.candidates) == (4, 5)
+    assert p.counters.forward_tokens == 2 * (2 * P + sum(lens))
+    p.counters.reset()
+    assert p.counters.forward_passes == 0
+
+
+def test_score_trajectories(tiny_tokenizer):
+    model, prm = _value_rm(tiny_tokenizer, "sdpa", "sigmoid"), _prm(tiny_tokenizer, "sdpa")
+    trajs = [make_trajectory(f"t{i}", n) for i, n in enumerate([3, 0, 1, 2])]
+    batch = collate_trajectories(
+        [tokenize_trajectory(tiny_tokenizer, t) for t in trajs], tiny_tokenizer.pad_token_id
+    )
+    for scorer, expect in (
+        (ValueRMScorer(model, tiny_tokenizer, batch_size=3), model.score_trajectory(batch, "last")),
+        (ImplicitPRMScorer(prm, tiny_tokenizer, batch_size=3), prm.score_trajectory(batch, "min")),
+    ):
+        assert isinstance(scorer, Scorer)
+        torch.testing.assert_close(
+            scorer.score_trajectories(trajs), expect, atol=ATOL, rtol=0, equal_nan=True
+        )
+        assert (scorer.counters.trajectories, scorer.counters.forward_passes) == (
+            4,
+            2 * scorer._passes_per_forward,
+        )
+
+
+def test_left_truncation_keeps_recent_context(tiny_tokenizer):
+    model = _value_rm(tiny_tokenizer, "sdpa")
+    prefix = make_trajectory("p", 4)
+    full = tokenize_candidates(tiny_tokenizer, prefix, CANDS5)
+    longest = max(len(c) for c in full.cand_ids)
+    max_length = longest + 20
+    toks = tokenize_candidates(tiny_tokenizer, prefix, CANDS5, max_length=max_length)
+    assert toks.truncated > 0 and len(toks.prefix_ids) + longest == max_length
+    assert toks.prefix_ids == full.prefix_ids[-len(toks.prefix_ids) :]
+    # alone: the truncated prefix + candidate as an ordinary causal sequence
+    expect = []
+    for c in toks.cand_ids:
+        ids = torch.tensor([toks.prefix_ids + c])
+        batch = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "step_end_idx": torch.tensor([[ids.shape[1] - 1]]),
+        }
+        expect.append(model.score(batch)[0, 0])
+    for pack in (True, False):
+        got = ValueRMScorer(model, tiny_tokenizer, max_length=max_length, pack=pack).score_candidates(
+            prefix, CANDS5
+        )
+        torch.testing.assert_close(got, torch.stack(expect), atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="max_length"):
+        tokenize_candidates(tiny_tokenizer, prefix, CANDS5, max_length=longest)
+
+
+def test_auto_falls_back_without_custom_mask_support(tiny_tokenizer, monkeypatch):
+    model = _value_rm(tiny_tokenizer, "sdpa", "sigmoid")
+    prefix = make_trajectory("p", 1)
+    packed = ValueRMScorer(model, tiny_tokenizer, pack="auto").score_candidates(prefix, CANDS5)
+    torch.testing.assert_close(
+        packed, _alone(model, tiny_tokenizer, prefix, CANDS5)[:, -1], atol=ATOL, rtol=0
+    )
+    cfg = copy.copy(model.backbone.config)
+    cfg._attn_implementation = "flash_attention_2"
+    assert "flash_attention_2" in packing_unsupported_reason(cfg)
+    assert packing_unsupported_reason(model.backbone.config) is None
+    monkeypatch.setattr("agentrm.scoring.PACKABLE_MODEL_TYPES", ())  # e.g. an architecture not vetted
+    auto = ValueRMScorer(model, tiny_tokenizer, pack="auto")
+    torch.testing.assert_close(auto.score_candidates(prefix, CANDS5), packed, atol=ATOL, rtol=0)
+    assert auto.last_packed is False and auto.counters.forward_passes == 1
+    with pytest.raises(ValueError, match="custom 4D mask"):
+        ValueRMScorer(model, tiny_tokenizer, pack=True).score_candidates(prefix, CANDS5)
+
+
+def test_invalid_template_raises(tiny_tokenizer):
+    model = _value_rm(tiny_tokenizer, "sdpa", "sigmoid")
+    bad = copy.deepcopy(tiny_tokenizer)
+    # the generation prompt opens a turn the assistant messages never use: no shared prefix
+    bad.chat_template = tiny_tokenizer.chat_template.replace(
+        "<|assistant|>\n{% endif %}", "<|assistant|>\nThink:{% endif %}"
+    )
+    with pytest.raises(ChatTemplateError, match="not a prefix"):
+        ValueRMScorer(model, bad).score_candidates(make_trajectory("p", 1), CANDS5)
+    bad.chat_template = None
+    with pytest.raises(ChatTemplateError, match="no chat_template"):
+        ValueRMScorer(model, bad).score_candidates(make_trajectory("p", 1), CANDS5)
