@@ -57,13 +57,14 @@ import torch
 from torch import Tensor
 
 from agentrm.data.collate import collate_trajectories
-from agentrm.data.schema import Trajectory
+from agentrm.data.schema import Step, Trajectory
 from agentrm.data.tokenize import ChatTemplateError, tokenize_trajectory
 from agentrm.kernels import step_logratio, step_values, token_logprobs
 from agentrm.models.implicit_prm import ImplicitPRM
 from agentrm.models.value_rm import AGGREGATIONS, ValueRewardModel, aggregate_steps
 
 PackMode = bool | Literal["auto"]
+Candidate = str | Step
 PACKABLE_ATTENTION = ("sdpa", "eager")
 PACKABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -92,8 +93,13 @@ class Scorer(Protocol):
 
     counters: ScoringCounters
 
-    def score_candidates(self, prefix: Trajectory, candidates: Sequence[str]) -> Tensor:
-        """``[K]`` scores of appending each candidate action as the step after ``prefix.steps``."""
+    def score_candidates(self, prefix: Trajectory, candidates: Sequence[Candidate]) -> Tensor:
+        """``[K]`` scores of appending each candidate as the step after ``prefix.steps``.
+
+        A candidate is an action string or a :class:`Step` (action and the observation the
+        environment returned for it).  The value RM needs the observation: it scores the
+        state a step reaches, read at the end of that observation, as in training.
+        """
         ...
 
     def score_trajectories(self, trajs: Sequence[Trajectory]) -> Tensor:
@@ -111,8 +117,10 @@ class CandidateTokens:
     Attributes:
         prefix_ids: ``[P]`` shared prefix (after left truncation).
         cand_ids: K lists ``[L_k]``: the tokens after the prefix through the token closing the action turn.
-        cand_start: ``[K]`` offset in ``cand_ids[k]`` of the first action token (the PRM sums
-            log-ratios over ``cand_ids[k][cand_start[k]:]``).
+        cand_start / cand_action_end: ``[K]`` offsets in ``cand_ids[k]`` of the first action
+            token and of the token closing the action turn (the PRM sums log-ratios over
+            ``cand_ids[k][cand_start[k] : cand_action_end[k] + 1]``); the last token of
+            ``cand_ids[k]`` closes the candidate's observation turn when it has one.
         prefix_steps: ``(start, end)`` token spans (inclusive) in ``prefix_ids`` of the prefix's
             steps that survive truncation whole (only filled when requested).
         truncated: number of prefix tokens cut on the left.
@@ -121,6 +129,7 @@ class CandidateTokens:
     prefix_ids: list[int]
     cand_ids: list[list[int]]
     cand_start: list[int]
+    cand_action_end: list[int] = field(default_factory=list)
     prefix_steps: list[tuple[int, int]] = field(default_factory=list)
     truncated: int = 0
 
@@ -132,7 +141,7 @@ def _render(tokenizer, messages: list[dict[str, str]], generation_prompt: bool) 
 def tokenize_candidates(
     tokenizer,
     prefix: Trajectory,
-    candidates: Sequence[str],
+    candidates: Sequence[Candidate],
     max_length: int | None = None,
     with_prefix_steps: bool = False,
 ) -> CandidateTokens:
@@ -148,13 +157,16 @@ def tokenize_candidates(
     if not getattr(tokenizer, "is_fast", False):
         raise ChatTemplateError("a fast tokenizer (with offset mapping) is required for exact step ends")
     if not candidates:
-        return CandidateTokens([], [], [])
+        return CandidateTokens([], [], [], [])
     msgs = prefix.to_messages()
     head = _render(tokenizer, msgs, True)
-    fulls, end_chars = [], []
+    fulls, end_chars, action_chars = [], [], []
     for k, cand in enumerate(candidates):
-        full = _render(tokenizer, msgs + [{"role": "assistant", "content": cand}], False)
-        if not full.startswith(head):
+        action, obs = (cand, None) if isinstance(cand, str) else (cand.action, cand.observation)
+        turn = msgs + [{"role": "assistant", "content": action}]
+        with_action = _render(tokenizer, turn, False)
+        full = with_action if obs is None else _render(tokenizer, turn + [{"role": "user", "content": obs}], False)
+        if not (full.startswith(head) and full.startswith(with_action)):
             raise ChatTemplateError(
                 f"trajectory {prefix.id}: the chat template's rendering with add_generation_prompt=True is not a "
                 f"prefix of the rendering with candidate {k} as the next assistant turn; candidates cannot share "
@@ -162,15 +174,18 @@ def tokenize_candidates(
             )
         fulls.append(full)
         end_chars.append(len(full.rstrip()))
+        action_chars.append(len(with_action.rstrip()))
     enc = tokenizer(fulls, add_special_tokens=False, return_offsets_mapping=True)
     ids_all: list[list[int]] = enc["input_ids"]
     starts_all = [[s for s, _ in offs] for offs in enc["offset_mapping"]]
-    act_start, step_end = [], []
-    for k, (starts, c_end) in enumerate(zip(starts_all, end_chars)):
-        j = bisect.bisect_left(starts, c_end) - 1  # closes the action turn (action_end_idx in tokenize.py)
-        if j < 0:
+    act_start, act_end, step_end = [], [], []
+    for k, (starts, c_end, c_act) in enumerate(zip(starts_all, end_chars, action_chars)):
+        j = bisect.bisect_left(starts, c_end) - 1  # closes the candidate's last turn (step_end_idx)
+        a = bisect.bisect_left(starts, c_act) - 1  # closes the action turn (action_end_idx in tokenize.py)
+        if j < 0 or a < 0:
             raise ChatTemplateError(f"candidate {k}: step end at char {c_end} maps to no token")
-        act_start.append(min(bisect.bisect_left(starts, len(head)), j))
+        act_start.append(min(bisect.bisect_left(starts, len(head)), a))
+        act_end.append(a)
         step_end.append(j)
     shared = min(act_start)  # never share an action token ...
     ref = ids_all[0]
@@ -186,6 +201,7 @@ def tokenize_candidates(
     prefix_ids = ref[:shared]
     cand_ids = [ids[shared : e + 1] for ids, e in zip(ids_all, step_end)]
     cand_start = [s - shared for s in act_start]
+    cand_action_end = [a - shared for a in act_end]
     spans: list[tuple[int, int]] = []
     if with_prefix_steps:
         starts0 = starts_all[0]
@@ -210,7 +226,7 @@ def tokenize_candidates(
         prefix_ids = prefix_ids[cut:]
         # keep prefix steps whose first action token keeps its predecessor (whole log-ratio sum)
         spans = [(s - cut, e - cut) for s, e in spans if s - cut >= 1]
-    return CandidateTokens(prefix_ids, cand_ids, cand_start, spans, cut)
+    return CandidateTokens(prefix_ids, cand_ids, cand_start, cand_action_end, spans, cut)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +274,7 @@ def _scored_tokens(
     n_pre = len(toks.prefix_steps)
     for j, k in enumerate(ks):
         ids, a = toks.cand_ids[k], toks.cand_start[k]
-        for t in range(a, len(ids)):
+        for t in range(a, toks.cand_action_end[k] + 1):
             pred.append(first_pred[j] if t == 0 else cand_pos[j] + t - 1)
             tgt.append(ids[t])
             sid.append(n_pre + j)
@@ -421,7 +437,7 @@ class _PackedScorer:
         return self.pack is True or (self.pack == "auto" and not reasons)
 
     @torch.no_grad()
-    def score_candidates(self, prefix: Trajectory, candidates: Sequence[str]) -> Tensor:
+    def score_candidates(self, prefix: Trajectory, candidates: Sequence[Candidate]) -> Tensor:
         """``[K]`` float32 (CPU) scores of each candidate as the step after ``prefix.steps``.
 
         Packed mode: one forward per ``batch_size`` candidates (prefix recomputed per chunk).
@@ -429,7 +445,7 @@ class _PackedScorer:
         toks = tokenize_candidates(
             self.tokenizer,
             prefix,
-            list(candidates),
+            self._prepare_candidates(candidates),
             self.max_length,
             with_prefix_steps=self._with_prefix_steps,
         )
@@ -449,6 +465,9 @@ class _PackedScorer:
             self.counters.padded_tokens += self._passes_per_forward * layout.input_ids.numel()
         self.counters.candidates += K
         return torch.cat(out)
+
+    def _prepare_candidates(self, candidates: Sequence[Candidate]) -> list[Candidate]:
+        return list(candidates)
 
     def _pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id
@@ -481,12 +500,12 @@ class _PackedScorer:
 
 
 class ValueRMScorer(_PackedScorer):
-    """Scores candidates by the value RM's value at the token closing each candidate's action turn.
+    """Scores candidates by the value RM's value of the state each candidate step reaches.
 
-    Note: in training (``tokenize_trajectory``) a step's value is read at the end of the
-    *observation* turn that follows the action. A candidate has no observation yet, so it is
-    read at its action's end-of-turn token, the last token available. :meth:`score_trajectories`
-    reads at the observation ends, as in training.
+    As in training (``tokenize_trajectory``), the value is read at the token closing the
+    observation turn that follows the action, so candidates must be :class:`Step` objects
+    carrying the observation the environment returned (beam search steps a clone of the
+    environment for every candidate before scoring).
 
     Args:
         model: a :class:`ValueRewardModel` (set to eval mode).
@@ -511,6 +530,15 @@ class ValueRMScorer(_PackedScorer):
             raise ValueError(f"aggregate must be one of {AGGREGATIONS + ('sum',)}; got {aggregate!r}")
         self.model = model.eval()
         self.aggregate = aggregate
+
+    def _prepare_candidates(self, candidates: Sequence[Candidate]) -> list[Candidate]:
+        bare = [i for i, c in enumerate(candidates) if isinstance(c, str)]
+        if bare:
+            raise ValueError(
+                f"candidate {bare[0]} is a bare action: the value RM scores the state a step reaches, read at "
+                "the end of its observation; pass Step(action, observation) after stepping the environment"
+            )
+        return list(candidates)
 
     def _configs(self) -> list:
         return [self.model.backbone.config]
@@ -566,6 +594,10 @@ class ImplicitPRMScorer(_PackedScorer):
         self.aggregate = aggregate
         self.include_prefix = include_prefix
         self._with_prefix_steps = include_prefix
+
+    def _prepare_candidates(self, candidates: Sequence[Candidate]) -> list[Candidate]:
+        # the step reward covers the action tokens only; observations would be computed for nothing
+        return [c if isinstance(c, str) else c.action for c in candidates]
 
     def _configs(self) -> list:
         ref = self.model.reference

@@ -111,8 +111,14 @@ def device_name() -> str:
     return f"cpu: {platform.processor() or platform.machine()}"
 
 
-def make_inputs(tok, prefix_tokens: int, k: int, cand_tokens: int) -> tuple[Trajectory, list[str]]:
-    """A BabyAI prefix trajectory and ``k`` distinct candidate actions near the requested token counts.
+OBSERVATION = "Facing east. Wall 2 ahead. Red ball 1 ahead 1 left."
+
+
+def make_inputs(tok, prefix_tokens: int, k: int, cand_tokens: int) -> tuple[Trajectory, list[Step]]:
+    """A BabyAI prefix trajectory and ``k`` distinct candidate steps near the requested token counts.
+
+    A candidate is an action plus the observation it led to (the value RM reads the value at
+    the observation's end; the implicit PRM scores the action tokens only).
 
     The prefix is grown step by step past ``prefix_tokens`` and then cut to exactly that many tokens by
     :func:`tokenize_candidates`'s left truncation (``max_length``), so both paths score the same tokens.
@@ -130,10 +136,10 @@ def make_inputs(tok, prefix_tokens: int, k: int, cand_tokens: int) -> tuple[Traj
         n, text = 8, ""
         while True:  # grow word by word until the candidate (with its end token) reaches cand_tokens
             text = f"Thought {j}: " + " ".join(words[j * 97 : j * 97 + n])
-            if len(tokenize_candidates(tok, prefix, [text]).cand_ids[0]) >= cand_tokens:
+            if len(tokenize_candidates(tok, prefix, [Step(text, OBSERVATION)]).cand_ids[0]) >= cand_tokens:
                 break
             n += 1
-        cands.append(text)
+        cands.append(Step(text, OBSERVATION))
     return prefix, cands
 
 
@@ -153,11 +159,11 @@ def _interleaved_median_ms(
 
 
 def per_candidate_batch(toks, k: int) -> dict[str, torch.Tensor]:
-    """Ordinary single-sequence batch for ``prefix + cand_k``: one step, the candidate's action."""
+    """Ordinary single-sequence batch for ``prefix + cand_k``: one step (action tokens; value at its end)."""
     ids = torch.tensor([toks.prefix_ids + toks.cand_ids[k]])
     P, T = len(toks.prefix_ids), ids.shape[1]
     token_step = torch.full_like(ids, -1)
-    token_step[0, P + toks.cand_start[k] :] = 0
+    token_step[0, P + toks.cand_start[k] : P + toks.cand_action_end[k] + 1] = 0
     end = torch.tensor([[T - 1]])
     return {
         "input_ids": ids,
@@ -185,6 +191,9 @@ def run(model_name: str, scorer_name: str, tok, prefix, cands, args) -> dict:
                 p.add_(0.02 * torch.randn_like(p))
         model = ImplicitPRM(policy.eval(), reference, beta=0.05)
         scorer_cls = ImplicitPRMScorer
+        # the PRM scores action tokens only: give both paths the same action-only candidates of about
+        # the same length (action and observation text joined into one action)
+        cands = [f"{c.action} {c.observation}" for c in cands]
 
     def make(pack: bool):
         return scorer_cls(model, tok, max_length=args.max_length, pack=pack, batch_size=len(cands))

@@ -30,9 +30,12 @@ CANDS5 = [
     "",
     "go to the red ball",
 ]
+OBS5 = ["You see a key.", "Wall 1 ahead.", "Nothing happens.", "Red ball 2 ahead 1 left, grey box 1 right.", "Done."]
+# the value RM scores the state a candidate reaches: candidates carry the environment's observation
+STEPS5 = [Step(a, o) for a, o in zip(CANDS5, OBS5)]
 ATOL = 1e-4
 # sdpa takes a boolean 4D mask, eager an additive float one: cover both; empty-steps prefix = first step
-CASES = [("sdpa", n, c) for n in (0, 3) for c in (CANDS5[1:2], CANDS5)] + [("eager", 3, CANDS5)]
+CASES = [("sdpa", n, c) for n in (0, 3) for c in (STEPS5[1:2], STEPS5)] + [("eager", 3, STEPS5)]
 CASE_IDS = [f"{a}-prefix{n}-K{len(c)}" for a, n, c in CASES]
 
 
@@ -67,22 +70,15 @@ def _prm(tok, attn: str) -> ImplicitPRM:
     return prm
 
 
-def _alone_batch(tok, prefix: Trajectory, cand: str) -> dict[str, torch.Tensor]:
+def _alone_batch(tok, prefix: Trajectory, cand: str | Step) -> dict[str, torch.Tensor]:
+    step = cand if isinstance(cand, Step) else Step(cand, "You see a key.")
     traj = Trajectory(
-        prefix.id,
-        prefix.task,
-        prefix.instruction,
-        [*prefix.steps, Step(cand, "You see a key.")],
-        reward=0.0,
-        success=False,
+        prefix.id, prefix.task, prefix.instruction, [*prefix.steps, step], reward=0.0, success=False
     )
-    item = tokenize_trajectory(tok, traj)
-    # a candidate has no observation yet: the value RM reads it at the token closing the action turn
-    item.step_end_idx = list(item.action_end_idx)
-    return collate_trajectories([item], tok.pad_token_id)
+    return collate_trajectories([tokenize_trajectory(tok, traj)], tok.pad_token_id)
 
 
-def _alone(model, tok, prefix: Trajectory, cands: list[str]) -> torch.Tensor:
+def _alone(model, tok, prefix: Trajectory, cands: list) -> torch.Tensor:
     """``[K, S]`` step scores of each candidate appended to the prefix as a normal trajectory (``model.score``)."""
     return torch.cat([model.score(_alone_batch(tok, prefix, c)) for c in cands])
 
@@ -137,12 +133,12 @@ def test_prm_lora_reference_packed(tiny_tokenizer):
 def test_counters(tiny_tokenizer):
     model, prm = _value_rm(tiny_tokenizer, "sdpa"), _prm(tiny_tokenizer, "sdpa")
     prefix = make_trajectory("p", 2)
-    toks = tokenize_candidates(tiny_tokenizer, prefix, CANDS5)
+    toks = tokenize_candidates(tiny_tokenizer, prefix, STEPS5)
     P, lens = len(toks.prefix_ids), [len(c) for c in toks.cand_ids]
     assert len(set(lens)) > 2  # candidates of different lengths
 
     s = ValueRMScorer(model, tiny_tokenizer, pack=True)
-    s.score_candidates(prefix, CANDS5)
+    s.score_candidates(prefix, STEPS5)
     assert s.counters.as_dict() == {
         "candidates": 5,
         "trajectories": 0,
@@ -151,12 +147,14 @@ def test_counters(tiny_tokenizer):
         "padded_tokens": P + sum(lens),
     }
     s = ValueRMScorer(model, tiny_tokenizer, pack=False, batch_size=2)  # rows of 2, 2, 1 candidates
-    s.score_candidates(prefix, CANDS5)
+    s.score_candidates(prefix, STEPS5)
     c = s.counters
     assert (c.candidates, c.forward_passes, c.forward_tokens) == (5, 3, 5 * P + sum(lens))
     assert c.padded_tokens == sum(len(g) * (P + max(g)) for g in (lens[0:2], lens[2:4], lens[4:]))
+    toks = tokenize_candidates(tiny_tokenizer, prefix, CANDS5)  # the PRM scores actions only
+    P, lens = len(toks.prefix_ids), [len(c) for c in toks.cand_ids]
     p = ImplicitPRMScorer(prm, tiny_tokenizer, pack=True, batch_size=3)  # policy + reference per chunk
-    p.score_candidates(prefix, CANDS5)
+    p.score_candidates(prefix, STEPS5)
     assert (p.counters.forward_passes, p.counters.candidates) == (4, 5)
     assert p.counters.forward_tokens == 2 * (2 * P + sum(lens))
     p.counters.reset()
@@ -186,10 +184,10 @@ def test_score_trajectories(tiny_tokenizer):
 def test_left_truncation_keeps_recent_context(tiny_tokenizer):
     model = _value_rm(tiny_tokenizer, "sdpa")
     prefix = make_trajectory("p", 4)
-    full = tokenize_candidates(tiny_tokenizer, prefix, CANDS5)
+    full = tokenize_candidates(tiny_tokenizer, prefix, STEPS5)
     longest = max(len(c) for c in full.cand_ids)
     max_length = longest + 20
-    toks = tokenize_candidates(tiny_tokenizer, prefix, CANDS5, max_length=max_length)
+    toks = tokenize_candidates(tiny_tokenizer, prefix, STEPS5, max_length=max_length)
     assert toks.truncated > 0 and len(toks.prefix_ids) + longest == max_length
     assert toks.prefix_ids == full.prefix_ids[-len(toks.prefix_ids) :]
     # alone: the truncated prefix + candidate as an ordinary causal sequence
@@ -204,19 +202,19 @@ def test_left_truncation_keeps_recent_context(tiny_tokenizer):
         expect.append(model.score(batch)[0, 0])
     for pack in (True, False):
         got = ValueRMScorer(model, tiny_tokenizer, max_length=max_length, pack=pack).score_candidates(
-            prefix, CANDS5
+            prefix, STEPS5
         )
         torch.testing.assert_close(got, torch.stack(expect), atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match="max_length"):
-        tokenize_candidates(tiny_tokenizer, prefix, CANDS5, max_length=longest)
+        tokenize_candidates(tiny_tokenizer, prefix, STEPS5, max_length=longest)
 
 
 def test_auto_falls_back_without_custom_mask_support(tiny_tokenizer, monkeypatch):
     model = _value_rm(tiny_tokenizer, "sdpa", "sigmoid")
     prefix = make_trajectory("p", 1)
-    packed = ValueRMScorer(model, tiny_tokenizer, pack="auto").score_candidates(prefix, CANDS5)
+    packed = ValueRMScorer(model, tiny_tokenizer, pack="auto").score_candidates(prefix, STEPS5)
     torch.testing.assert_close(
-        packed, _alone(model, tiny_tokenizer, prefix, CANDS5)[:, -1], atol=ATOL, rtol=0
+        packed, _alone(model, tiny_tokenizer, prefix, STEPS5)[:, -1], atol=ATOL, rtol=0
     )
     cfg = copy.copy(model.backbone.config)
     cfg._attn_implementation = "flash_attention_2"
@@ -224,10 +222,10 @@ def test_auto_falls_back_without_custom_mask_support(tiny_tokenizer, monkeypatch
     assert packing_unsupported_reason(model.backbone.config) is None
     monkeypatch.setattr("agentrm.scoring.PACKABLE_MODEL_TYPES", ())  # e.g. an architecture not vetted
     auto = ValueRMScorer(model, tiny_tokenizer, pack="auto")
-    torch.testing.assert_close(auto.score_candidates(prefix, CANDS5), packed, atol=ATOL, rtol=0)
+    torch.testing.assert_close(auto.score_candidates(prefix, STEPS5), packed, atol=ATOL, rtol=0)
     assert auto.last_packed is False and auto.counters.forward_passes == 1
     with pytest.raises(ValueError, match="custom 4D mask"):
-        ValueRMScorer(model, tiny_tokenizer, pack=True).score_candidates(prefix, CANDS5)
+        ValueRMScorer(model, tiny_tokenizer, pack=True).score_candidates(prefix, STEPS5)
 
 
 def test_invalid_template_raises(tiny_tokenizer):
@@ -238,7 +236,20 @@ def test_invalid_template_raises(tiny_tokenizer):
         "<|assistant|>\n{% endif %}", "<|assistant|>\nThink:{% endif %}"
     )
     with pytest.raises(ChatTemplateError, match="not a prefix"):
-        ValueRMScorer(model, bad).score_candidates(make_trajectory("p", 1), CANDS5)
+        ValueRMScorer(model, bad).score_candidates(make_trajectory("p", 1), STEPS5)
     bad.chat_template = None
     with pytest.raises(ChatTemplateError, match="no chat_template"):
-        ValueRMScorer(model, bad).score_candidates(make_trajectory("p", 1), CANDS5)
+        ValueRMScorer(model, bad).score_candidates(make_trajectory("p", 1), STEPS5)
+
+
+def test_value_rm_rejects_bare_actions(tiny_tokenizer):
+    model = _value_rm(tiny_tokenizer, "sdpa")
+    with pytest.raises(ValueError, match="observation"):
+        ValueRMScorer(model, tiny_tokenizer).score_candidates(make_trajectory("p", 1), CANDS5)
+
+
+def test_prm_ignores_observations(tiny_tokenizer):
+    prm = _prm(tiny_tokenizer, "sdpa")
+    prefix = make_trajectory("p", 2)
+    scorer = ImplicitPRMScorer(prm, tiny_tokenizer)
+    torch.testing.assert_close(scorer.score_candidates(prefix, STEPS5), scorer.score_candidates(prefix, CANDS5))
