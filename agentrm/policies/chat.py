@@ -1,0 +1,39 @@
+"""Chat clients shared by LM policies and the LLM judge, and the action-parsing convention.
+
+A :class:`ChatClient` turns a list of chat messages into ``n`` sampled replies.  Both
+LM policies (:class:`~agentrm.policies.hf.HFPolicy`,
+:class:`~agentrm.policies.openai_compat.OpenAIChatPolicy`) implement it, so the same
+backend can act as the agent and as the judge (:mod:`agentrm.judge`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Protocol, runtime_checkable
+
+_ACTION_RE = re.compile(r"action\s*:\s*(.+)", flags=re.IGNORECASE)
+
+
+@runtime_checkable
+class ChatClient(Protocol):
+    """Anything that samples chat completions."""
+
+    def chat(self, messages: list[dict[str, str]], n: int = 1, temperature: float | None = None) -> list[str]:
+        """Return ``n`` sampled assistant replies to ``messages`` (``temperature`` None: the client's default)."""
+        ...
+
+
+def parse_action(text: str) -> str:
+    """The action in an LM reply: what follows the last ``Action:`` if present, else the first non-empty line.
+
+    Surrounding whitespace, quotes/backticks and a trailing period are stripped; the
+    environment normalises the rest (case, aliases).  An empty reply gives ``""``
+    (which the environment treats as an invalid action).
+    """
+    matches = _ACTION_RE.findall(text)
+    if matches:
+        line = matches[-1]
+    else:
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        line = lines[0] if lines else ""
+    return line.strip().strip("`\"'").rstrip(".").strip()

@@ -1,0 +1,100 @@
+"""A policy that samples actions from a Hugging Face causal LM with ``generate``."""
+
+from __future__ import annotations
+
+import torch
+
+from agentrm.data.schema import Trajectory
+from agentrm.envs.base import Env
+from agentrm.policies.chat import parse_action
+
+
+class HFPolicy:
+    """Sample candidate actions from a local causal LM.
+
+    The prompt is the tokenizer's chat template applied to ``history.to_messages()`` with
+    the generation prompt (the same rendering the reward models are trained on); ``k``
+    candidates are drawn with ``num_return_sequences`` in chunks of ``batch_size``
+    (with temperature 0 the greedy reply is decoded once and repeated ``k`` times).  Each
+    reply is reduced to its action with :func:`~agentrm.policies.chat.parse_action`.
+
+    Sampling is reproducible: every :meth:`chat` call seeds a forked torch RNG with
+    ``seed`` plus a call counter, so the global RNG is left untouched and the same
+    sequence of calls gives the same samples.
+
+    Args:
+        model: an ``AutoModelForCausalLM`` (set to eval mode here).
+        tokenizer: its tokenizer, with a chat template.
+        temperature: sampling temperature; ``0`` means greedy decoding.
+        top_p: nucleus sampling mass.
+        max_new_tokens: generation length limit per reply.
+        batch_size: replies generated per ``generate`` call.
+        seed: base seed of the sampling RNG.
+        system_prompt: optional system message prepended to the conversation.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 32,
+        batch_size: int = 8,
+        seed: int = 0,
+        system_prompt: str | None = None,
+    ):
+        if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1 or batch_size < 1:
+            raise ValueError("need temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1, batch_size >= 1")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.temperature = temperature
+        self.top_p = top_p
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.seed = seed
+        self.system_prompt = system_prompt
+        self.calls = 0
+        self.generated_tokens = 0
+
+    def propose(self, env: Env | None, history: Trajectory, k: int = 1) -> list[str]:
+        """``k`` sampled actions for the state after ``history`` (``env`` is not used)."""
+        return [parse_action(t) for t in self.chat(history.to_messages(), n=k)]
+
+    @torch.no_grad()
+    def chat(self, messages: list[dict[str, str]], n: int = 1, temperature: float | None = None) -> list[str]:
+        """``n`` decoded replies (special tokens removed) to ``messages``."""
+        temp = self.temperature if temperature is None else temperature
+        if self.system_prompt:
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        enc = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+        device = next(self.model.parameters()).device
+        input_ids = enc["input_ids"].to(device)
+        attn = enc["attention_mask"].to(device)
+        gen_kwargs = dict(max_new_tokens=self.max_new_tokens, pad_token_id=self._pad_id())
+        if temp > 0:
+            gen_kwargs.update(do_sample=True, temperature=temp, top_p=self.top_p)
+        else:
+            gen_kwargs.update(do_sample=False)
+        out: list[str] = []
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed * 1_000_003 + self.calls)
+            self.calls += 1
+            while len(out) < n:
+                m = min(self.batch_size, n - len(out)) if temp > 0 else 1  # greedy: decode once
+                seqs = self.model.generate(
+                    input_ids=input_ids, attention_mask=attn, num_return_sequences=m, **gen_kwargs
+                )
+                new = seqs[:, input_ids.shape[1] :]
+                self.generated_tokens += int((new != self._pad_id()).sum())
+                out.extend(self.tokenizer.batch_decode(new, skip_special_tokens=True))
+                if temp == 0:
+                    out = out * n
+        return out[:n]
+
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return int(pad) if pad is not None else 0

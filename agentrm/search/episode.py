@@ -1,0 +1,105 @@
+"""Shared pieces of the search methods: starting an episode, sampling a trajectory, the result type.
+
+The episode convention mirrors :func:`agentrm.targets.monte_carlo.run_episode`, which
+produced the reward models' training data: ``instruction = f"{env.instruction}\\n{first_obs}"``
+and one :class:`~agentrm.data.schema.Step` per action with the environment's reply, so
+the reward model sees at search time exactly the text layout it was trained on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from agentrm.data.schema import Step, Trajectory
+from agentrm.envs.base import Env
+from agentrm.policies.base import Policy, start_history
+from agentrm.targets.monte_carlo import rollout
+
+
+@dataclass
+class SearchResult:
+    """Outcome of one search episode.
+
+    Attributes:
+        method: ``greedy``, ``sampling``, ``best_of_n`` or ``beam``.
+        trajectory: the returned (chosen) trajectory, with the environment's true outcome.
+        candidates: trajectories the method chose from (Best-of-N: all samples; beam: the
+            final beams and finished fallbacks).
+        scores: scorer scores of ``candidates`` (same order; empty when unscored).
+        chosen: index of ``trajectory`` in ``candidates``.
+        stats: work counters, e.g. ``env_steps``, ``policy_calls``, ``candidates_scored``.
+    """
+
+    method: str
+    trajectory: Trajectory
+    candidates: list[Trajectory] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    chosen: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def success(self) -> bool:
+        return self.trajectory.success
+
+    @property
+    def reward(self) -> float:
+        return self.trajectory.reward
+
+
+def begin_episode(env: Env, seed: int, task: str, episode_id: str = "") -> Trajectory:
+    """Reset ``env`` with ``seed``; return the empty history (instruction = task text + first observation).
+
+    ``history.meta`` records ``seed`` (and ``level`` for BabyAI) so that scorers needing the
+    true state (the oracle) can :func:`~agentrm.envs.base.replay` it.
+    """
+    first_obs = env.reset(seed)
+    hist = start_history(task, f"{env.instruction}\n{first_obs}", episode_id)
+    hist.meta = {"seed": int(seed)}
+    if isinstance(getattr(env, "level", None), str):
+        hist.meta["level"] = env.level
+    return hist
+
+
+def extend(history: Trajectory, action: str, observation: str) -> Trajectory:
+    """A new partial trajectory: ``history`` plus one step (``history`` is not modified)."""
+    return Trajectory(
+        id=history.id,
+        task=history.task,
+        instruction=history.instruction,
+        steps=[*history.steps, Step(action=action, observation=observation)],
+        reward=0.0,
+        success=False,
+        meta=dict(history.meta),
+    )
+
+
+def finish(history: Trajectory, reward: float, success: bool, **meta: Any) -> Trajectory:
+    """``history`` as a finished trajectory with the environment's outcome."""
+    return Trajectory(
+        id=history.id,
+        task=history.task,
+        instruction=history.instruction,
+        steps=list(history.steps),
+        reward=float(reward),
+        success=bool(success),
+        meta={**history.meta, **meta},
+    )
+
+
+def sample_trajectory(env: Env, policy: Policy, history: Trajectory, **meta: Any) -> Trajectory:
+    """Act with ``policy`` (one proposal per step) from ``env``'s state until the episode ends.
+
+    ``env`` is advanced in place; pass a clone to keep the original.
+    """
+    out = rollout(env, policy, history, record=True)
+    done = Trajectory(
+        id=history.id,
+        task=history.task,
+        instruction=history.instruction,
+        steps=[*history.steps, *out.steps],
+        reward=0.0,
+        success=False,
+        meta=dict(history.meta),
+    )
+    return finish(done, out.reward, out.success, **meta)

@@ -1,0 +1,72 @@
+"""Step-level beam search: beats greedy with an oracle, one scorer call per beam, dedupe, stopping rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from agentrm.envs.babyai import BabyAITextEnv
+from agentrm.policies.scripted import ScriptedBabyAIPolicy
+from agentrm.search.beam import beam_search
+from agentrm.search.greedy import greedy
+from agentrm.search.oracle import OracleScorer, babyai_env_factory
+from tests.search.fakes import FixedScorer, ListPolicy
+
+
+def test_oracle_beam_beats_noisy_greedy():
+    env = BabyAITextEnv("GoToLocal", max_steps=24)
+    oracle = OracleScorer(babyai_env_factory(24), ScriptedBabyAIPolicy(0.0))
+    g = b = 0
+    for seed in range(8):
+        g += greedy(env, ScriptedBabyAIPolicy(0.7, seed=seed), 500 + seed).success
+        res = beam_search(env, ScriptedBabyAIPolicy(0.7, seed=seed), oracle, 2, 4, 500 + seed)
+        b += res.success
+        if res.success:
+            assert (
+                res.stats["stop"] == "success" and res.trajectory.steps[-1].observation == "Mission complete."
+            )
+    assert b >= 7 and b > g
+
+
+def test_one_scorer_call_per_beam_with_deduped_candidates():
+    env = BabyAITextEnv("GoToRedBall", max_steps=5)
+    policy = ListPolicy(["turn left", "Turn  Left", "pick up", "turn left"])
+    scorer = FixedScorer(cand={"turn left": 1.0, "pick up": 0.5})
+    res = beam_search(env, policy, scorer, width=2, k=4, seed=0, max_depth=3)
+    # depth 1: one beam; later depths: two beams -> 1 + 2 + 2 calls, each with the 2 distinct actions
+    assert [len(c) for c in scorer.candidate_calls] == [2] * 5
+    assert scorer.candidate_calls[0] == ["turn left", "pick up"]
+    assert res.stats["candidates_scored"] == 10 and res.stats["forward_passes"] == 5
+    assert res.stats["stop"] == "budget" and res.stats["depth"] == 3
+    assert res.trajectory.steps[0].action == "turn left" and len(res.trajectory.steps) == 3
+    assert res.scores[res.chosen] == max(res.scores)
+
+
+def test_all_done_returns_best_failed_fallback():
+    env = BabyAITextEnv("GoToRedBall", max_steps=2)
+    scorer = FixedScorer(cand={"pick up": 0.3, "toggle": 0.6})
+    res = beam_search(env, ListPolicy(["pick up", "toggle"]), scorer, width=2, k=2, seed=0)
+    assert res.stats["stop"] == "all_done" and not res.success
+    assert len(res.trajectory.steps) == 2 and res.trajectory.steps[-1].action == "toggle"
+    with pytest.raises(ValueError):
+        beam_search(env, ListPolicy(["toggle"]), scorer, width=0, k=2, seed=0)
+
+
+def test_beam_with_real_tiny_value_rm():
+    """Integration: a (random) tiny ValueRewardModel through ValueRMScorer drives the search."""
+    import torch
+
+    from agentrm.models.backbone import build_backbone
+    from agentrm.models.value_rm import ValueRewardModel
+    from agentrm.paths import load_tokenizer
+    from agentrm.scoring import ValueRMScorer
+    from tests.lit.conftest import TINY_BACKBONE
+
+    tok = load_tokenizer("agentrm/assets/tiny_tokenizer")
+    torch.manual_seed(0)
+    model = ValueRewardModel(build_backbone(config=TINY_BACKBONE, vocab_size=len(tok)))
+    scorer = ValueRMScorer(model, tok, max_length=256)
+    env = BabyAITextEnv("GoToRedBall", max_steps=6)
+    res = beam_search(env, ScriptedBabyAIPolicy(0.5, seed=1), scorer, 2, 3, seed=7)
+    assert res.stats["candidates_scored"] > 0 and res.stats["tokens_scored"] > 0
+    assert res.stats["forward_passes"] <= 2 * res.stats["depth"]
+    assert 1 <= len(res.trajectory.steps) <= 6
