@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Protocol, runtime_checkable
@@ -514,6 +515,11 @@ class ValueRMScorer(_PackedScorer):
         pack: ``True`` (packed, error if unsupported), ``False`` (plain batching) or ``"auto"``.
         batch_size: candidates per forward (packed or plain); trajectories per forward.
         aggregate: trajectory aggregation of step values for :meth:`score_trajectories` (``"last"``).
+        exclude_final_step: score whole trajectories without their final step, so the
+            environment's last reply (which may state the outcome, e.g. "Mission complete.")
+            cannot be read: the score is the value of the state before the final action.
+            Use it to measure how much of a Best-of-N gain is judgement rather than reading
+            the outcome.  Candidate scoring is unaffected.
     """
 
     def __init__(
@@ -524,12 +530,20 @@ class ValueRMScorer(_PackedScorer):
         pack: PackMode = "auto",
         batch_size: int = 16,
         aggregate: str = "last",
+        exclude_final_step: bool = False,
     ):
         super().__init__(tokenizer, max_length, pack, batch_size)
         if aggregate not in AGGREGATIONS + ("sum",):
             raise ValueError(f"aggregate must be one of {AGGREGATIONS + ('sum',)}; got {aggregate!r}")
         self.model = model.eval()
         self.aggregate = aggregate
+        self.exclude_final_step = exclude_final_step
+
+    def score_trajectories(self, trajs: Sequence[Trajectory]) -> Tensor:
+        """``[N]`` whole-trajectory scores (see ``exclude_final_step``)."""
+        if self.exclude_final_step:
+            trajs = [dataclasses.replace(t, steps=t.steps[:-1]) for t in trajs]
+        return super().score_trajectories(trajs)
 
     def _prepare_candidates(self, candidates: Sequence[Candidate]) -> list[Candidate]:
         bare = [i for i, c in enumerate(candidates) if isinstance(c, str)]

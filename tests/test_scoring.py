@@ -253,3 +253,13 @@ def test_prm_ignores_observations(tiny_tokenizer):
     prefix = make_trajectory("p", 2)
     scorer = ImplicitPRMScorer(prm, tiny_tokenizer)
     torch.testing.assert_close(scorer.score_candidates(prefix, STEPS5), scorer.score_candidates(prefix, CANDS5))
+
+
+def test_exclude_final_step_scores_the_state_before_the_last_action(tiny_tokenizer):
+    model = _value_rm(tiny_tokenizer, "sdpa")
+    trajs = [make_trajectory("a", 3), make_trajectory("b", 1)]
+    blind = ValueRMScorer(model, tiny_tokenizer, exclude_final_step=True).score_trajectories(trajs)
+    shorter = [Trajectory(t.id, t.task, t.instruction, t.steps[:-1], t.reward, t.success) for t in trajs]
+    expect = ValueRMScorer(model, tiny_tokenizer).score_trajectories(shorter)
+    torch.testing.assert_close(blind, expect, equal_nan=True)
+    assert torch.isnan(blind[1]) and not torch.isnan(blind[0])

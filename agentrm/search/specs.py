@@ -42,6 +42,8 @@ class ScorerSpec:
             ``oracle`` (Monte-Carlo ground truth from the environment: an upper bound).
         name: label in the tables (default: ``kind``).
         aggregate: trajectory aggregation (value RM default ``last``, implicit PRM ``min``).
+        exclude_final_step: value RM: score trajectories without their final step (outcome-blind;
+            see :class:`agentrm.scoring.ValueRMScorer`).
         max_length, batch_size: RM scoring context budget and batch size.
         judge_mode, judge_samples, judge_temperature: see :class:`agentrm.judge.JudgeScorer`.
         oracle_rollouts, oracle_error_rate: rollouts per candidate and the rollout policy's error rate.
@@ -51,6 +53,7 @@ class ScorerSpec:
     path: str | None = None
     name: str | None = None
     aggregate: str | None = None
+    exclude_final_step: bool = False
     max_length: int | None = 1024
     batch_size: int = 16
     judge_mode: Literal["pointwise", "listwise"] = "pointwise"
@@ -126,6 +129,7 @@ def build_scorer(spec: ScorerSpec, max_steps: int | None, seed: int = 0) -> Scor
                 max_length=spec.max_length,
                 batch_size=spec.batch_size,
                 aggregate=spec.aggregate or "last",
+                exclude_final_step=spec.exclude_final_step,
             )
         from agentrm.models.implicit_prm import ImplicitPRM
         from agentrm.scoring import ImplicitPRMScorer
