@@ -54,8 +54,9 @@ def shifted_token_stats(
     pred = logits[:, :-1].float()
     target = labels[:, 1:]
     mask = target != IGNORE
-    loss_sum = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=IGNORE,
-                               reduction="sum")
+    loss_sum = F.cross_entropy(
+        pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
     correct = (pred.argmax(-1) == target) & mask
     return loss_sum, mask.sum(), correct
 
@@ -94,8 +95,12 @@ class PolicySFTModule(L.LightningModule):
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(tokenizer)
         model = build_backbone(
-            backbone, backbone_config, vocab_size=len(self.tokenizer), causal_lm=True,
-            dtype=dtype, attn_implementation=attn_implementation,
+            backbone,
+            backbone_config,
+            vocab_size=len(self.tokenizer),
+            causal_lm=True,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
         )
         _set_special_tokens(model, self.tokenizer)
         if gradient_checkpointing:
@@ -144,8 +149,11 @@ class PolicySFTModule(L.LightningModule):
         self.val_step_acc.update(steps_ok.mean(), weight=int(steps_ok.numel()))
 
     def on_validation_epoch_end(self) -> None:
-        for name, metric in (("val/loss", self.val_loss), ("val/token_acc", self.val_token_acc),
-                             ("val/step_acc", self.val_step_acc)):
+        for name, metric in (
+            ("val/loss", self.val_loss),
+            ("val/token_acc", self.val_token_acc),
+            ("val/step_acc", self.val_step_acc),
+        ):
             if metric.update_count:
                 self.log(name, metric.compute(), prog_bar=name != "val/token_acc")
             metric.reset()
@@ -153,7 +161,11 @@ class PolicySFTModule(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         return adamw_with_warmup_cosine(
-            self.model, hp.learning_rate, hp.weight_decay, hp.warmup_steps, int(self.trainer.estimated_stepping_batches)
+            self.model,
+            hp.learning_rate,
+            hp.weight_decay,
+            hp.warmup_steps,
+            int(self.trainer.estimated_stepping_batches),
         )
 
     def export(self, directory: str | Path) -> Path:
@@ -182,11 +194,14 @@ def _set_special_tokens(model, tokenizer) -> None:
             cfg.bos_token_id = tokenizer.bos_token_id
 
 
-def load_sft_policy(path: str | Path, temperature: float = 1.0, seed: int = 0, max_new_tokens: int = 16, **kw: Any):
+def load_sft_policy(
+    path: str | Path, temperature: float = 1.0, seed: int = 0, max_new_tokens: int = 16, **kw: Any
+):
     """An :class:`~agentrm.policies.hf.HFPolicy` on an exported SFT directory (plugs into the ``Policy`` protocol)."""
     from agentrm.policies.hf import HFPolicy
 
     d = resolve_path(path)
     model = build_backbone(str(d), causal_lm=True)
-    return HFPolicy(model, load_tokenizer(str(d)), temperature=temperature, seed=seed,
-                    max_new_tokens=max_new_tokens, **kw)
+    return HFPolicy(
+        model, load_tokenizer(str(d)), temperature=temperature, seed=seed, max_new_tokens=max_new_tokens, **kw
+    )

@@ -45,6 +45,9 @@ class ValueRMModule(L.LightningModule):
         quantization: ``"nf4"``/``"int8"``: load the pretrained backbone through
             bitsandbytes and train a LoRA adapter on it (QLoRA); needs CUDA, bitsandbytes,
             ``lora`` and a non-sharding strategy, all checked before anything is loaded.
+        pairwise_weight: weight of an extra Bradley-Terry loss on sibling pairs in the batch
+            (steps with the same ``step_parent``, different ``step_action`` and different
+            targets, e.g. MCTS siblings): ``-log sigmoid(pred_better - pred_worse)``.
     """
 
     def __init__(
@@ -61,6 +64,7 @@ class ValueRMModule(L.LightningModule):
         attn_implementation: str = "auto",
         gradient_checkpointing: bool = False,
         quantization: str | None = None,
+        pairwise_weight: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -103,6 +107,10 @@ class ValueRMModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         raw = self.model(batch["input_ids"], batch["attention_mask"], batch["step_end_idx"])
         loss, labeled = self._loss(raw, batch)
+        if self.hparams.get("pairwise_weight", 0.0):
+            pair_loss = sibling_pair_loss(raw, batch, labeled)
+            self.log("train/pair_loss", pair_loss, batch_size=batch["input_ids"].shape[0])
+            loss = loss + self.hparams.pairwise_weight * pair_loss
         self.train_loss(loss.detach(), weight=max(1, int(labeled.sum())))
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
@@ -152,3 +160,20 @@ class ValueRMModule(L.LightningModule):
     def export(self, directory: str | Path) -> Path:
         """Save the trained model as a Hugging Face directory ``ValueRewardModel.from_pretrained`` loads."""
         return self.model.save_pretrained(directory, tokenizer=self.tokenizer, loss=self.hparams.loss)
+
+
+def sibling_pair_loss(raw: torch.Tensor, batch: dict[str, torch.Tensor], labeled: torch.Tensor,
+                      margin: float = 1e-6) -> torch.Tensor:
+    """Bradley-Terry loss over sibling pairs of the batch (0, in the graph, when there are none).
+
+    Siblings share ``step_parent`` (identical prefix) and differ in ``step_action``; for each
+    pair whose targets differ by more than ``margin``, the loss is ``softplus(-(r_better - r_worse))``
+    on the raw head outputs.
+    """
+    pred, target = raw[labeled], batch["step_values"][labeled]
+    parent, action = batch["step_parent"][labeled], batch["step_action"][labeled]
+    pairs = (parent[:, None] == parent[None, :]) & (action[:, None] != action[None, :])
+    pairs &= target[:, None] > target[None, :] + margin
+    if not bool(pairs.any()):
+        return raw.sum() * 0.0
+    return F.softplus(-(pred[:, None] - pred[None, :])[pairs]).mean()

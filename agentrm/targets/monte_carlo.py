@@ -92,7 +92,7 @@ def run_episode(
         seed: episode seed.
         episode_id: id of the main record; branches get ``f"{episode_id}-b{t}"``.
         task: the record's ``task`` field (e.g. ``babyai/GoToRedBall``).
-        rollouts: ``n``, rollouts per value estimate.
+        rollouts: ``n``, rollouts per value estimate; 0 leaves non-terminal steps without a value.
         siblings: number of branch records (at distinct steps; fewer if the episode is short).
         branch_seed: seeds the choice of branch points.
         meta: extra fields for every record's ``meta``.
@@ -106,7 +106,7 @@ def run_episode(
     instruction = f"{env.instruction}\n{first_obs}"
     hist = start_history(task, instruction, episode_id)
     before: list[Env] = []  # clone of the state before each step
-    values: list[float] = []
+    values: list[float | None] = []
     final = None
     while final is None:
         if len(hist.steps) >= MAX_EPISODE_STEPS:
@@ -118,6 +118,8 @@ def run_episode(
         if done:
             final = (float(reward), bool(info.get("success", False)))
             values.append(float(reward))
+        elif rollouts == 0:  # no estimates: demonstrations only
+            values.append(None)
         else:
             values.append(mc_value(env, policy, hist, rollouts)[0])
     for step, v in zip(hist.steps, values):

@@ -1,0 +1,217 @@
+"""MCTS trees: UCT selection, backed-up values and visit counts, dedup expansion, flattening, resumable builds."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+
+from agentrm.data.schema import read_jsonl
+from agentrm.targets.mcts import (
+    MCTS,
+    MCTSConfig,
+    Node,
+    Tree,
+    build_trees,
+    flatten_tree,
+    read_trees,
+    select_child,
+    uct_score,
+)
+
+
+class ChainEnv:
+    """Depth-``D`` binary game: reward 1 iff the first action is ``a`` (and 0.5 if also the second is)."""
+
+    def __init__(self, depth: int = 3):
+        self.depth, self.actions = depth, []
+
+    instruction = "Pick letters."
+    valid_actions = ["a", "b"]
+
+    def reset(self, seed: int) -> str:
+        self.actions = []
+        return "start"
+
+    def step(self, action: str):
+        self.actions.append(action.strip().lower())
+        done = len(self.actions) >= self.depth
+        reward = 0.0
+        if done:
+            reward = 1.0 if self.actions[0] == "a" else (0.5 if self.actions[1:2] == ["a"] else 0.0)
+        return f"seen {''.join(self.actions)}", reward, done, {"success": reward > 0}
+
+    def clone(self):
+        return copy.deepcopy(self)
+
+
+class ListPolicy:
+    """Proposes a fixed list (cycled to ``k``); rollouts always take ``b``."""
+
+    def __init__(self, proposals):
+        self.proposals, self.calls = proposals, 0
+
+    def propose(self, env, history, k=1):
+        self.calls += 1
+        if k == 1:
+            return ["b"]
+        return [self.proposals[i % len(self.proposals)] for i in range(k)]
+
+
+def _tree(sims: int, k: int = 2, c: float = 1.0, depth: int = 3, proposals=("a", "b")) -> Tree:
+    m = MCTS(ListPolicy(list(proposals)), MCTSConfig(simulations=sims, k=k, c=c, max_depth=10), seed=0)
+    return m.search(ChainEnv(depth), 0, tree_id="T", task="chain")
+
+
+def test_uct_picks_per_formula():
+    nodes = [Node(None, -1, "r", n=10, w=5.0, expanded=True, children=[1, 2, 3])]
+    nodes += [Node("x", 0, "", n=6, w=4.2), Node("y", 0, "", n=3, w=1.2), Node("z", 0, "", n=1, w=0.0)]
+    tree = Tree("t", "", "", 0, nodes)
+    for c in (0.0, 0.5, 2.0):
+        scores = [q + c * math.sqrt(math.log(10) / n) for q, n in ((0.7, 6), (0.4, 3), (0.0, 1))]
+        assert select_child(tree, 0, c) == 1 + max(range(3), key=lambda i: scores[i])
+        assert uct_score(10, 6, 0.7, c) == pytest.approx(scores[0])
+    assert select_child(tree, 0, 0.0) == 1  # pure exploitation
+    assert select_child(tree, 0, 2.0) == 3  # heavy exploration of the rarely visited child
+    tree.nodes.append(Node("u", 0, ""))
+    tree.nodes[0].children.append(4)
+    assert select_child(tree, 0, 0.0) == 4  # unvisited first
+
+
+def test_values_are_means_of_backed_up_rewards_and_counts_sum():
+    tree = _tree(sims=30)
+    root, nodes = tree.root, tree.nodes
+    assert root.n == 30 and tree.stats["simulations"] == 30
+    for i, nd in enumerate(nodes):
+        if nd.expanded and nd.children:
+            # a non-root node was evaluated once as a leaf (its first rollout) before its expansion
+            own_n, own_w = (0, 0.0) if i == 0 else (1, nd.first)
+            assert nd.n == own_n + sum(nodes[j].n for j in nd.children), i
+            assert nd.w == pytest.approx(own_w + sum(nodes[j].w for j in nd.children)), i
+        if nd.terminal:  # deterministic env: every visit backs up the node's own reward
+            assert nd.w == pytest.approx(nd.n * nd.reward)
+    a = next(j for j in root.children if nodes[j].action == "a")
+    b = next(j for j in root.children if nodes[j].action == "b")
+    assert nodes[a].q == pytest.approx(1.0)  # every path under `a` pays 1
+    assert 0.0 < nodes[b].q < 1.0  # under `b` only `ba?` pays (0.5)
+    assert root.q == pytest.approx(root.w / root.n)
+    assert nodes[a].n > nodes[b].n  # the search concentrates on the better arm
+
+
+def test_expansion_deduplicates_candidates():
+    tree = _tree(sims=3, k=4, proposals=("a", "A ", "a", "b"))
+    assert [tree.nodes[j].action for j in tree.root.children] == ["a", "b"]
+
+
+def test_flatten_gives_valued_records_with_shared_prefixes():
+    tree = _tree(sims=25)
+    recs = flatten_tree(tree)
+    assert recs[0].id == "T-p0" and "branch_at" not in recs[0].meta
+    assert all(r.meta["group"] == "T" for r in recs)
+    labelled = [(r, t) for r in recs for t, s in enumerate(r.steps) if s.value is not None]
+    visited = [i for i in range(1, len(tree.nodes)) if tree.nodes[i].n > 0]
+    assert len(labelled) == len(visited)  # every visited node supervised exactly once
+    main = recs[0]
+    assert [s.action for s in main.steps] == ["a", "b", "b"] or main.steps[0].action == "a"
+    assert main.steps[0].value == pytest.approx(1.0) and main.success
+    for r in recs[1:]:
+        t = r.meta["branch_at"]
+        assert all(s.value is None for s in r.steps[:t]) and r.steps[t].value is not None
+        # the prefix is a path some earlier record took, and the branch's step differs there
+        others = [
+            o
+            for o in recs
+            if o is not r and [s.action for s in o.steps[:t]] == [s.action for s in r.steps[:t]]
+        ]
+        assert others and any(len(o.steps) > t and o.steps[t].action != r.steps[t].action for o in others)
+    again = Tree.from_dict(tree.to_dict())
+    assert [(n.action, n.parent, n.n, n.children) for n in again.nodes] == [
+        (n.action, n.parent, n.n, n.children) for n in tree.nodes
+    ]
+
+
+def test_replay_mode_matches_clone_mode():
+    a = _tree(sims=12)
+    m = MCTS(
+        ListPolicy(["a", "b"]),
+        MCTSConfig(12, 2, 1.0, 10, clone_mode="replay"),
+        env_factory=lambda: ChainEnv(3),
+    )
+    b = m.search(ChainEnv(3), 0, tree_id="T", task="chain")
+    assert [(n.action, n.n, n.w) for n in a.nodes] == [(n.action, n.n, n.w) for n in b.nodes]
+
+
+ARGS = dict(
+    levels=["GoToRedBall", "PickupLoc"],
+    episodes=2,
+    simulations=6,
+    k=2,
+    max_steps=12,
+    error_rate=0.5,
+    seed=3,
+    progress=False,
+)
+
+
+def test_build_trees_resumes_to_identical_file(tmp_path):
+    ref = tmp_path / "ref.jsonl"
+    s = build_trees(out=str(ref), flat_out=str(tmp_path / "flat.jsonl"), **ARGS)
+    assert s["trees"] == 4 and s["simulations"] == 24 and s["env_steps"] > 24 and s["records"] >= 4
+    flat = read_jsonl(tmp_path / "flat.jsonl")
+    assert {r.group for r in flat} == {t.id for t in read_trees(ref)}
+    assert all(any(st.value is not None for st in r.steps) for r in flat)
+    out = tmp_path / "o.jsonl"
+    build_trees(out=str(out), limit=1, **ARGS)
+    lines = ref.read_bytes().splitlines(keepends=True)
+    assert out.read_bytes() == lines[0]
+    out.write_bytes(lines[0] + lines[1][:50])  # killed mid-write
+    build_trees(out=str(out), **ARGS)
+    assert out.read_bytes() == ref.read_bytes()
+    with pytest.raises(ValueError, match="other arguments"):
+        build_trees(out=str(out), **{**ARGS, "simulations": 7})
+
+
+def test_flattened_siblings_feed_the_pairwise_loss(tiny_tokenizer):
+    import torch
+
+    from agentrm.data.collate import collate_trajectories
+    from agentrm.data.tokenize import tokenize_trajectory
+    from agentrm.lit.value_module import sibling_pair_loss
+
+    recs = flatten_tree(_tree(sims=25))
+    b = collate_trajectories(
+        [tokenize_trajectory(tiny_tokenizer, r) for r in recs], tiny_tokenizer.pad_token_id
+    )
+    labeled = b["step_mask"] & ~torch.isnan(b["step_values"])
+    good = torch.nan_to_num(b["step_values"]).clone().requires_grad_(True)  # predictions = targets
+    bad = (-good).detach().requires_grad_(True)  # reversed order
+    assert float(sibling_pair_loss(good, b, labeled)) < float(sibling_pair_loss(bad, b, labeled))
+    sibling_pair_loss(bad, b, labeled).backward()
+    assert bad.grad.abs().sum() > 0
+    none = torch.zeros_like(good, requires_grad=True)
+    single = b["step_parent"].clone()
+    single[:] = torch.arange(single.numel()).view_as(single)  # no shared prefixes: no pairs
+    assert float(sibling_pair_loss(none, {**b, "step_parent": single}, labeled)) == 0.0
+
+
+def test_value_module_adds_the_pairwise_loss(tiny_tokenizer, tmp_path):
+    import torch
+
+    from agentrm.data.collate import collate_trajectories
+    from agentrm.data.tokenize import tokenize_trajectory
+    from agentrm.lit.value_module import ValueRMModule
+    from tests.lit.conftest import TINY_BACKBONE
+
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    recs = flatten_tree(_tree(sims=25))
+    b = collate_trajectories(
+        [tokenize_trajectory(tiny_tokenizer, r) for r in recs], tiny_tokenizer.pad_token_id
+    )
+    losses = []
+    for w in (0.0, 1.0):
+        torch.manual_seed(0)
+        m = ValueRMModule(str(tmp_path / "tok"), backbone_config=TINY_BACKBONE, pairwise_weight=w)
+        m.log = lambda *a, **k: None
+        losses.append(float(m.training_step(b, 0)))
+    assert losses[1] > losses[0]  # same model and batch: the pairwise term is added

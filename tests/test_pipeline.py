@@ -1,0 +1,71 @@
+"""The one-command pipeline with tiny budgets: every stage runs, a rerun skips finished stages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import agentrm.pipeline as pipeline
+from agentrm.pipeline import EvalStage, ExpertStage, FitStage, TreeStage, run_pipeline
+from tests.lit.conftest import TINY_BACKBONE
+
+FIT = {
+    "trainer": {"max_epochs": 1, "enable_progress_bar": False, "log_every_n_steps": 1},
+    "model": {"init_args": {"backbone_config": TINY_BACKBONE, "warmup_steps": 2}},
+    "data": {"max_length": 256, "val_fraction": 0.34},
+}
+
+
+def _run(tmp_path, **kw):
+    return run_pipeline(
+        run_dir=str(tmp_path / "run"),
+        levels=["GoToRedBall", "GoToObj"],
+        max_steps=8,
+        seed=0,
+        expert=ExpertStage(episodes=3),
+        sft=FitStage("configs/tiny/policy_sft.yaml", FIT),
+        trees=TreeStage(episodes=1, simulations=3, k=2, max_depth=8),
+        rm=FitStage("configs/tiny/value_rm.yaml", FIT),
+        eval=EvalStage(episodes=1, best_of_n=[2], max_new_tokens=4),
+        num_threads=1,
+        progress=False,
+        **kw,
+    )
+
+
+def test_pipeline_runs_all_stages_then_skips_them(tmp_path, monkeypatch):
+    s = _run(tmp_path)
+    run = tmp_path / "run"
+    for stage in pipeline.STAGES:
+        assert (run / stage / "DONE").exists() and not s[stage].get("skipped")
+    assert s["expert"]["episodes"] == 6
+    assert (run / "sft" / "hf_model" / "config.json").exists()
+    assert s["trees"]["trees"] == 2 and s["trees"]["simulations"] == 6 and s["trees"]["records"] >= 2
+    assert (run / "rm" / "hf_model" / "value_head.safetensors").exists()
+    methods = {r["method"] for r in s["eval"]["rows"]}
+    assert {"greedy", "sampling", "best_of_n"} <= methods
+    assert json.loads((run / "summary.json").read_text())["trees"]["trees"] == 2
+
+    def boom(*a, **k):
+        raise AssertionError("a finished stage was rerun")
+
+    monkeypatch.setattr(pipeline, "_fit", boom)
+    monkeypatch.setattr("agentrm.targets.mcts.build_trees", boom)
+    monkeypatch.setattr("agentrm.data.collect.collect", boom)
+    monkeypatch.setattr("agentrm.search.evaluate.evaluate", boom)
+    again = _run(tmp_path)
+    assert all(again[st]["skipped"] for st in pipeline.STAGES)
+
+    # forcing a stage reruns it and everything after it, nothing before
+    calls = []
+    monkeypatch.setattr(
+        pipeline,
+        "_fit",
+        lambda stage, out, train: calls.append(out.name) or {"hf_model": str(out / "hf_model")},
+    )
+    monkeypatch.setattr("agentrm.search.evaluate.evaluate", lambda **kw: calls.append("eval") or [])
+    forced = _run(tmp_path, force=["rm"])
+    assert calls == ["rm", "eval"] and forced["trees"]["skipped"] and not forced["rm"].get("skipped")
+    with pytest.raises(ValueError, match="unknown stage"):
+        _run(tmp_path, force=["nope"])
