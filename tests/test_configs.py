@@ -1,6 +1,6 @@
 """Every YAML under configs/ parses against the fit CLI's parser, without building any model.
 
-``configs/search/`` belongs to another CLI and is skipped; ``configs/strategies/`` holds
+``configs/search/`` and ``configs/pipeline/`` belong to other CLIs and parse against those; ``configs/strategies/`` holds
 trainer fragments, parsed composed after a model config (as the docs tell users to run them).
 """
 
@@ -16,7 +16,7 @@ from agentrm.lit.datamodule import TrajectoryDataModule
 from agentrm.paths import PROJECT_ROOT
 
 CONFIGS = PROJECT_ROOT / "configs"
-SKIP_DIRS = {"search"}
+SKIP_DIRS = {"search", "pipeline"}
 STRATEGY_DIR = CONFIGS / "strategies"
 
 
@@ -109,3 +109,20 @@ def test_fsdp_policy_wraps_decoder_layers_of_any_family():
         model = AutoModelForCausalLM.from_config(cfg)
         wrapped = [m for m in model.modules() if decoder_layer_policy(m, recurse=False)]
         assert len(wrapped) == 2 and all(decoder_layer_policy(m, recurse=True) for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(CONFIGS.glob("search/*.yaml")) + sorted(CONFIGS.glob("pipeline/*.yaml")),
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
+def test_search_and_pipeline_configs_parse(path, capsys):
+    """``--print_config`` parses and validates the whole config against its CLI, then exits 0 without running."""
+    from agentrm import pipeline
+    from agentrm.search import evaluate
+
+    main = pipeline.main if path.parent.name == "pipeline" else evaluate.main
+    with pytest.raises(SystemExit) as e:
+        main(["--config", str(path), "--print_config"])
+    assert e.value.code == 0
+    assert "seed" in capsys.readouterr().out
