@@ -60,7 +60,7 @@ def check_pytest() -> tuple[str, str]:
 def check_qlora_step(model_dir: Path) -> tuple[str, str]:
     from peft import prepare_model_for_kbit_training
 
-    from agentrm.lit.value_module import apply_lora
+    from agentrm.lit.trainable import apply_lora
     from agentrm.models.backbone import build_backbone
     from agentrm.models.value_rm import ValueRewardModel
 

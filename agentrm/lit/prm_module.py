@@ -13,10 +13,9 @@ from torchmetrics.classification import BinaryAUROC
 
 from agentrm.lit.dist_metrics import synced_compute
 from agentrm.lit.optim import adamw_with_warmup_cosine
-from agentrm.lit.value_module import apply_lora
-from agentrm.models.backbone import build_backbone
+from agentrm.lit.trainable import build_trainable_backbone
 from agentrm.models.implicit_prm import ImplicitPRM
-from agentrm.models.quant import check_quantization, validate_training_setup
+from agentrm.models.quant import validate_training_setup
 from agentrm.models.value_rm import aggregate_steps
 from agentrm.paths import load_tokenizer
 
@@ -52,20 +51,12 @@ class ImplicitPRMModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        validate_training_setup(quantization, lora)
-        check_quantization(quantization)
         self.tokenizer = load_tokenizer(tokenizer)
-        policy = build_backbone(
-            backbone, backbone_config, vocab_size=len(self.tokenizer), causal_lm=True,
-            dtype=dtype, attn_implementation=attn_implementation, quantization=quantization,
+        policy = build_trainable_backbone(
+            backbone, backbone_config, vocab_size=len(self.tokenizer), causal_lm=True, lora=lora,
+            dtype=dtype, attn_implementation=attn_implementation,
+            gradient_checkpointing=gradient_checkpointing, quantization=quantization,
         )
-        if quantization is not None:
-            from peft import prepare_model_for_kbit_training
-
-            policy = prepare_model_for_kbit_training(policy, use_gradient_checkpointing=gradient_checkpointing)
-        elif gradient_checkpointing:
-            policy.gradient_checkpointing_enable()
-        policy = apply_lora(policy, lora, "CAUSAL_LM")
         self.model = ImplicitPRM(policy, beta=beta)
         self.val_auroc = BinaryAUROC()
         self.val_step_auroc = BinaryAUROC()

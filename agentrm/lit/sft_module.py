@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from agentrm.lit.optim import adamw_with_warmup_cosine
-from agentrm.lit.value_module import apply_lora
+from agentrm.lit.trainable import apply_lora
 from agentrm.models.backbone import build_backbone
 from agentrm.paths import load_tokenizer, resolve_path
 

@@ -14,21 +14,10 @@ from torchmetrics.classification import BinaryAUROC
 from agentrm.lit.dist_metrics import synced_compute
 from agentrm.lit.metrics import PairwiseRankingAccuracy
 from agentrm.lit.optim import adamw_with_warmup_cosine
-from agentrm.models.backbone import build_backbone
-from agentrm.models.quant import check_quantization, validate_training_setup
+from agentrm.lit.trainable import build_trainable_backbone
+from agentrm.models.quant import validate_training_setup
 from agentrm.models.value_rm import ValueRewardModel
 from agentrm.paths import load_tokenizer
-
-
-def apply_lora(model, lora: dict[str, Any] | None, task_type: str):
-    """Wrap ``model`` with a peft LoRA adapter built from ``lora`` (LoraConfig fields)."""
-    if not lora:
-        return model
-    from peft import LoraConfig, get_peft_model
-
-    cfg = dict(lora)
-    cfg.setdefault("task_type", task_type)
-    return get_peft_model(model, LoraConfig(**cfg))
 
 
 class ValueRMModule(L.LightningModule):
@@ -68,20 +57,12 @@ class ValueRMModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        validate_training_setup(quantization, lora)
-        check_quantization(quantization)
         self.tokenizer = load_tokenizer(tokenizer)
-        bb = build_backbone(
-            backbone, backbone_config, vocab_size=len(self.tokenizer), causal_lm=False,
-            dtype=dtype, attn_implementation=attn_implementation, quantization=quantization,
+        bb = build_trainable_backbone(
+            backbone, backbone_config, vocab_size=len(self.tokenizer), causal_lm=False, lora=lora,
+            dtype=dtype, attn_implementation=attn_implementation,
+            gradient_checkpointing=gradient_checkpointing, quantization=quantization,
         )
-        if quantization is not None:
-            from peft import prepare_model_for_kbit_training
-
-            bb = prepare_model_for_kbit_training(bb, use_gradient_checkpointing=gradient_checkpointing)
-        elif gradient_checkpointing:
-            bb.gradient_checkpointing_enable()
-        bb = apply_lora(bb, lora, "FEATURE_EXTRACTION")
         self.model = ValueRewardModel(bb, value_activation="sigmoid" if loss == "bce" else "none")
         self.val_mse = MeanSquaredError()
         self.val_auroc = BinaryAUROC()

@@ -52,7 +52,7 @@ def test_backbone_loads_quantised_with_unquantised_lm_head(llama_dir, scheme):
 
 
 def test_value_rm_qlora_round_trip(llama_dir, tmp_path):
-    from agentrm.lit.value_module import apply_lora
+    from agentrm.lit.trainable import apply_lora
     from agentrm.models.backbone import build_backbone
     from agentrm.models.value_rm import ValueRewardModel
 

@@ -55,7 +55,7 @@ def base_dirs(tmp_path):
 
 
 def lora_value_rm(base: str) -> ValueRewardModel:
-    from agentrm.lit.value_module import apply_lora
+    from agentrm.lit.trainable import apply_lora
     from agentrm.models.backbone import build_backbone
 
     torch.manual_seed(1)
@@ -90,7 +90,7 @@ def test_value_rm_lora_round_trip_and_merge(base_dirs):
 
 
 def test_value_rm_lora_on_config_built_base_saves_the_base(tmp_path):
-    from agentrm.lit.value_module import apply_lora
+    from agentrm.lit.trainable import apply_lora
 
     torch.manual_seed(0)
     model = ValueRewardModel(
@@ -181,7 +181,7 @@ def test_module_rejects_quantization_before_loading():
     """The LightningModule checks the setup before touching the (8B) checkpoint."""
     from agentrm.lit.value_module import ValueRMModule
 
-    with mock.patch("agentrm.lit.value_module.build_backbone") as build:
+    with mock.patch("agentrm.lit.trainable.build_backbone") as build:
         with pytest.raises(UnsupportedTrainingSetup, match="without a LoRA adapter"):
             ValueRMModule(backbone="meta-llama/Meta-Llama-3-8B-Instruct", quantization="nf4")
         with mock.patch.object(quant.torch.cuda, "is_available", return_value=False):

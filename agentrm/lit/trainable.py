@@ -1,0 +1,55 @@
+"""Build the trainable backbone of a LightningModule: load/build, k-bit preparation, checkpointing, LoRA."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedModel
+
+from agentrm.models.backbone import build_backbone
+from agentrm.models.quant import check_quantization, validate_training_setup
+
+
+def apply_lora(model, lora: dict[str, Any] | None, task_type: str):
+    """Wrap ``model`` with a peft LoRA adapter built from ``lora`` (LoraConfig fields)."""
+    if not lora:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    cfg = dict(lora)
+    cfg.setdefault("task_type", task_type)
+    return get_peft_model(model, LoraConfig(**cfg))
+
+
+def build_trainable_backbone(
+    backbone: str | None,
+    backbone_config: dict[str, Any] | None,
+    *,
+    vocab_size: int,
+    causal_lm: bool,
+    lora: dict[str, Any] | None,
+    dtype: str | None = None,
+    attn_implementation: str = "auto",
+    gradient_checkpointing: bool = False,
+    quantization: str | None = None,
+) -> PreTrainedModel:
+    """The backbone a reward-model module trains.
+
+    Checks the quantisation/LoRA combination before anything loads, loads or builds the
+    model (:func:`~agentrm.models.backbone.build_backbone`), prepares a quantised base for
+    QLoRA (``prepare_model_for_kbit_training``) or enables gradient checkpointing, then
+    wraps it with LoRA when ``lora`` is given (task type from ``causal_lm``).
+    """
+    validate_training_setup(quantization, lora)
+    check_quantization(quantization)
+    model = build_backbone(
+        backbone, backbone_config, vocab_size=vocab_size, causal_lm=causal_lm,
+        dtype=dtype, attn_implementation=attn_implementation, quantization=quantization,
+    )
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return apply_lora(model, lora, "CAUSAL_LM" if causal_lm else "FEATURE_EXTRACTION")
