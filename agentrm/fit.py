@@ -9,6 +9,7 @@ Every Lightning trainer flag works (``--trainer.devices 2``, ``--trainer.max_epo
 from __future__ import annotations
 
 import sys
+import warnings
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
@@ -54,6 +55,8 @@ def main(args: list[str] | None = None) -> AgentRMCLI:
         a in ("-h", "--help", "--print_config") or a.startswith("--print_config") for a in argv
     ):
         argv = ["--config", str(DEFAULT_CONFIG), *argv]
+    # we pass the command line ourselves (with the default config prepended): not a mistake
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
     cli = AgentRMCLI(
         L.LightningModule,
         TrajectoryDataModule,
