@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from agentrm.data.resumable import run_resumable, scan_blocks
-from agentrm.envs.babyai import BabyAITextEnv, available_levels
+from agentrm.envs.babyai import BabyAITextEnv, check_levels
 from agentrm.policies.scripted import ScriptedBabyAIPolicy
 from agentrm.targets.monte_carlo import run_episode
 
@@ -197,10 +197,7 @@ def collect(
         The summary of the whole file (see :func:`summarize`) plus ``seconds``.
     """
     levels = list(levels or ["GoToRedBall"])
-    valid = available_levels()
-    unknown = [lv for lv in levels if lv not in valid]
-    if unknown:
-        raise ValueError(f"unknown BabyAI level(s) {unknown}; valid levels: {', '.join(valid)}")
+    check_levels(levels)
     if rollouts < 0 or episodes < 0 or siblings < 0 or (siblings and not rollouts):
         raise ValueError("need rollouts >= 0, episodes >= 0, siblings >= 0 (and rollouts >= 1 for siblings)")
     settings = Settings(error_rate, rollouts, siblings, max_steps, seed)

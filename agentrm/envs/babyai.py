@@ -21,6 +21,7 @@ import contextlib
 import copy
 import io
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import gymnasium as gym
@@ -62,6 +63,18 @@ def available_levels() -> dict[str, str]:
         if m:
             levels[m.group(1)] = env_id
     return dict(sorted(levels.items()))
+
+
+def check_levels(levels: Iterable[str]) -> dict[str, str]:
+    """Raise ``ValueError`` naming every unknown level and listing the valid ones.
+
+    Returns :func:`available_levels` (level name -> gymnasium id) for the caller's use.
+    """
+    valid = available_levels()
+    unknown = [lv for lv in levels if lv not in valid]
+    if unknown:
+        raise ValueError(f"unknown BabyAI level(s) {unknown}; valid levels: {', '.join(valid)}")
+    return valid
 
 
 def normalize_action(text: str) -> str | None:
@@ -108,13 +121,11 @@ class BabyAITextEnv:
     """
 
     def __init__(self, level: str = "GoToRedBall", max_steps: int | None = None, max_objects: int = 4):
-        levels = available_levels()
-        if level not in levels:
-            raise ValueError(f"unknown BabyAI level {level!r}; valid levels: {', '.join(levels)}")
+        env_id = check_levels([level])[level]
         kwargs: dict[str, Any] = {} if max_steps is None else {"max_steps": max_steps}
         self.level = level
         self.max_objects = max_objects
-        self.env = gym.make(levels[level], **kwargs).unwrapped
+        self.env = gym.make(env_id, **kwargs).unwrapped
         self.seed: int | None = None
         self.history: list[str] = []
         """Raw action texts applied since the last reset (for replay and planners)."""

@@ -28,7 +28,7 @@ from typing import Any
 from tqdm import tqdm
 
 from agentrm.data.collect import Job
-from agentrm.envs.babyai import BabyAITextEnv, available_levels
+from agentrm.envs.babyai import BabyAITextEnv, check_levels
 from agentrm.scoring import Scorer
 from agentrm.search.beam import beam_search
 from agentrm.search.best_of_n import TieBreak, rank_samples
@@ -254,10 +254,7 @@ def _evaluate(
     scorers = [ScorerSpec(path="runs/tiny_value_rm/hf_model")] if scorers is None else scorers
     best_of_n = [1, 2, 4, 8] if best_of_n is None else best_of_n
     beam = [(2, 4)] if beam is None else [tuple(b) for b in beam]
-    valid = available_levels()
-    unknown = [lv for lv in held_in + held_out if lv not in valid]
-    if unknown:
-        raise ValueError(f"unknown BabyAI level(s) {unknown}; valid levels: {', '.join(valid)}")
+    check_levels(held_in + held_out)
     check_disjoint_seeds(held_in, episodes, seed, train_seed, train_episodes)
     names = [s.label for s in scorers]
     if len(set(names)) != len(names):

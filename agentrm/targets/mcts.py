@@ -555,12 +555,10 @@ def build_trees(
     """
     from agentrm.data.collect import plan_jobs
     from agentrm.data.resumable import run_resumable
-    from agentrm.envs.babyai import available_levels
+    from agentrm.envs.babyai import check_levels
 
     levels = list(levels or ["GoToRedBall"])
-    unknown = [lv for lv in levels if lv not in available_levels()]
-    if unknown:
-        raise ValueError(f"unknown BabyAI level(s) {unknown}")
+    check_levels(levels)
     if simulations < 1 or k < 1 or max_depth < 1:
         raise ValueError("need simulations >= 1, k >= 1, max_depth >= 1")
     if policy != "scripted":
