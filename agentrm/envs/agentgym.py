@@ -21,9 +21,12 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agentrm.envs.base import replay
+
+if TYPE_CHECKING:
+    from agentrm.envs.registry import EnvSpec
 
 
 class AgentGymError(RuntimeError):
@@ -43,8 +46,13 @@ class AgentGymEnv:
         instruction: task description; default is the first observation of the episode.
 
     ``clone()`` creates a new server instance and :func:`replay`s the seed and the actions
-    taken so far (exact for deterministic environments, costs one request per action).
+    taken so far (exact for deterministic environments, costs one request per action;
+    ``clone_mode = "replay"``); ``close()`` releases the server-side instance.
+
+    Spec: ``agentgym:<env_name>@<base_url>``, e.g. ``agentgym:webshop@http://127.0.0.1:36001``.
     """
+
+    clone_mode = "replay"
 
     def __init__(
         self,
@@ -68,6 +76,8 @@ class AgentGymEnv:
         if not isinstance(created, dict) or "id" not in created:
             raise AgentGymError(f"{self.base_url}/create: expected {{'id': ...}}, got {created!r}")
         self.env_id = created["id"]
+        self.spec: EnvSpec | None = None
+        self.closed = False
 
     # ---- Env protocol --------------------------------------------------------------------
     @property
@@ -113,8 +123,21 @@ class AgentGymEnv:
         """``GET /observation?id=``: the current observation."""
         return str(self._request("GET", "/observation", {"id": self.env_id}))
 
+    def expert_policy(self, error_rate: float = 0.0, seed: int = 0):
+        """AgentGym servers expose no expert: collect with an LM policy instead."""
+        raise NotImplementedError(
+            f"{self.env_name} (AgentGym server) has no scripted expert; use an LM policy (hf or openai)"
+        )
+
+    def instance_key(self, seed: int) -> str:
+        """``agentgym:<env_name>#idx=<data_idx>``: a task instance is the server's data index."""
+        return f"agentgym:{self.env_name}#idx={int(seed)}"
+
     def close(self) -> None:
-        """``POST /close`` where the server has it (a 404 is ignored)."""
+        """``POST /close`` where the server has it (a 404 is ignored); idempotent."""
+        if self.closed:
+            return
+        self.closed = True
         try:
             self._request("POST", "/close", {"id": self.env_id}, retries=0)
         except AgentGymError as e:
@@ -122,7 +145,7 @@ class AgentGymEnv:
                 raise
 
     def _spawn(self) -> AgentGymEnv:
-        return AgentGymEnv(
+        env = AgentGymEnv(
             self.base_url,
             self.env_name,
             self.timeout,
@@ -131,6 +154,8 @@ class AgentGymEnv:
             self._valid_actions,
             self._fixed_instruction,
         )
+        env.spec = self.spec
+        return env
 
     def _request(self, method: str, path: str, payload: dict[str, Any], retries: int | None = None) -> Any:
         url = self.base_url + path
@@ -170,3 +195,11 @@ class AgentGymEnv:
         if isinstance(out, dict) and "error" in out:
             raise AgentGymError(f"{self.env_name} server {url}: {out['error']}")
         return out
+
+
+def make(spec: EnvSpec) -> AgentGymEnv:
+    """Registry factory: ``agentgym:<env_name>@<base_url>`` with options ``timeout``, ``max_retries``, ``backoff``."""
+    if not spec.split.startswith(("http://", "https://")):
+        raise ValueError(f"env spec {str(spec)!r}: AgentGym needs the server URL, e.g. agentgym:webshop@http://127.0.0.1:36001")
+    opts = {k: spec.options[k] for k in ("timeout", "max_retries", "backoff") if k in spec.options}
+    return AgentGymEnv(spec.split, spec.task, **opts)

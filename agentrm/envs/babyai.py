@@ -22,12 +22,16 @@ import copy
 import io
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import minigrid  # noqa: F401  (registers the BabyAI envs with gymnasium)
 from minigrid.core.actions import Actions
 from minigrid.core.constants import COLOR_NAMES
+
+if TYPE_CHECKING:
+    from agentrm.envs.babyai_expert import ScriptedBabyAIPolicy
+    from agentrm.envs.registry import EnvSpec
 
 ACTIONS: dict[str, int] = {
     "turn left": Actions.left,
@@ -117,8 +121,15 @@ class BabyAITextEnv:
     ``clone()`` deep-copies the minigrid env together with :attr:`extras` in one
     ``copy.deepcopy`` call (about 0.3 ms), so objects in ``extras`` that reference the
     env (such as a planner bound to it) are re-bound to the copy.  This is exact: the
-    env's RNG state is copied too.
+    env's RNG state is copied too (``clone_mode = "copy"``).  ``close()`` drops the
+    minigrid env (nothing outside the process is held).
+
+    Spec: ``babyai:<level>`` with options ``max_steps`` and ``max_objects``; BabyAI has no
+    official splits, so task instances are the seeds and train/evaluation disjointness is
+    checked on them (:meth:`instance_key`).
     """
+
+    clone_mode = "copy"
 
     def __init__(self, level: str = "GoToRedBall", max_steps: int | None = None, max_objects: int = 4):
         env_id = check_levels([level])[level]
@@ -126,6 +137,9 @@ class BabyAITextEnv:
         self.level = level
         self.max_objects = max_objects
         self.env = gym.make(env_id, **kwargs).unwrapped
+        self.max_steps = max_steps
+        self.spec: EnvSpec | None = None
+        self.closed = False
         self.seed: int | None = None
         self.history: list[str] = []
         """Raw action texts applied since the last reset (for replay and planners)."""
@@ -214,7 +228,27 @@ class BabyAITextEnv:
         new = copy.copy(self)
         new.env, new.extras = copy.deepcopy((self.env, self.extras))
         new.history = list(self.history)
+        if self.closed:
+            raise RuntimeError("clone() of a closed environment")
         return new
+
+    def close(self) -> None:
+        """Drop the minigrid env and planner state (idempotent)."""
+        if not self.closed:
+            self.env.close()
+        self.closed = True
+        self.extras = {}
+        self.done = True
+
+    def expert_policy(self, error_rate: float = 0.0, seed: int = 0) -> ScriptedBabyAIPolicy:
+        """minigrid's BabyAI bot with injected errors (:class:`~agentrm.envs.babyai_expert.ScriptedBabyAIPolicy`)."""
+        from agentrm.envs.babyai_expert import ScriptedBabyAIPolicy
+
+        return ScriptedBabyAIPolicy(error_rate, seed=seed)
+
+    def instance_key(self, seed: int) -> str:
+        """``babyai:<level>#seed=<seed>``: a BabyAI task instance is its level and seed."""
+        return f"babyai:{self.level}#seed={int(seed)}"
 
     # ------------------------------------------------------------------ rendering
     def _signature(self) -> tuple:
@@ -285,3 +319,16 @@ def _name(obj: Any) -> str:
         state = "open" if obj.is_open else ("locked" if obj.is_locked else "closed")
         return f"{state} {obj.color} door"
     return f"{obj.color} {obj.type}"
+
+
+def make(spec: EnvSpec) -> BabyAITextEnv:
+    """Registry factory: ``babyai:<level>`` with options ``max_steps`` (int) and ``max_objects`` (int)."""
+    unknown = set(spec.options) - {"max_steps", "max_objects"}
+    if unknown:
+        raise ValueError(f"env spec {str(spec)!r}: unknown BabyAI option(s) {sorted(unknown)}; use max_steps, max_objects")
+    max_steps = spec.option("max_steps")
+    return BabyAITextEnv(
+        spec.task,
+        max_steps=None if max_steps is None else int(max_steps),
+        max_objects=int(spec.option("max_objects", 4)),
+    )

@@ -1,17 +1,18 @@
-"""Scripted policies for data generation: a noisy BabyAI expert and a uniform random policy."""
+"""BabyAI's expert for data generation: minigrid's BabyAI bot with injected errors."""
 
 from __future__ import annotations
 
 import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from minigrid.utils.baby_ai_bot import BabyAIBot
 
-from agentrm.data.schema import Trajectory
 from agentrm.envs.babyai import ACTIONS, BabyAITextEnv
-from agentrm.envs.base import Env
+
+if TYPE_CHECKING:
+    from agentrm.envs.base import Env
 
 _ID_TO_NAME = {int(v): k for k, v in ACTIONS.items()}
 _BOT_KEY = "scripted_babyai_bot"
@@ -57,7 +58,7 @@ class ScriptedBabyAIPolicy:
         self.stats: Counter[str] = Counter()
         """Counts of planner events: ``replan``, ``fresh_bot``, ``bot_failed``."""
 
-    def propose(self, env: Env | None, history: Trajectory | None = None, k: int = 1) -> list[str]:
+    def propose(self, env: Env | None, history: Any = None, k: int = 1) -> list[str]:
         """Sample ``k`` actions for ``env``'s current state (``history`` is not needed)."""
         if not isinstance(env, BabyAITextEnv):
             raise TypeError(f"ScriptedBabyAIPolicy needs a BabyAITextEnv, got {type(env).__name__}")
@@ -104,15 +105,3 @@ class ScriptedBabyAIPolicy:
         except Exception:
             self.stats["bot_failed"] += 1
             return None, None
-
-
-class RandomPolicy:
-    """Uniformly random valid actions (a baseline that mostly fails)."""
-
-    def __init__(self, seed: int = 0):
-        self.rng = random.Random(seed)
-
-    def propose(self, env: Env | None, history: Trajectory | None = None, k: int = 1) -> list[str]:
-        """Sample ``k`` actions uniformly from ``env.valid_actions`` (BabyAI's if env is None)."""
-        actions = env.valid_actions if env is not None else list(ACTIONS)
-        return [self.rng.choice(actions) for _ in range(k)]
