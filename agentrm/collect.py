@@ -1,19 +1,209 @@
-"""``python -m agentrm.collect``: generate BabyAI trajectories with Monte-Carlo step values.
+"""``python -m agentrm.collect``: trajectories with Monte-Carlo step values from any environment, resumable.
 
 Example::
 
-    python -m agentrm.collect --out data/babyai.jsonl --levels '[GoToRedBall, GoToLocal]' \
-        --episodes 100 --error_rate 0.3 --rollouts 4 --siblings 1 --workers 2
+    python -m agentrm.collect --out data/mixed.jsonl \
+        --envs '[babyai:GoToLocal?max_steps=24, sciworld:find-living-thing@train, textworld:cooking]' \
+        --episodes 20 --error_rate 0.2 --rollouts 4 --siblings 1 --workers 2
 
-Re-running the same command resumes an interrupted run.  See
-:func:`agentrm.data.collect.collect` for all options (``--help``).
+Jobs (one main episode each, plus its sibling branches) are ordered round-robin over the
+env specs (:mod:`agentrm.data.jobs`); every seed of a job derives from ``(seed, task,
+episode index)`` alone, so the output does not depend on ``workers``, the backend or on
+resuming.  The acting policy is each environment's own expert with ``error_rate``.
+
+Records of a job are written as one block, main record first (its ``meta.branches``
+says how many branch records follow), each line flushed.  Re-running the same command
+resumes after the last complete block (a truncated line or a partial block from a
+killed run is cut), so the final file equals an uninterrupted run's.
 """
 
 from __future__ import annotations
 
-from agentrm.data.collect import collect, main
+import functools
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-__all__ = ["collect", "main"]
+from agentrm.data.jobs import Job, plan_jobs
+from agentrm.data.resumable import run_resumable, scan_blocks
+from agentrm.data.workers import Backend, make_pool
+from agentrm.envs.registry import env_for, parse_specs
+from agentrm.policies.expert import EnvExpertPolicy
+from agentrm.targets.monte_carlo import run_episode
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that determines the records (stored in each record's ``meta``)."""
+
+    error_rate: float
+    rollouts: int
+    siblings: int
+    seed: int
+
+
+def run_job(job: Job, settings: Settings) -> list[str]:
+    """Play one job; return its records as JSON lines (main record first)."""
+    env_seed, policy_seed, branch_seed = job.seeds(settings.seed)
+    env = env_for(job.spec)
+    meta = {
+        "env": str(job.spec),
+        "seed": env_seed,
+        "instance": env.instance_key(env_seed),
+        "error_rate": settings.error_rate,
+        "rollouts": settings.rollouts,
+    }
+    records = run_episode(
+        env,
+        EnvExpertPolicy(settings.error_rate, seed=policy_seed),
+        env_seed,
+        episode_id=job.episode_id(settings.seed),
+        task=job.spec.name,
+        rollouts=settings.rollouts,
+        siblings=settings.siblings,
+        branch_seed=branch_seed,
+        meta=meta,
+    )
+    return [json.dumps(_rounded(r.to_dict()), ensure_ascii=False) for r in records]
+
+
+def _rounded(rec: dict[str, Any], digits: int = 4) -> dict[str, Any]:
+    """Round reward and step values (keeps the file small; MC estimates are coarse anyway)."""
+    rec["reward"] = round(rec["reward"], digits)
+    for s in rec["steps"]:
+        if s.get("value") is not None:
+            s["value"] = round(s["value"], digits)
+    return rec
+
+
+def scan_complete(path: str | os.PathLike, jobs: list[Job], settings: Settings) -> tuple[int, int]:
+    """``(jobs_done, byte_offset)`` of the complete job blocks at the start of an existing output file.
+
+    Raises:
+        ValueError: if the file holds records of different jobs or settings.
+    """
+    return scan_blocks(path, len(jobs), functools.partial(_check_head, path, jobs, settings), _is_branch)
+
+
+def _check_head(path: str | os.PathLike, jobs: list[Job], settings: Settings, rec: dict, index: int) -> int:
+    meta = rec.get("meta", {})
+    job = jobs[index]
+    want = job.episode_id(settings.seed)
+    got = {k: meta.get(k) for k in ("env", "error_rate", "rollouts")}
+    expected = {"env": str(job.spec), "error_rate": settings.error_rate, "rollouts": settings.rollouts}
+    if rec.get("id") != want or got != expected:
+        raise ValueError(
+            f"{path} was written with other arguments (found {rec.get('id')!r} {got}, expected {want!r} "
+            f"{expected}); pass --overwrite true or choose another --out"
+        )
+    return int(meta.get("branches", 0))
+
+
+def _is_branch(rec: dict, head: dict) -> bool:
+    meta = rec.get("meta", {})
+    return meta.get("group") == head.get("id") and "branch_at" in meta
+
+
+def summarize(path: str | os.PathLike) -> dict[str, Any]:
+    """Episode count, success rate and mean steps of the main records; branch count; file size."""
+    mains, branches = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            rec = json.loads(line)
+            if "branch_at" in rec.get("meta", {}):
+                branches += 1
+            else:
+                mains.append(rec)
+    n = len(mains)
+    return {
+        "episodes": n,
+        "branch_records": branches,
+        "success_rate": sum(r["success"] for r in mains) / n if n else float("nan"),
+        "mean_steps": sum(len(r["steps"]) for r in mains) / n if n else float("nan"),
+        "bytes": Path(path).stat().st_size,
+    }
+
+
+def collect(
+    out: str = "data/trajectories.jsonl",
+    envs: list[str] | None = None,
+    episodes: int = 100,
+    error_rate: float = 0.3,
+    rollouts: int = 4,
+    siblings: int = 1,
+    seed: int = 0,
+    workers: int = 1,
+    backend: Backend = "local",
+    ray_address: str | None = None,
+    overwrite: bool = False,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run each environment's noisy expert and write trajectories with Monte-Carlo step values as JSONL.
+
+    Re-running the same command resumes after the last complete episode.
+
+    Args:
+        out: output JSONL path.
+        envs: env specs (e.g. ``babyai:GoToLocal?max_steps=24``, ``sciworld:boil@train``,
+            ``textworld:cooking``); default ``[babyai:GoToRedBall]``.
+        episodes: main episodes per spec.
+        error_rate: probability that the expert's action is replaced by another valid one.
+        rollouts: rollouts per Monte-Carlo value estimate; 0 skips the estimates (only the
+            terminal step gets a value: cheap expert demonstrations for behaviour cloning).
+        siblings: sibling branch records per main episode.
+        seed: base seed; every episode's seeds derive from (seed, task, episode index).
+        workers: worker processes (1: run in this process).
+        backend: ``local`` (spawned processes) or ``ray`` (``ray_address`` of a cluster, or a local Ray).
+        overwrite: start from scratch instead of resuming.
+        limit: stop after this many new episodes (rerun to continue).
+        progress: show a progress bar.
+
+    Returns:
+        The summary of the whole file (see :func:`summarize`) plus ``seconds``.
+    """
+    specs = parse_specs(envs or ["babyai:GoToRedBall"])
+    if rollouts < 0 or episodes < 0 or siblings < 0 or (siblings and not rollouts):
+        raise ValueError("need rollouts >= 0, episodes >= 0, siblings >= 0 (and rollouts >= 1 for siblings)")
+    if not 0.0 <= error_rate <= 1.0:
+        raise ValueError(f"error_rate must be in [0, 1], got {error_rate}")
+    settings = Settings(error_rate, rollouts, siblings, seed)
+    jobs = plan_jobs(specs, episodes)
+    path = Path(out)
+    start = time.perf_counter()
+    run_resumable(
+        path,
+        jobs,
+        functools.partial(run_job, settings=settings),
+        functools.partial(_check_head, path, jobs, settings),
+        _is_branch,
+        overwrite=overwrite,
+        limit=limit,
+        workers=make_pool(workers, backend, ray_address),
+        progress=progress,
+        desc="episodes",
+        unit="ep",
+    )
+    summary = summarize(path)
+    summary["seconds"] = time.perf_counter() - start
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Command-line entry point (``python -m agentrm.collect --help``)."""
+    from jsonargparse import auto_cli
+
+    summary = auto_cli(collect, args=argv)
+    print(
+        f"episodes {summary['episodes']} (+{summary['branch_records']} branch records), "
+        f"success rate {summary['success_rate']:.3f}, mean steps {summary['mean_steps']:.1f}, "
+        f"file {summary['bytes'] / 1e6:.2f} MB, this run {summary['seconds']:.1f} s"
+    )
+    return summary
+
 
 if __name__ == "__main__":
     main()

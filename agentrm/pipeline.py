@@ -114,8 +114,7 @@ def _fit(stage: FitStage, out_dir: Path, train_path: Path) -> dict[str, Any]:
 
 def run_pipeline(
     run_dir: str = "runs/pipeline_tiny",
-    levels: list[str] | None = None,
-    max_steps: int | None = 24,
+    envs: list[str] | None = None,
     seed: int = 0,
     expert: ExpertStage | None = None,
     sft: FitStage | None = None,
@@ -130,8 +129,8 @@ def run_pipeline(
 
     Args:
         run_dir: every stage's outputs go to ``<run_dir>/<stage>/``.
-        levels: training levels (default GoToRedBall, GoToObj, GoToLocal, PickupLoc).
-        max_steps: env step limit everywhere.
+        envs: training env specs (held-in task types), e.g. ``babyai:GoToLocal?max_steps=24``;
+            required (the shipped tiny config lists four BabyAI levels).
         seed: base seed of the expert episodes and the trees (evaluation uses ``eval.seed``).
         expert, sft, trees, rm, eval: stage settings.
         force: stages to redo even if finished.
@@ -141,7 +140,11 @@ def run_pipeline(
     Returns:
         Each stage's summary (also in ``<run_dir>/<stage>/DONE`` and ``<run_dir>/summary.json``).
     """
-    levels = list(levels or ["GoToRedBall", "GoToObj", "GoToLocal", "PickupLoc"])
+    from agentrm.envs.registry import parse_specs
+
+    specs = [str(s) for s in parse_specs(envs)]
+    if not specs:
+        raise ValueError("pipeline: give the training env specs with --envs (e.g. '[babyai:GoToLocal?max_steps=24]')")
     expert = expert or ExpertStage()
     sft = sft or FitStage("configs/tiny/policy_sft.yaml")
     trees = trees or TreeStage()
@@ -161,34 +164,32 @@ def run_pipeline(
     def do_expert() -> dict[str, Any]:
         if expert.path:
             return {"path": str(resolve_path(expert.path))}
-        from agentrm.data.collect import collect
+        from agentrm.collect import collect
 
         out = d["expert"] / "expert.jsonl"
         s = collect(
             out=str(out),
-            levels=levels,
+            envs=specs,
             episodes=expert.episodes,
             error_rate=0.0,
             rollouts=0,
             siblings=0,
-            max_steps=max_steps,
             seed=seed,
             progress=progress,
         )
         return {"path": str(out), **s}
 
     def do_trees() -> dict[str, Any]:
-        from agentrm.targets.mcts import build_trees
+        from agentrm.trees import build_trees
 
         s = build_trees(
             out=str(d["trees"] / "trees.jsonl"),
-            levels=levels,
+            envs=specs,
             episodes=trees.episodes,
             simulations=trees.simulations,
             k=trees.k,
             c=trees.c,
             max_depth=trees.max_depth,
-            max_steps=max_steps,
             policy=summary["sft"]["hf_model"],
             temperature=trees.temperature,
             seed=seed,
@@ -206,12 +207,11 @@ def run_pipeline(
 
         rows = evaluate(
             out_dir=str(d["eval"]),
-            held_in=levels,
+            held_in=specs,
             held_out=ev.held_out,
             episodes=ev.episodes,
             seed=ev.seed,
             train_seed=seed,
-            max_steps=max_steps,
             policy=PolicySpec(
                 kind="hf",
                 model=summary["sft"]["hf_model"],
@@ -225,7 +225,7 @@ def run_pipeline(
             progress=progress,
             show=progress,
         )
-        keep = ("level_set", "method", "scorer", "n", "success_rate", "avg_reward")
+        keep = ("env_set", "method", "scorer", "n", "success_rate", "avg_reward")
         return {"out_dir": str(d["eval"]), "rows": [{k: r.get(k) for k in keep} for r in rows]}
 
     actions: dict[str, Callable[[], dict[str, Any]]] = {
@@ -255,8 +255,7 @@ def run_pipeline(
     (root / "pipeline_config.json").write_text(
         json.dumps(
             {
-                "levels": levels,
-                "max_steps": max_steps,
+                "envs": specs,
                 "seed": seed,
                 "expert": asdict(expert),
                 "sft": asdict(sft),
@@ -280,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         print(f"{stage:7s}: {brief}")
     for r in summary.get("eval", {}).get("rows", []):
         print(
-            f"  {r['level_set']:8s} {r['method']:10s} {r['scorer'] or '':9s} n={r['n'] or '':<3} "
+            f"  {r['env_set']:8s} {r['method']:10s} {r['scorer'] or '':9s} n={r['n'] or '':<3} "
             f"success {r['success_rate']:.3f}"
         )
     return summary

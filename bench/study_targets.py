@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from agentrm.data.collect import Job  # noqa: E402
 from agentrm.data.schema import Trajectory, write_jsonl  # noqa: E402
 from agentrm.envs.babyai import BabyAITextEnv  # noqa: E402
-from agentrm.policies.scripted import ScriptedBabyAIPolicy  # noqa: E402
+from agentrm.envs.babyai_expert import ScriptedBabyAIPolicy  # noqa: E402
 from agentrm.targets.mcts import MCTS, MCTSConfig, flatten_tree  # noqa: E402
 from agentrm.targets.monte_carlo import run_episode  # noqa: E402
 

@@ -20,8 +20,7 @@ FIT = {
 def _run(tmp_path, **kw):
     return run_pipeline(
         run_dir=str(tmp_path / "run"),
-        levels=["GoToRedBall", "GoToObj"],
-        max_steps=8,
+        envs=["babyai:GoToRedBall?max_steps=8", "babyai:GoToObj?max_steps=8"],
         seed=0,
         expert=ExpertStage(episodes=3),
         sft=FitStage("configs/tiny/policy_sft.yaml", FIT),
@@ -51,8 +50,8 @@ def test_pipeline_runs_all_stages_then_skips_them(tmp_path, monkeypatch):
         raise AssertionError("a finished stage was rerun")
 
     monkeypatch.setattr(pipeline, "_fit", boom)
-    monkeypatch.setattr("agentrm.targets.mcts.build_trees", boom)
-    monkeypatch.setattr("agentrm.data.collect.collect", boom)
+    monkeypatch.setattr("agentrm.trees.build_trees", boom)
+    monkeypatch.setattr("agentrm.collect.collect", boom)
     monkeypatch.setattr("agentrm.search.evaluate.evaluate", boom)
     again = _run(tmp_path)
     assert all(again[st]["skipped"] for st in pipeline.STAGES)

@@ -11,13 +11,14 @@ as long as each job's output is a pure function of the job.
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from tqdm import tqdm
+
+from agentrm.data.workers import WorkerPool, make_pool
 
 J = TypeVar("J")
 
@@ -68,16 +69,6 @@ def scan_blocks(
     return done, good_end
 
 
-def map_jobs(fn: Callable[[J], Any], jobs: Sequence[J], workers: int = 1) -> Iterator[Any]:
-    """``map(fn, jobs)`` in order, in this process or a ``fork`` pool of ``workers`` processes."""
-    if workers <= 1 or len(jobs) <= 1:
-        yield from map(fn, jobs)
-        return
-    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-    with ctx.Pool(workers) as pool:
-        yield from pool.imap(fn, jobs, chunksize=1)
-
-
 def run_resumable(
     path: str | os.PathLike,
     jobs: Sequence[J],
@@ -87,7 +78,7 @@ def run_resumable(
     *,
     overwrite: bool = False,
     limit: int | None = None,
-    workers: int = 1,
+    workers: int | WorkerPool = 1,
     progress: bool = True,
     desc: str = "jobs",
     unit: str = "job",
@@ -101,7 +92,7 @@ def run_resumable(
         check_head, is_member: see :func:`scan_blocks`.
         overwrite: start from scratch instead of resuming.
         limit: stop after this many new jobs (rerun to continue).
-        workers: worker processes.
+        workers: worker processes (local, spawned) or a :class:`~agentrm.data.workers.WorkerPool`.
         progress: show a tqdm bar.
 
     Returns:
@@ -119,7 +110,8 @@ def run_resumable(
     todo = list(jobs[done:] if limit is None else jobs[done : done + limit])
     with open(path, "a", encoding="utf-8") as f:
         bar = tqdm(total=len(jobs), initial=done, desc=desc, unit=unit, disable=not progress)
-        for lines in map_jobs(fn, todo, workers):
+        pool = make_pool(workers) if isinstance(workers, int) else workers
+        for lines in pool.imap(fn, todo):
             for line in lines:
                 f.write(line + "\n")
                 f.flush()

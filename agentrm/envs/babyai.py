@@ -31,7 +31,7 @@ from minigrid.core.constants import COLOR_NAMES
 
 if TYPE_CHECKING:
     from agentrm.envs.babyai_expert import ScriptedBabyAIPolicy
-    from agentrm.envs.registry import EnvSpec
+    from agentrm.envs.registry import EnvSpec  # noqa: F811
 
 ACTIONS: dict[str, int] = {
     "turn left": Actions.left,
@@ -138,7 +138,12 @@ class BabyAITextEnv:
         self.max_objects = max_objects
         self.env = gym.make(env_id, **kwargs).unwrapped
         self.max_steps = max_steps
-        self.spec: EnvSpec | None = None
+        from agentrm.envs.registry import EnvSpec
+
+        opts: dict[str, Any] = {} if max_steps is None else {"max_steps": int(max_steps)}
+        if max_objects != 4:
+            opts["max_objects"] = max_objects
+        self.spec: EnvSpec = EnvSpec("babyai", level, "train", opts)
         self.closed = False
         self.seed: int | None = None
         self.history: list[str] = []
@@ -231,6 +236,10 @@ class BabyAITextEnv:
         if self.closed:
             raise RuntimeError("clone() of a closed environment")
         return new
+
+    def canonical_action(self, text: str) -> str | None:
+        """The canonical action ``text`` means (aliases, case, an ``Action:`` line), or None."""
+        return normalize_action(text)
 
     def close(self) -> None:
         """Drop the minigrid env and planner state (idempotent)."""

@@ -176,6 +176,21 @@ def make_env(spec: str | Mapping[str, Any] | EnvSpec) -> Env:
     return env
 
 
+_PROCESS_ENVS: dict[str, Env] = {}
+
+
+def env_for(spec: str | Mapping[str, Any] | EnvSpec) -> Env:
+    """This process's long-lived environment for ``spec`` (built on first use, then reused).
+
+    Worker processes of the collector and the tree builder own their environments
+    through this cache; each job resets the environment it gets.
+    """
+    key = str(parse_spec(spec))
+    if key not in _PROCESS_ENVS:
+        _PROCESS_ENVS[key] = make_env(key)
+    return _PROCESS_ENVS[key]
+
+
 def check_disjoint(train: Iterable[str], evaluation: Iterable[str], what: str = "evaluation") -> None:
     """Raise if any task instance key appears in both collections.
 

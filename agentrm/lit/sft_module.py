@@ -9,7 +9,7 @@ template that :func:`~agentrm.data.tokenize.tokenize_trajectory` accepts works.
 The exported directory is a plain Hugging Face causal LM plus tokenizer (LoRA merged),
 with ``eos_token_id`` set to the tokenizer's end-of-turn token, so
 :class:`~agentrm.policies.hf.HFPolicy` (or ``PolicySpec(kind="hf", model=dir)`` in the
-search harness) samples actions from it directly; see :func:`load_sft_policy`.
+search harness) samples actions from it directly; see :func:`agentrm.policies.hf.load_hf_policy`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torchmetrics import MeanMetric
 from agentrm.lit.optim import adamw_with_warmup_cosine
 from agentrm.lit.trainable import apply_lora
 from agentrm.models.backbone import build_backbone
-from agentrm.paths import load_tokenizer, resolve_path
+from agentrm.paths import load_tokenizer
 
 IGNORE = -100
 
@@ -192,16 +192,3 @@ def _set_special_tokens(model, tokenizer) -> None:
             cfg.pad_token_id = pad
         if tokenizer.bos_token_id is not None:
             cfg.bos_token_id = tokenizer.bos_token_id
-
-
-def load_sft_policy(
-    path: str | Path, temperature: float = 1.0, seed: int = 0, max_new_tokens: int = 16, **kw: Any
-):
-    """An :class:`~agentrm.policies.hf.HFPolicy` on an exported SFT directory (plugs into the ``Policy`` protocol)."""
-    from agentrm.policies.hf import HFPolicy
-
-    d = resolve_path(path)
-    model = build_backbone(str(d), causal_lm=True)
-    return HFPolicy(
-        model, load_tokenizer(str(d)), temperature=temperature, seed=seed, max_new_tokens=max_new_tokens, **kw
-    )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 
 from agentrm.data.schema import Trajectory
@@ -98,3 +101,17 @@ class HFPolicy:
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         return int(pad) if pad is not None else 0
+
+
+def load_hf_policy(
+    path: str | Path, temperature: float = 1.0, seed: int = 0, max_new_tokens: int = 16, **kw: Any
+) -> HFPolicy:
+    """An :class:`HFPolicy` on an exported causal-LM directory (e.g. the SFT policy of ``python -m agentrm.fit``)."""
+    from agentrm.models.backbone import build_backbone
+    from agentrm.paths import load_tokenizer, resolve_path
+
+    d = resolve_path(path)
+    model = build_backbone(str(d), causal_lm=True)
+    return HFPolicy(
+        model, load_tokenizer(str(d)), temperature=temperature, seed=seed, max_new_tokens=max_new_tokens, **kw
+    )

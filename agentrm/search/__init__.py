@@ -8,12 +8,11 @@ from agentrm.search.beam import beam_search
 from agentrm.search.best_of_n import best_of_n, rank_samples, select_best
 from agentrm.search.episode import SearchResult, begin_episode
 from agentrm.search.greedy import greedy, sample_trajectories, sampling
-from agentrm.search.oracle import OracleScorer, babyai_env_factory
+from agentrm.search.oracle import OracleScorer, spec_env_factory
 
 __all__ = [
     "OracleScorer",
     "SearchResult",
-    "babyai_env_factory",
     "beam_search",
     "begin_episode",
     "best_of_n",
@@ -22,4 +21,5 @@ __all__ = [
     "sample_trajectories",
     "sampling",
     "select_best",
+    "spec_env_factory",
 ]

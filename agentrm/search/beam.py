@@ -6,14 +6,16 @@ are each executed on their own clone of the beam's environment first, then score
 single ``scorer.score_candidates(beam_history, [Step(action, observation), ...])`` call
 (one packed forward for the RM scorers; the value RM reads each value at the end of the
 candidate's observation, as in training).  The ``width`` best non-terminal children over all expansions become the
-next beams.  A child that reaches success is returned at once (the best-scored one if
-several succeed in the same round); children that end in failure are kept as fallbacks.
-The search stops on success, when no live beam is left, or after ``max_depth`` steps; it
-then returns the best-scored fallback or live beam.
+next beams; children whose episode ended are kept as *finished* candidates with their score.
 
-Environments must be clonable (``Env.clone``; ``BabyAITextEnv`` deep-copies).  For an
-environment whose state cannot be copied, wrap it so that ``clone()`` calls
-:func:`agentrm.envs.base.replay` with the episode seed and the beam's actions.
+**Selection reads the scorer only.**  The environment's reward and success flag are
+recorded for the metrics but never consulted: the search stops when the best-scored
+finished candidate scores at least as high as every live beam (it would be chosen over
+them), when no live beam is left, or after ``max_depth`` steps, and it returns the
+best-scored candidate among the finished ones and the live beams (ties: expansion order).
+
+Environments must be clonable (``Env.clone``: a copy or a replay, see each family);
+every clone is closed as soon as its node is dropped.
 
 Ranking uses the candidate's score as is: for a value RM that is the value of the state
 after the step; an implicit PRM scorer can aggregate over the prefix itself
@@ -71,67 +73,44 @@ def beam_search(
     Returns:
         A :class:`SearchResult` whose ``candidates``/``scores`` are the final live beams and the
         failed fallbacks; ``stats`` counts ``env_steps``, ``policy_calls``, ``candidates_scored``,
-        ``tokens_scored``, ``forward_passes``, ``depth`` and ``stop`` (``success``, ``all_done``
-        or ``budget``).
+        ``tokens_scored``, ``forward_passes``, ``depth`` and ``stop`` (``finished``: the best-scored
+        candidate had finished; ``all_done``; or ``budget``).
     """
     if width < 1 or k < 1:
         raise ValueError(f"need width >= 1 and k >= 1, got width={width}, k={k}")
     before = scorer.counters.as_dict()
     root = _Node(env=env, history=begin_episode(env, seed, task, episode_id), score=float("nan"))
-    beams, fallbacks = [root], []
+    beams, finished = [root], []
     stats = {"env_steps": 0, "policy_calls": 0, "candidates_scored": 0, "depth": 0, "stop": "budget"}
-    winner: _Node | None = None
     for depth in range(max_depth):
         children: list[_Node] = []
         for beam in beams:
-            cands = policy.propose(beam.env, beam.history, k)
-            stats["policy_calls"] += 1
-            if dedupe is not None:
-                seen: dict[str, str] = {}
-                for c in cands:
-                    seen.setdefault(dedupe(c), c)
-                cands = list(seen.values())
-            stepped = []
-            for cand in cands:
-                child_env = beam.env.clone()
-                obs, reward, done, info = child_env.step(cand)
-                stats["env_steps"] += 1
-                stepped.append((cand, child_env, obs, reward, done, info))
-            # Step candidates: the value RM reads the value after the observation, as in training
-            scores = scorer.score_candidates(beam.history, [Step(c, obs) for c, _, obs, *_ in stepped])
-            stats["candidates_scored"] += len(cands)
-            for (cand, child_env, obs, reward, done, info), score in zip(stepped, scores.tolist()):
-                children.append(
-                    _Node(
-                        env=child_env,
-                        history=extend(beam.history, cand, obs),
-                        score=float(score),
-                        done=bool(done),
-                        reward=float(reward),
-                        success=bool(info.get("success", False)),
-                    )
-                )
+            children.extend(_expand(beam, policy, scorer, k, dedupe, stats))
+            if beam is not root:
+                beam.env.close()
         stats["depth"] = depth + 1
-        won = [c for c in children if c.success]
-        if won:
-            winner = max(won, key=_key)
-            stats["stop"] = "success"
-            break
-        fallbacks.extend(c for c in children if c.done)
-        live = [c for c in children if not c.done]
-        live.sort(key=_key, reverse=True)  # stable: ties keep expansion order
+        for c in children:
+            if c.done:
+                c.env.close()
+                finished.append(c)
+        live = sorted((c for c in children if not c.done), key=_key, reverse=True)  # stable: expansion order
         beams = live[:width]
+        for dropped in live[width:]:
+            dropped.env.close()
         if not beams:
             stats["stop"] = "all_done"
+            break
+        if finished and max(map(_key, finished)) >= _key(beams[0]):
+            stats["stop"] = "finished"
             break
     after = scorer.counters.as_dict()
     stats["tokens_scored"] = after["forward_tokens"] - before["forward_tokens"]
     stats["forward_passes"] = after["forward_passes"] - before["forward_passes"]
-    if winner is not None:
-        pool, chosen = [winner, *fallbacks], 0
-    else:
-        pool = [b for b in beams if b is not root] + fallbacks or [root]
-        chosen = max(range(len(pool)), key=lambda i: (_key(pool[i]), -i))
+    pool = finished + [b for b in beams if b is not root] or [root]
+    chosen = max(range(len(pool)), key=lambda i: (_key(pool[i]), -i))
+    for b in beams:
+        if b is not root:
+            b.env.close()
     trajs = [
         finish(p.history, p.reward if p.done else 0.0, p.success, depth=len(p.history.steps)) for p in pool
     ]
@@ -143,6 +122,39 @@ def beam_search(
         chosen=chosen,
         stats=stats,
     )
+
+
+def _expand(
+    beam: _Node, policy: Policy, scorer: Scorer, k: int, dedupe: Callable[[str], str] | None, stats: dict
+) -> list[_Node]:
+    """Sample ``k`` actions for ``beam``, execute each on a clone, score them in one call."""
+    cands = policy.propose(beam.env, beam.history, k)
+    stats["policy_calls"] += 1
+    if dedupe is not None:
+        seen: dict[str, str] = {}
+        for c in cands:
+            seen.setdefault(dedupe(c), c)
+        cands = list(seen.values())
+    stepped = []
+    for cand in cands:
+        child_env = beam.env.clone()
+        obs, reward, done, info = child_env.step(cand)
+        stats["env_steps"] += 1
+        stepped.append((cand, child_env, obs, reward, done, info))
+    # Step candidates: the value RM reads the value after the observation, as in training
+    scores = scorer.score_candidates(beam.history, [Step(c, obs) for c, _, obs, *_ in stepped])
+    stats["candidates_scored"] += len(cands)
+    return [
+        _Node(
+            env=child_env,
+            history=extend(beam.history, cand, obs),
+            score=float(score),
+            done=bool(done),
+            reward=float(reward),
+            success=bool(info.get("success", False)),
+        )
+        for (cand, child_env, obs, reward, done, info), score in zip(stepped, scores.tolist())
+    ]
 
 
 def _key(node: _Node) -> float:

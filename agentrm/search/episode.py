@@ -14,7 +14,7 @@ from typing import Any
 from agentrm.data.schema import Step, Trajectory
 from agentrm.envs.base import Env
 from agentrm.policies.base import Policy, start_history
-from agentrm.targets.monte_carlo import rollout
+from agentrm.policies.rollout import rollout
 
 
 @dataclass
@@ -50,14 +50,14 @@ class SearchResult:
 def begin_episode(env: Env, seed: int, task: str, episode_id: str = "") -> Trajectory:
     """Reset ``env`` with ``seed``; return the empty history (instruction = task text + first observation).
 
-    ``history.meta`` records ``seed`` (and ``level`` for BabyAI) so that scorers needing the
+    ``history.meta`` records ``seed`` and the env spec (``env``) so that scorers needing the
     true state (the oracle) can :func:`~agentrm.envs.base.replay` it.
     """
     first_obs = env.reset(seed)
     hist = start_history(task, f"{env.instruction}\n{first_obs}", episode_id)
     hist.meta = {"seed": int(seed)}
-    if isinstance(getattr(env, "level", None), str):
-        hist.meta["level"] = env.level
+    if getattr(env, "spec", None) is not None:
+        hist.meta["env"] = str(env.spec)
     return hist
 
 

@@ -1,11 +1,14 @@
-"""Evaluation harness: greedy, sampling, Best-of-N and beam search over held-in and held-out BabyAI levels.
+"""Evaluation harness: greedy, sampling, Best-of-N and beam search over held-in and held-out env specs.
 
-Episode seeds come from the data collector's derivation
-(:meth:`agentrm.data.collect.Job.seeds`: a pure function of ``(seed, level, index)``)
-with a different base ``seed`` than the reward model's training data (``train_seed``,
-default 0); :func:`check_disjoint_seeds` verifies that no evaluation episode is a
-training episode.  The acting policy of episode ``i`` is seeded the same way for every
-method, so greedy and the first Best-of-N sample are the same trajectory.
+Held-in and held-out sets are lists of env specs (``babyai:GoToLocal?max_steps=24``,
+``sciworld:boil@test``, ``textworld:cooking@test``).  Episode seeds come from the data
+collector's derivation (:meth:`agentrm.data.jobs.Job.seeds`: a pure function of ``(seed,
+task, index)``) with a different base ``seed`` than the reward model's training data;
+:func:`check_disjoint_instances` verifies through each environment's
+:meth:`~agentrm.envs.base.Env.instance_key` that no evaluation episode plays a training
+task instance (a seed for BabyAI, a variation for ScienceWorld, a game for TextWorld).
+The acting policy of episode ``i`` is seeded the same way for every method, so greedy
+and the first Best-of-N sample are the same trajectory.
 
 Best-of-N draws ``max(best_of_n)`` samples per episode once; Best-of-n for smaller n uses
 the first n of them (nested pools, the usual test-time scaling protocol), and each
@@ -27,8 +30,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from agentrm.data.collect import Job
-from agentrm.envs.babyai import BabyAITextEnv, check_levels
+from agentrm.data.jobs import Job
+from agentrm.envs.base import Env, close_quietly
+from agentrm.envs.registry import EnvSpec, check_disjoint, make_env, parse_specs
 from agentrm.scoring import Scorer
 from agentrm.search.beam import beam_search
 from agentrm.search.best_of_n import TieBreak, rank_samples
@@ -38,25 +42,35 @@ from agentrm.search.greedy import sample_trajectories
 from agentrm.search.report import plot_scaling, print_table, summarize, to_markdown, write_csv
 from agentrm.search.specs import PolicySpec, ScorerSpec, build_scorer, policy_factory
 
-HELD_IN = ["GoToRedBall", "GoToObj", "GoToLocal", "PickupLoc"]
-HELD_OUT = ["GoToRedBallGrey", "GoToRedBlueBall", "GoToObjS6", "GoToLocalS6N3", "PickupDist"]
+
+def instance_keys(env: Env, spec: EnvSpec, episodes: int, seed: int) -> set[str]:
+    """Task-instance keys of ``episodes`` jobs of ``spec`` with base ``seed``."""
+    return {env.instance_key(Job(spec, i).seeds(seed)[0]) for i in range(episodes)}
 
 
-def check_disjoint_seeds(
-    levels: list[str], episodes: int, seed: int, train_seed: int, train_episodes: int
+def check_disjoint_instances(
+    envs: dict[str, Env], specs: list[EnvSpec], episodes: int, seed: int, train_specs: list[EnvSpec],
+    train_seed: int, train_episodes: int,
 ) -> None:
-    """Raise if an evaluation env seed equals a training env seed of the same level.
+    """Raise ``ValueError`` if an evaluation episode plays a task instance of the training data.
 
-    Raises:
-        ValueError: naming the level and episode.
+    Args:
+        envs: built environments by spec string (training specs not in it are built and closed here).
+        specs: evaluation specs; ``episodes`` each with base ``seed``.
+        train_specs: the specs the reward model's data came from; ``train_episodes`` each with ``train_seed``.
     """
-    if seed == train_seed:
-        raise ValueError(f"seed={seed} equals train_seed: evaluation episodes would be training episodes")
-    for level in levels:
-        train = {Job(level, i).seeds(train_seed)[0] for i in range(train_episodes)}
-        for i in range(episodes):
-            if Job(level, i).seeds(seed)[0] in train:
-                raise ValueError(f"{level} evaluation episode {i} has a training seed; choose another seed")
+    evaluation: set[str] = set()
+    for spec in specs:
+        evaluation |= instance_keys(envs[str(spec)], spec, episodes, seed)
+    train: set[str] = set()
+    for spec in train_specs:
+        env = envs.get(str(spec)) or make_env(spec)
+        try:
+            train |= instance_keys(env, spec, train_episodes, train_seed)
+        finally:
+            if str(spec) not in envs:
+                close_quietly(env)
+    check_disjoint(train, evaluation)
 
 
 def _row(res: SearchResult, **fields: Any) -> dict[str, Any]:
@@ -75,9 +89,9 @@ def _row(res: SearchResult, **fields: Any) -> dict[str, Any]:
 
 
 def _episode_rows(
-    env: BabyAITextEnv,
-    level: str,
-    level_set: str,
+    env: Env,
+    spec: EnvSpec,
+    env_set: str,
     index: int,
     base_seed: int,
     make_policy,
@@ -88,10 +102,10 @@ def _episode_rows(
     beam_max_depth: int,
     tie_break: TieBreak,
 ) -> list[dict[str, Any]]:
-    env_seed, policy_seed, tie_seed = Job(level, index).seeds(base_seed)
-    eid = Job(level, index).episode_id(base_seed)
-    common = {"level": level, "level_set": level_set, "episode": index, "seed": env_seed}
-    task = f"babyai/{level}"
+    env_seed, policy_seed, tie_seed = Job(spec, index).seeds(base_seed)
+    eid = Job(spec, index).episode_id(base_seed)
+    common = {"env": str(spec), "env_set": env_set, "episode": index, "seed": env_seed}
+    task = spec.name
     rows = []
     base = {"scorer": None, "n": None, "w": None, "k": None}
     if greedy:
@@ -175,9 +189,9 @@ def evaluate(
     held_out: list[str] | None = None,
     episodes: int = 20,
     seed: int = 1000,
+    train_envs: list[str] | None = None,
     train_seed: int = 0,
     train_episodes: int = 1000,
-    max_steps: int | None = 24,
     policy: PolicySpec | None = None,
     scorers: list[ScorerSpec] | None = None,
     greedy: bool = True,
@@ -189,19 +203,20 @@ def evaluate(
     progress: bool = True,
     show: bool = True,
 ) -> list[dict[str, Any]]:
-    """Run the search methods on BabyAI levels and write per-episode rows, summary tables and a scaling plot.
+    """Run the search methods on env specs and write per-episode rows, summary tables and a scaling plot.
 
     Args:
         out_dir: output directory.
-        held_in: levels in the reward model's training data (default: GoToRedBall, GoToObj, GoToLocal, PickupLoc).
-        held_out: levels never seen in training (default: GoToRedBallGrey, GoToRedBlueBall, GoToObjS6,
-            GoToLocalS6N3, PickupDist). An empty list skips a set.
-        episodes: episodes per level.
-        seed: base seed of the evaluation episodes (must differ from ``train_seed``).
+        held_in: env specs of task types in the reward model's training data (evaluation
+            instances: another split or other seeds).
+        held_out: env specs of task types never seen in training.  At least one set is needed.
+        episodes: episodes per spec.
+        seed: base seed of the evaluation episodes.
+        train_envs: the specs the training data was collected from (default: ``held_in`` with
+            split ``train``), checked with ``train_seed`` and ``train_episodes`` for shared task instances.
         train_seed: base seed the training data was collected with (``python -m agentrm.collect --seed``).
-        train_episodes: training episodes per level checked for seed overlap.
-        max_steps: environment step limit (the training data used 24).
-        policy: the acting policy (default: scripted expert with error rate 0.7).
+        train_episodes: training episodes per spec checked for overlap.
+        policy: the acting policy (default: each environment's expert with error rate 0.7).
         scorers: scorers for Best-of-N and beam search (default: the value RM at runs/tiny_value_rm/hf_model).
         greedy: run the greedy baseline.
         best_of_n: N values (the largest sets the sample pool; [] skips Best-of-N, pass@N and sampling).
@@ -234,9 +249,9 @@ def _evaluate(
     held_out: list[str] | None,
     episodes: int,
     seed: int,
+    train_envs: list[str] | None,
     train_seed: int,
     train_episodes: int,
-    max_steps: int | None,
     policy: PolicySpec | None,
     scorers: list[ScorerSpec] | None,
     greedy: bool,
@@ -248,28 +263,34 @@ def _evaluate(
     show: bool,
 ) -> list[dict[str, Any]]:
     """:func:`evaluate` without the thread setting."""
-    held_in = HELD_IN if held_in is None else held_in
-    held_out = HELD_OUT if held_out is None else held_out
+    sets = {"held_in": parse_specs(held_in), "held_out": parse_specs(held_out)}
+    if not sets["held_in"] and not sets["held_out"]:
+        raise ValueError("give held_in and/or held_out env specs (e.g. babyai:GoToLocal?max_steps=24)")
+    train_specs = (
+        parse_specs(train_envs) if train_envs is not None else [s.with_split("train") for s in sets["held_in"]]
+    )
     policy = policy or PolicySpec()
     scorers = [ScorerSpec(path="runs/tiny_value_rm/hf_model")] if scorers is None else scorers
     best_of_n = [1, 2, 4, 8] if best_of_n is None else best_of_n
     beam = [(2, 4)] if beam is None else [tuple(b) for b in beam]
-    check_levels(held_in + held_out)
-    check_disjoint_seeds(held_in, episodes, seed, train_seed, train_episodes)
     names = [s.label for s in scorers]
     if len(set(names)) != len(names):
         raise ValueError(f"scorer labels must be unique, got {names}; set 'name'")
-    built = {s.label: build_scorer(s, max_steps, seed) for s in scorers}
+    envs: dict[str, Env] = {str(s): make_env(s) for specs in sets.values() for s in specs}
+    check_disjoint_instances(
+        envs, [s for specs in sets.values() for s in specs], episodes, seed, train_specs, train_seed, train_episodes
+    )
+    built = {s.label: build_scorer(s, seed) for s in scorers}
     make_policy = policy_factory(policy)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = {
-        "held_in": held_in,
-        "held_out": held_out,
+        "held_in": [str(s) for s in sets["held_in"]],
+        "held_out": [str(s) for s in sets["held_out"]],
         "episodes": episodes,
         "seed": seed,
+        "train_envs": [str(s) for s in train_specs],
         "train_seed": train_seed,
-        "max_steps": max_steps,
         "policy": asdict(policy),
         "scorers": [asdict(s) for s in scorers],
         "greedy": greedy,
@@ -279,22 +300,14 @@ def _evaluate(
         "tie_break": tie_break,
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    jobs = [
-        (ls, lv, i)
-        for ls, lvs in (("held_in", held_in), ("held_out", held_out))
-        for lv in lvs
-        for i in range(episodes)
-    ]
-    envs: dict[str, BabyAITextEnv] = {}
+    jobs = [(name, spec, i) for name, specs in sets.items() for spec in specs for i in range(episodes)]
     rows: list[dict[str, Any]] = []
     with open(out / "episodes.jsonl", "w", encoding="utf-8") as f:
-        for ls, lv, i in tqdm(jobs, desc="episodes", unit="ep", disable=not progress):
-            if lv not in envs:
-                envs[lv] = BabyAITextEnv(lv, max_steps=max_steps)
+        for name, spec, i in tqdm(jobs, desc="episodes", unit="ep", disable=not progress):
             new = _episode_rows(
-                envs[lv],
-                lv,
-                ls,
+                envs[str(spec)],
+                spec,
+                name,
                 i,
                 seed,
                 make_policy,
@@ -309,6 +322,8 @@ def _evaluate(
                 f.write(json.dumps(r) + "\n")
             f.flush()
             rows.extend(new)
+    for env in envs.values():
+        close_quietly(env)
     summary = summarize(rows)
     write_csv(summary, out / "summary.csv")
     (out / "summary.md").write_text(to_markdown(summary))

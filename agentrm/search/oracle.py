@@ -17,29 +17,29 @@ import torch
 from torch import Tensor
 
 from agentrm.data.schema import Step, Trajectory
-from agentrm.envs.babyai import BabyAITextEnv
 from agentrm.envs.base import Env, replay
+from agentrm.envs.registry import make_env
 from agentrm.policies.base import Policy
+from agentrm.policies.rollout import rollout
 from agentrm.scoring import ScoringCounters
 from agentrm.search.episode import extend
-from agentrm.targets.monte_carlo import rollout
 
 
 class OracleScorer:
     """Scores by environment ground truth.
 
     Args:
-        make_env: builds a fresh environment for a trajectory's task (see :func:`babyai_env_factory`).
+        make_env: builds a fresh environment for a trajectory's task (default :func:`spec_env_factory`).
         policy: rollout policy for non-terminal candidates.
         rollouts: continuations averaged per candidate.
 
     ``counters.forward_passes`` counts rollouts; ``forward_tokens`` stays 0.
     """
 
-    def __init__(self, make_env: Callable[[Trajectory], Env], policy: Policy, rollouts: int = 1):
+    def __init__(self, make_env: Callable[[Trajectory], Env] | None, policy: Policy, rollouts: int = 1):
         if rollouts < 1:
             raise ValueError(f"need rollouts >= 1, got {rollouts}")
-        self.make_env = make_env
+        self.make_env = make_env or spec_env_factory()
         self.policy = policy
         self.rollouts = rollouts
         self.counters = ScoringCounters()
@@ -59,21 +59,33 @@ class OracleScorer:
         """
         base = self.state(prefix)
         out = []
-        for c in candidates:
-            cand = c.action if isinstance(c, Step) else c
-            env = base.clone()
-            obs, reward, done, _ = env.step(cand)
-            if done:
-                out.append(float(reward))
-                continue
-            hist = extend(prefix, cand, obs)
-            total = 0.0
-            for _ in range(self.rollouts):
-                total += rollout(env.clone(), self.policy, hist, record=False).reward
-                self.counters.forward_passes += 1
-            out.append(total / self.rollouts)
+        try:
+            for c in candidates:
+                cand = c.action if isinstance(c, Step) else c
+                out.append(self._candidate_value(base, prefix, cand))
+        finally:
+            base.close()
         self.counters.candidates += len(candidates)
         return torch.tensor(out, dtype=torch.float32)
+
+    def _candidate_value(self, base: Env, prefix: Trajectory, action: str) -> float:
+        env = base.clone()
+        try:
+            obs, reward, done, _ = env.step(action)
+            if done:
+                return float(reward)
+            hist = extend(prefix, action, obs)
+            total = 0.0
+            for _ in range(self.rollouts):
+                sim = env.clone()
+                try:
+                    total += rollout(sim, self.policy, hist, record=False).reward
+                finally:
+                    sim.close()
+                self.counters.forward_passes += 1
+            return total / self.rollouts
+        finally:
+            env.close()
 
     def score_trajectories(self, trajs: Sequence[Trajectory]) -> Tensor:
         """``[N]`` true final rewards (so Best-of-N with the oracle realises pass@N)."""
@@ -81,17 +93,16 @@ class OracleScorer:
         return torch.tensor([float(t.reward) for t in trajs], dtype=torch.float32)
 
 
-def babyai_env_factory(max_steps: int | None = None) -> Callable[[Trajectory], Env]:
-    """``make_env`` for BabyAI: the level is ``meta["level"]``, else read from ``task`` (``babyai/<Level>``).
+def spec_env_factory() -> Callable[[Trajectory], Env]:
+    """``make_env`` from the trajectory's env spec (``meta["env"]``, recorded by :func:`~agentrm.search.episode.begin_episode`).
 
-    One env per level is reused (``replay`` resets it).
+    Every call builds a new environment (the oracle closes it when done).
     """
-    cache: dict[str, BabyAITextEnv] = {}
 
     def make(traj: Trajectory) -> Env:
-        level = str(traj.meta.get("level") or traj.task.split("/", 1)[-1])
-        if level not in cache:
-            cache[level] = BabyAITextEnv(level, max_steps=max_steps)
-        return cache[level]
+        spec = traj.meta.get("env")
+        if not spec:
+            raise ValueError(f"trajectory {traj.id!r}: the oracle needs meta['env'] (the env spec) to rebuild it")
+        return make_env(spec)
 
     return make

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-GROUP_KEYS = ("method", "scorer", "n", "w", "k", "level_set")
+GROUP_KEYS = ("method", "scorer", "n", "w", "k", "env_set")
 COLUMNS = (
     *GROUP_KEYS,
     "episodes",
@@ -22,7 +22,7 @@ _METHOD_ORDER = {"greedy": 0, "sampling": 1, "pass@N": 2, "best_of_n": 3, "beam"
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (method, scorer, N, W, K, level set): success rate, mean reward, mean work per episode, total wall time."""
+    """One row per (method, scorer, N, W, K, env set): success rate, mean reward, mean work per episode, total wall time."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         groups[tuple(r.get(k) for k in GROUP_KEYS)].append(r)
@@ -42,7 +42,7 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         )
     out.sort(
         key=lambda r: (
-            str(r["level_set"]),
+            str(r["env_set"]),
             _METHOD_ORDER.get(r["method"], 9),
             str(r["scorer"]),
             r["n"] or 0,
@@ -82,23 +82,23 @@ def print_table(summary: Sequence[dict[str, Any]], title: str = "search evaluati
 
     table = Table(title=title)
     for c in COLUMNS:
-        table.add_column(c, justify="left" if c in ("method", "scorer", "level_set") else "right")
+        table.add_column(c, justify="left" if c in ("method", "scorer", "env_set") else "right")
     for r in summary:
         table.add_row(*(_fmt(r.get(k)) for k in COLUMNS))
     Console(width=200).print(table)
 
 
 def plot_scaling(summary: Sequence[dict[str, Any]], path: str | Path) -> None:
-    """Success vs N per level set: Best-of-N per scorer, pass@N, and greedy/sampling/beam as horizontal lines."""
+    """Success vs N per env set: Best-of-N per scorer, pass@N, and greedy/sampling/beam as horizontal lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sets = sorted({r["level_set"] for r in summary})
+    sets = sorted({r["env_set"] for r in summary})
     fig, axes = plt.subplots(1, max(1, len(sets)), figsize=(5.5 * max(1, len(sets)), 4.2), squeeze=False)
     for ax, ls in zip(axes[0], sets):
-        rs = [r for r in summary if r["level_set"] == ls]
+        rs = [r for r in summary if r["env_set"] == ls]
         curves: dict[str, list[tuple[int, float]]] = defaultdict(list)
         for r in rs:
             if r["method"] == "best_of_n":
@@ -116,7 +116,7 @@ def plot_scaling(summary: Sequence[dict[str, Any]], path: str | Path) -> None:
         ax.set_xlabel("N (sampled trajectories)")
         ax.set_ylabel("success rate")
         ax.set_ylim(0, 1.02)
-        ax.set_title(f"{ls} levels")
+        ax.set_title(f"{ls}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()

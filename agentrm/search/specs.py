@@ -16,13 +16,14 @@ class PolicySpec:
     """The acting policy.
 
     Attributes:
-        kind: ``scripted`` (noisy BabyAI expert), ``random``, ``hf`` (local causal LM at ``model``)
-            or ``openai`` (OpenAI-compatible server at ``base_url`` serving ``model``).
-        error_rate: scripted policy: probability of replacing the expert's action.
+        kind: ``expert`` (each environment's own scripted expert with ``error_rate``; ``scripted``
+            is an alias), ``random``, ``hf`` (local causal LM at ``model``) or ``openai``
+            (OpenAI-compatible server at ``base_url`` serving ``model``).
+        error_rate: expert policy: probability of replacing the expert's action by another valid one.
         temperature, top_p, max_new_tokens: LM sampling (greedy runs use temperature 0).
     """
 
-    kind: Literal["scripted", "random", "hf", "openai"] = "scripted"
+    kind: Literal["expert", "scripted", "random", "hf", "openai"] = "expert"
     error_rate: float = 0.7
     model: str | None = None
     base_url: str | None = None
@@ -46,7 +47,8 @@ class ScorerSpec:
             see :class:`agentrm.scoring.ValueRMScorer`).
         max_length, batch_size: RM scoring context budget and batch size.
         judge_mode, judge_samples, judge_temperature: see :class:`agentrm.judge.JudgeScorer`.
-        oracle_rollouts, oracle_error_rate: rollouts per candidate and the rollout policy's error rate.
+        oracle_rollouts, oracle_error_rate: rollouts per candidate and the error rate of the rollout
+            policy (the environment's expert).
     """
 
     kind: Literal["value_rm", "implicit_prm", "judge", "oracle"] = "value_rm"
@@ -71,12 +73,12 @@ class ScorerSpec:
 
 def policy_factory(spec: PolicySpec) -> Callable[[int, bool], Policy]:
     """``make(seed, greedy) -> Policy``; an LM is loaded once and shared by the policies it makes."""
-    if spec.kind == "scripted":
-        from agentrm.policies.scripted import ScriptedBabyAIPolicy
+    if spec.kind in ("expert", "scripted"):
+        from agentrm.policies.expert import EnvExpertPolicy
 
-        return lambda seed, greedy: ScriptedBabyAIPolicy(spec.error_rate, seed=seed)
+        return lambda seed, greedy: EnvExpertPolicy(spec.error_rate, seed=seed)
     if spec.kind == "random":
-        from agentrm.policies.scripted import RandomPolicy
+        from agentrm.policies.random_policy import RandomPolicy
 
         return lambda seed, greedy: RandomPolicy(seed=seed)
     if not spec.model:
@@ -112,7 +114,7 @@ def policy_factory(spec: PolicySpec) -> Callable[[int, bool], Policy]:
     raise ValueError(f"unknown policy kind {spec.kind!r}")
 
 
-def build_scorer(spec: ScorerSpec, max_steps: int | None, seed: int = 0) -> Scorer:
+def build_scorer(spec: ScorerSpec, seed: int = 0) -> Scorer:
     """Load the model (if any) and build the scorer ``spec`` describes."""
     if spec.kind in ("value_rm", "implicit_prm"):
         if not spec.path:
@@ -160,12 +162,8 @@ def build_scorer(spec: ScorerSpec, max_steps: int | None, seed: int = 0) -> Scor
             raise ValueError("scorer kind 'judge' needs 'judge_base_url' or a local 'judge_model'")
         return JudgeScorer(client, spec.judge_mode, spec.judge_samples, spec.judge_temperature)
     if spec.kind == "oracle":
-        from agentrm.policies.scripted import ScriptedBabyAIPolicy
-        from agentrm.search.oracle import OracleScorer, babyai_env_factory
+        from agentrm.policies.expert import EnvExpertPolicy
+        from agentrm.search.oracle import OracleScorer
 
-        return OracleScorer(
-            babyai_env_factory(max_steps),
-            ScriptedBabyAIPolicy(spec.oracle_error_rate, seed=seed),
-            rollouts=spec.oracle_rollouts,
-        )
+        return OracleScorer(None, EnvExpertPolicy(spec.oracle_error_rate, seed=seed), rollouts=spec.oracle_rollouts)
     raise ValueError(f"unknown scorer kind {spec.kind!r}")

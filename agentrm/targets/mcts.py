@@ -21,22 +21,19 @@ the outcome of the node's first rollout.  Env states are not stored: each simula
 clones the root env (or, with ``clone_mode="replay"``, rebuilds it from the seed) and
 re-applies the path's actions, so memory grows only with the node records.
 
-Trees are written one per line (``python -m agentrm.targets.mcts``, resumable like the
+Trees are written one per line by ``python -m agentrm.trees`` (resumable like the
 collector); :func:`flatten_tree` turns a tree into trajectory records whose steps carry
 ``Q`` as ``value``, so the value RM trains on them unchanged.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
 import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from agentrm.data.schema import Step, Trajectory
@@ -188,14 +185,10 @@ def select_child(tree: Tree, i: int, c: float) -> int:
 
 
 def _canonical(env: Env) -> Callable[[str], str]:
-    """Dedup key for actions: the env's normaliser if it has one (BabyAI), else stripped lower-case text."""
-    try:
-        from agentrm.envs.babyai import BabyAITextEnv, normalize_action
-
-        if isinstance(env, BabyAITextEnv):
-            return lambda a: normalize_action(a) or a.strip().lower()
-    except ImportError:  # pragma: no cover
-        pass
+    """Dedup key for actions: the env's ``canonical_action`` if it has one, else stripped lower-case text."""
+    canonical = getattr(env, "canonical_action", None)
+    if callable(canonical):
+        return lambda a: canonical(a) or a.strip().lower()
     return lambda a: a.strip().lower()
 
 
@@ -291,13 +284,19 @@ class MCTS:
             child_envs = self.expand(tree, i, sim)
             if node.children:
                 j = node.children[0]  # first (unvisited) child: UCT order
-                sim = child_envs[j]
+                sim.close()
+                sim = child_envs.pop(j)
                 path.append(j)
                 i, node = j, nodes[j]
-        if node.terminal:  # evaluation
-            reward = node.reward
-        else:
-            reward = self._rollout(sim, tree.history(i))
+            for other in child_envs.values():
+                other.close()
+        try:
+            if node.terminal:  # evaluation
+                reward = node.reward
+            else:
+                reward = self._rollout(sim, tree.history(i))
+        finally:
+            sim.close()
         if node.first is None:
             node.first = reward
         for j in path:  # backpropagation
@@ -424,186 +423,3 @@ def flatten_tree(tree: Tree, min_visits: int = 1, label_prefix: bool = False) ->
                     emitted.add(s)
                     queue.append((path[:pos], s))
     return records
-
-
-# ---------------------------------------------------------------------- resumable builder
-@dataclass(frozen=True)
-class TreeSettings:
-    """Everything that determines the trees (stored in each tree's ``meta``)."""
-
-    simulations: int
-    k: int
-    c: float
-    max_depth: int
-    max_steps: int | None
-    policy: str
-    error_rate: float
-    temperature: float
-    seed: int
-
-
-_POLICY_CACHE: dict[str, Any] = {}
-_ENV_CACHE: dict[tuple[str, int | None], Any] = {}
-
-
-def _make_policy(s: TreeSettings, seed: int) -> Policy:
-    """``scripted`` (noisy BabyAI bot) or a path to an exported HF causal LM (SFT policy)."""
-    if s.policy == "scripted":
-        from agentrm.policies.scripted import ScriptedBabyAIPolicy
-
-        return ScriptedBabyAIPolicy(s.error_rate, seed=seed)
-    if s.policy not in _POLICY_CACHE:  # load the LM once per process, fresh sampler state per tree
-        from agentrm.lit.sft_module import load_sft_policy
-
-        _POLICY_CACHE[s.policy] = load_sft_policy(s.policy)
-    base = _POLICY_CACHE[s.policy]
-    from agentrm.policies.hf import HFPolicy
-
-    return HFPolicy(
-        base.model, base.tokenizer, temperature=s.temperature, seed=seed, max_new_tokens=base.max_new_tokens
-    )
-
-
-def run_tree_job(job: Any, settings: TreeSettings) -> list[str]:
-    """Build one tree (job = :class:`agentrm.data.collect.Job`); return it as a JSON line."""
-    from agentrm.envs.babyai import BabyAITextEnv
-
-    key = (job.level, settings.max_steps)
-    if key not in _ENV_CACHE:
-        _ENV_CACHE[key] = BabyAITextEnv(job.level, max_steps=settings.max_steps)
-    env_seed, policy_seed, search_seed = job.seeds(settings.seed)
-    cfg = MCTSConfig(settings.simulations, settings.k, settings.c, settings.max_depth)
-    search = MCTS(_make_policy(settings, policy_seed), cfg, seed=search_seed)
-    meta = {"level": job.level, "env_seed": env_seed, **_settings_meta(settings)}
-    tree = search.search(
-        _ENV_CACHE[key],
-        env_seed,
-        tree_id=job.episode_id(settings.seed),
-        task=f"babyai/{job.level}",
-        meta=meta,
-    )
-    return [json.dumps(tree.to_dict(), ensure_ascii=False)]
-
-
-def _settings_meta(s: TreeSettings) -> dict[str, Any]:
-    return {
-        "simulations": s.simulations,
-        "k": s.k,
-        "c": s.c,
-        "max_depth": s.max_depth,
-        "max_steps": s.max_steps,
-        "policy": s.policy,
-        "error_rate": s.error_rate,
-        "temperature": s.temperature,
-    }
-
-
-def _check_tree(path: Path, jobs: list, settings: TreeSettings, rec: dict, index: int) -> int:
-    want = jobs[index].episode_id(settings.seed)
-    expected = _settings_meta(settings)
-    got = {k: rec.get("meta", {}).get(k) for k in expected}
-    if rec.get("id") != want or got != expected:
-        raise ValueError(
-            f"{path} was written with other arguments (found {rec.get('id')!r} {got}, expected "
-            f"{want!r} {expected}); pass --overwrite true or choose another --out"
-        )
-    return 0
-
-
-def build_trees(
-    out: str = "data/babyai_trees.jsonl",
-    levels: list[str] | None = None,
-    episodes: int = 10,
-    simulations: int = 50,
-    k: int = 3,
-    c: float = 1.0,
-    max_depth: int = 24,
-    max_steps: int | None = 24,
-    policy: str = "scripted",
-    error_rate: float = 0.3,
-    temperature: float = 1.0,
-    seed: int = 0,
-    workers: int = 1,
-    overwrite: bool = False,
-    limit: int | None = None,
-    flat_out: str | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Build one MCTS tree per BabyAI task instance into a resumable JSONL file (one tree a line).
-
-    Task instances are the collector's jobs (round-robin over ``levels``, seeds derived from
-    ``(seed, level, index)``), so trees and collected trajectories of the same seed share episodes.
-
-    Args:
-        out: output JSONL of trees.
-        levels: BabyAI level names (default [GoToRedBall]).
-        episodes: trees per level.
-        simulations, k, c, max_depth: see :class:`MCTSConfig`.
-        max_steps: env step limit per episode.
-        policy: ``scripted`` (noisy BabyAI bot with ``error_rate``) or the path of an exported
-            SFT policy (HF causal LM dir, sampled with ``temperature``).
-        seed: base seed.
-        workers: worker processes.
-        overwrite: start from scratch instead of resuming.
-        limit: stop after this many new trees (rerun to continue).
-        flat_out: also write :func:`flatten_tree` records of all trees to this JSONL.
-        progress: show a progress bar.
-
-    Returns:
-        ``trees``, ``nodes``, ``env_steps``, ``simulations``, ``seconds`` (this run) and
-        ``records`` (when ``flat_out`` is given).
-    """
-    from agentrm.data.collect import plan_jobs
-    from agentrm.data.resumable import run_resumable
-    from agentrm.envs.babyai import check_levels
-
-    levels = list(levels or ["GoToRedBall"])
-    check_levels(levels)
-    if simulations < 1 or k < 1 or max_depth < 1:
-        raise ValueError("need simulations >= 1, k >= 1, max_depth >= 1")
-    if policy != "scripted":
-        from agentrm.paths import resolve_path
-
-        policy = str(resolve_path(policy))
-    settings = TreeSettings(simulations, k, c, max_depth, max_steps, policy, error_rate, temperature, seed)
-    jobs = plan_jobs(levels, episodes)
-    path = Path(out)
-    t0 = time.perf_counter()
-    run_resumable(
-        path,
-        jobs,
-        functools.partial(run_tree_job, settings=settings),
-        functools.partial(_check_tree, path, jobs, settings),
-        overwrite=overwrite,
-        limit=limit,
-        workers=workers,
-        progress=progress,
-        desc="trees",
-        unit="tree",
-    )
-    trees = read_trees(path)
-    summary: dict[str, Any] = {
-        "trees": len(trees),
-        "nodes": sum(len(t.nodes) for t in trees),
-        "env_steps": sum(int(t.stats.get("env_steps", 0)) for t in trees),
-        "simulations": sum(int(t.stats.get("simulations", 0)) for t in trees),
-        "seconds": time.perf_counter() - t0,
-    }
-    if flat_out:
-        from agentrm.data.schema import write_jsonl
-
-        summary["records"] = write_jsonl(flat_out, (r for t in trees for r in flatten_tree(t)))
-    return summary
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """``python -m agentrm.targets.mcts --help``."""
-    from jsonargparse import auto_cli
-
-    summary = auto_cli(build_trees, args=argv)
-    print(", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
-    return summary
-
-
-if __name__ == "__main__":
-    main()

@@ -14,49 +14,13 @@ Works with any :class:`~agentrm.envs.base.Env` whose ``clone()`` is exact and an
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
 from agentrm.data.schema import Step, Trajectory
-from agentrm.envs.base import Env
+from agentrm.envs.base import Env, close_quietly
 from agentrm.policies.base import Policy, start_history
+from agentrm.policies.rollout import MAX_EPISODE_STEPS, Rollout, rollout
 
-MAX_EPISODE_STEPS = 10_000
-"""Safety cap for environments that never terminate on their own."""
-
-
-@dataclass
-class Rollout:
-    """The result of acting until the episode ends."""
-
-    steps: list[Step]
-    reward: float
-    success: bool
-
-
-def rollout(env: Env, policy: Policy, history: Trajectory, record: bool = True) -> Rollout:
-    """Act with ``policy`` from ``env``'s current (non-terminal) state until the episode ends.
-
-    ``env`` is advanced in place.  ``history`` is the episode so far (given to the policy;
-    it is not modified).  With ``record=False`` observations are not kept (cheaper).
-    """
-    ctx = Trajectory(
-        id=history.id,
-        task=history.task,
-        instruction=history.instruction,
-        steps=list(history.steps),
-        reward=0.0,
-        success=False,
-    )
-    new: list[Step] = []
-    for _ in range(MAX_EPISODE_STEPS):
-        action = policy.propose(env, ctx, 1)[0]
-        obs, reward, done, info = env.step(action)
-        step = Step(action=action, observation=obs if record else "")
-        ctx.steps.append(step)
-        new.append(step)
-        if done:
-            return Rollout(steps=new, reward=float(reward), success=bool(info.get("success", False)))
-    raise RuntimeError(f"episode did not end within {MAX_EPISODE_STEPS} steps")
+__all__ = ["MAX_EPISODE_STEPS", "Rollout", "mc_value", "rollout", "run_episode"]
 
 
 def mc_value(env: Env, policy: Policy, history: Trajectory, n: int) -> tuple[float, list[Rollout]]:
@@ -68,7 +32,13 @@ def mc_value(env: Env, policy: Policy, history: Trajectory, n: int) -> tuple[flo
     """
     if n < 1:
         raise ValueError(f"need at least one rollout, got n={n}")
-    outs = [rollout(env.clone(), policy, history, record=(i == 0)) for i in range(n)]
+    outs = []
+    for i in range(n):
+        clone = env.clone()
+        try:
+            outs.append(rollout(clone, policy, history, record=(i == 0)))
+        finally:
+            clone.close()
     return sum(o.reward for o in outs) / n, outs
 
 
@@ -125,7 +95,11 @@ def run_episode(
     for step, v in zip(hist.steps, values):
         step.value = v
     base_meta = dict(meta or {})
-    branches = _branches(policy, hist, before, rollouts, siblings, random.Random(branch_seed), base_meta)
+    try:
+        branches = _branches(policy, hist, before, rollouts, siblings, random.Random(branch_seed), base_meta)
+    finally:
+        for state in before:
+            close_quietly(state)
     main = Trajectory(
         id=episode_id,
         task=task,
@@ -163,13 +137,16 @@ def _branches(
         main_action = main.steps[t].action
         alt = _alternative(policy, state, prefix, main_action, rng)
         env = state.clone()
-        obs, reward, done, info = env.step(alt)
-        if done:
-            value, cont = float(reward), Rollout([], float(reward), bool(info.get("success", False)))
-        else:
-            prefix.steps = [*prefix.steps, Step(action=alt, observation=obs)]
-            value, outs = mc_value(env, policy, prefix, rollouts)
-            cont = outs[0]
+        try:
+            obs, reward, done, info = env.step(alt)
+            if done:
+                value, cont = float(reward), Rollout([], float(reward), bool(info.get("success", False)))
+            else:
+                prefix.steps = [*prefix.steps, Step(action=alt, observation=obs)]
+                value, outs = mc_value(env, policy, prefix, rollouts)
+                cont = outs[0]
+        finally:
+            env.close()
         steps = [Step(s.action, s.observation, s.value) for s in main.steps[:t]]
         steps.append(Step(action=alt, observation=obs, value=value))
         steps.extend(Step(s.action, s.observation) for s in cont.steps)

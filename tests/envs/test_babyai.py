@@ -6,7 +6,8 @@ import pytest
 
 from agentrm.envs.babyai import BabyAITextEnv, available_levels, normalize_action
 from agentrm.envs.base import Env, replay
-from agentrm.policies.scripted import RandomPolicy, ScriptedBabyAIPolicy
+from agentrm.envs.babyai_expert import ScriptedBabyAIPolicy
+from agentrm.policies.random_policy import RandomPolicy
 
 
 def test_is_env_and_lists_levels():

@@ -7,7 +7,8 @@ import torch
 from agentrm.data.collate import collate_trajectories
 from agentrm.data.tiny_tokenizer import train_tiny_tokenizer, trajectory_texts
 from agentrm.data.tokenize import tokenize_trajectory
-from agentrm.lit.sft_module import PolicySFTModule, action_labels, load_sft_policy, shifted_token_stats
+from agentrm.lit.sft_module import PolicySFTModule, action_labels, shifted_token_stats
+from agentrm.policies.hf import load_hf_policy
 from agentrm.policies.base import start_history
 from tests.lit.conftest import TINY_BACKBONE, learnable_trajectories
 
@@ -61,7 +62,7 @@ def test_a_few_steps_lower_the_loss_and_export_samples_actions(tmp_path):
     module.validation_step(batch, 0)
     assert 0.0 <= float(module.val_step_acc.compute()) <= 1.0
     d = module.export(tmp_path / "policy")
-    policy = load_sft_policy(d, temperature=1.0, seed=1, max_new_tokens=6)
+    policy = load_hf_policy(d, temperature=1.0, seed=1, max_new_tokens=6)
     hist = start_history("GoToBall", "Go to the ball.")
     acts = policy.propose(None, hist, 3)
     assert len(acts) == 3 and all(isinstance(a, str) for a in acts)

@@ -1,30 +1,55 @@
-"""Step-level beam search: beats greedy with an oracle, one scorer call per beam, dedupe, stopping rules."""
+"""Step-level beam search: selection by scores alone, beats greedy with an oracle, one scorer call per beam, dedupe, stopping rules."""
 
 from __future__ import annotations
 
 import pytest
 
 from agentrm.envs.babyai import BabyAITextEnv
-from agentrm.policies.scripted import ScriptedBabyAIPolicy
+from agentrm.envs.babyai_expert import ScriptedBabyAIPolicy
 from agentrm.search.beam import beam_search
 from agentrm.search.greedy import greedy
-from agentrm.search.oracle import OracleScorer, babyai_env_factory
+from agentrm.search.oracle import OracleScorer
 from tests.search.fakes import FixedScorer, ListPolicy
 
 
-def test_oracle_beam_beats_noisy_greedy():
+class _Negated:
+    """A scorer that ranks by the negated oracle value: the worst candidates score highest."""
+
+    def __init__(self, inner):
+        self.inner, self.counters = inner, inner.counters
+
+    def score_candidates(self, prefix, candidates):
+        return -self.inner.score_candidates(prefix, candidates)
+
+    def score_trajectories(self, trajs):
+        return -self.inner.score_trajectories(trajs)
+
+
+def test_oracle_beam_beats_noisy_greedy_and_selection_reads_only_scores():
+    """With the oracle's values beam search beats greedy; with the same values negated it must do
+    worse than greedy: a search that stopped on (or preferred) the environment's success flag
+    would still succeed there."""
     env = BabyAITextEnv("GoToLocal", max_steps=24)
-    oracle = OracleScorer(babyai_env_factory(24), ScriptedBabyAIPolicy(0.0))
-    g = b = 0
+    oracle = OracleScorer(None, ScriptedBabyAIPolicy(0.0))
+    g = b = worst = 0
     for seed in range(8):
         g += greedy(env, ScriptedBabyAIPolicy(0.7, seed=seed), 500 + seed).success
         res = beam_search(env, ScriptedBabyAIPolicy(0.7, seed=seed), oracle, 2, 4, 500 + seed)
         b += res.success
-        if res.success:
-            assert (
-                res.stats["stop"] == "success" and res.trajectory.steps[-1].observation == "Mission complete."
-            )
+        assert res.scores[res.chosen] == max(res.scores)
+        inv = beam_search(env, ScriptedBabyAIPolicy(0.7, seed=seed), _Negated(oracle), 2, 4, 500 + seed)
+        worst += inv.success
+        assert inv.scores[inv.chosen] == max(inv.scores)
     assert b >= 7 and b > g
+    assert worst < g and worst <= 1
+
+
+def test_finished_candidate_wins_only_by_score():
+    """A finished failing candidate with the top score is returned; success elsewhere does not matter."""
+    env = BabyAITextEnv("GoToRedBall", max_steps=1)  # every action ends the episode (out of steps)
+    scorer = FixedScorer(cand={"pick up": 0.9, "toggle": 0.1})
+    res = beam_search(env, ListPolicy(["toggle", "pick up"]), scorer, width=2, k=2, seed=0)
+    assert res.trajectory.steps[-1].action == "pick up" and res.stats["stop"] == "all_done"
 
 
 def test_one_scorer_call_per_beam_with_deduped_candidates():

@@ -12,7 +12,8 @@ import yaml
 from agentrm.models.backbone import build_backbone
 from agentrm.models.value_rm import ValueRewardModel
 from agentrm.paths import load_tokenizer
-from agentrm.search.evaluate import check_disjoint_seeds, main
+from agentrm.envs.registry import make_env, parse_spec
+from agentrm.search.evaluate import check_disjoint_instances, main
 from tests.lit.conftest import TINY_BACKBONE
 
 
@@ -28,12 +29,11 @@ def test_cli_runs_config_and_writes_outputs(tmp_path, tiny_rm_dir, capsys):
     out = tmp_path / "out"
     cfg = {
         "out_dir": str(out),
-        "held_in": ["GoToRedBall"],
-        "held_out": ["GoToRedBallGrey"],
+        "held_in": ["babyai:GoToRedBall?max_steps=6"],
+        "held_out": ["babyai:GoToRedBallGrey?max_steps=6"],
         "episodes": 1,
         "seed": 1000,
-        "max_steps": 6,
-        "policy": {"kind": "scripted", "error_rate": 0.5},
+        "policy": {"kind": "expert", "error_rate": 0.5},
         "scorers": [{"kind": "value_rm", "path": str(tiny_rm_dir), "name": "rm"}, {"kind": "oracle"}],
         "best_of_n": [1, 2],
         "beam": [[2, 2]],
@@ -48,8 +48,8 @@ def test_cli_runs_config_and_writes_outputs(tmp_path, tiny_rm_dir, capsys):
     assert len(rows) == 2 * 10
     assert {r["method"] for r in rows} == {"greedy", "sampling", "pass@N", "best_of_n", "beam"}
     assert len({r["seed"] for r in rows}) == 2
-    by = {(r["method"], r["scorer"], r["n"], r["level"], r["episode"]): r for r in rows}
-    for lv in ("GoToRedBall", "GoToRedBallGrey"):
+    by = {(r["method"], r["scorer"], r["n"], r["env"], r["episode"]): r for r in rows}
+    for lv in ("babyai:GoToRedBall?max_steps=6", "babyai:GoToRedBallGrey?max_steps=6"):
         for ep in range(1):
             # oracle Best-of-N equals pass@N; Best-of-1 equals the greedy episode (same policy seed)
             assert (
@@ -64,7 +64,7 @@ def test_cli_runs_config_and_writes_outputs(tmp_path, tiny_rm_dir, capsys):
     with open(out / "summary.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == len(summary) == 2 * 10
-    assert {"method", "n", "w", "k", "level_set", "success_rate", "tokens_scored", "wall_s"} <= set(table[0])
+    assert {"method", "n", "w", "k", "env_set", "success_rate", "tokens_scored", "wall_s"} <= set(table[0])
     assert (out / "summary.md").read_text().startswith("| method")
     assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "config.json").read_text())["seed"] == 1000
@@ -75,6 +75,8 @@ def test_help_and_seed_checks(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0 and "--best_of_n" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="train_seed"):
-        check_disjoint_seeds(["GoToRedBall"], 3, seed=0, train_seed=0, train_episodes=10)
-    check_disjoint_seeds(["GoToRedBall", "PickupLoc"], 50, seed=1000, train_seed=0, train_episodes=500)
+    specs = [parse_spec("babyai:GoToRedBall"), parse_spec("babyai:PickupLoc")]
+    envs = {str(s): make_env(s) for s in specs}
+    with pytest.raises(ValueError, match="also training instances"):
+        check_disjoint_instances(envs, specs[:1], 3, seed=0, train_specs=specs[:1], train_seed=0, train_episodes=10)
+    check_disjoint_instances(envs, specs, 50, seed=1000, train_specs=specs, train_seed=0, train_episodes=500)

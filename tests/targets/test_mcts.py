@@ -8,12 +8,12 @@ import math
 import pytest
 
 from agentrm.data.schema import read_jsonl
+from agentrm.trees import build_trees
 from agentrm.targets.mcts import (
     MCTS,
     MCTSConfig,
     Node,
     Tree,
-    build_trees,
     flatten_tree,
     read_trees,
     select_child,
@@ -24,8 +24,11 @@ from agentrm.targets.mcts import (
 class ChainEnv:
     """Depth-``D`` binary game: reward 1 iff the first action is ``a`` (and 0.5 if also the second is)."""
 
+    live = 0  # environments built (or cloned) and not closed yet, across instances
+
     def __init__(self, depth: int = 3):
-        self.depth, self.actions = depth, []
+        self.depth, self.actions, self.closed = depth, [], False
+        ChainEnv.live += 1
 
     instruction = "Pick letters."
     valid_actions = ["a", "b"]
@@ -43,7 +46,13 @@ class ChainEnv:
         return f"seen {''.join(self.actions)}", reward, done, {"success": reward > 0}
 
     def clone(self):
+        ChainEnv.live += 1
         return copy.deepcopy(self)
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            ChainEnv.live -= 1
 
 
 class ListPolicy:
@@ -99,6 +108,14 @@ def test_values_are_means_of_backed_up_rewards_and_counts_sum():
     assert nodes[a].n > nodes[b].n  # the search concentrates on the better arm
 
 
+def test_every_clone_is_closed():
+    before = ChainEnv.live
+    root = ChainEnv(3)
+    MCTS(ListPolicy(["a", "b"]), MCTSConfig(20, 2, 1.0, 10)).search(root, 0)
+    assert ChainEnv.live == before + 1  # only the caller's root env is still open
+    root.close()
+
+
 def test_expansion_deduplicates_candidates():
     tree = _tree(sims=3, k=4, proposals=("a", "A ", "a", "b"))
     assert [tree.nodes[j].action for j in tree.root.children] == ["a", "b"]
@@ -143,11 +160,10 @@ def test_replay_mode_matches_clone_mode():
 
 
 ARGS = dict(
-    levels=["GoToRedBall", "PickupLoc"],
+    envs=["babyai:GoToRedBall?max_steps=12", "babyai:PickupLoc?max_steps=12"],
     episodes=2,
     simulations=6,
     k=2,
-    max_steps=12,
     error_rate=0.5,
     seed=3,
     progress=False,

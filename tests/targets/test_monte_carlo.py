@@ -6,7 +6,7 @@ import pytest
 
 from agentrm.envs.babyai import BabyAITextEnv
 from agentrm.policies.base import start_history
-from agentrm.policies.scripted import ScriptedBabyAIPolicy
+from agentrm.envs.babyai_expert import ScriptedBabyAIPolicy
 from agentrm.targets.monte_carlo import mc_value, rollout, run_episode
 
 

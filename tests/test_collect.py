@@ -1,4 +1,4 @@
-"""The resumable trajectory collector (agentrm.data.collect / python -m agentrm.collect)."""
+"""The resumable trajectory collector (python -m agentrm.collect)."""
 
 from __future__ import annotations
 
@@ -11,16 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from agentrm.data.collect import collect, main, summarize
+from agentrm.collect import collect, main, summarize
 from agentrm.data.schema import read_jsonl
 
 ARGS = dict(
-    levels=["GoToRedBall", "PickupLoc"],
+    envs=["babyai:GoToRedBall?max_steps=16", "babyai:PickupLoc?max_steps=16"],
     episodes=3,
     error_rate=0.6,
     rollouts=2,
     siblings=1,
-    max_steps=16,
     seed=5,
     progress=False,
 )
@@ -41,7 +40,9 @@ def test_records_are_valid_and_unique(reference, tmp_path):
     ids = [t.id for t in trajs]
     assert len(ids) == len(set(ids)) == 12
     mains = [t for t in trajs if "branch_at" not in t.meta]
-    assert [t.meta["level"] for t in mains] == ["GoToRedBall", "PickupLoc"] * 3  # round-robin
+    assert [t.meta["env"] for t in mains] == ARGS["envs"] * 3  # round-robin
+    assert [t.task for t in mains] == ["babyai/GoToRedBall", "babyai/PickupLoc"] * 3
+    assert all(t.meta["instance"] == f"{t.task.replace('/', ':')}#seed={t.meta['seed']}" for t in mains)
     for t in trajs:
         assert t.meta["error_rate"] == 0.6 and t.meta["group"] in ids
         assert t.steps and len(t.steps) <= 16
@@ -79,7 +80,7 @@ def test_resume_after_crash_artifacts(reference, tmp_path, cut):
 
 def test_resume_after_killed_subprocess(reference, tmp_path):
     out = tmp_path / "k.jsonl"
-    cmd = [sys.executable, "-m", "agentrm.collect", "--out", str(out), "--levels", "[GoToRedBall, PickupLoc]"]
+    cmd = [sys.executable, "-m", "agentrm.collect", "--out", str(out), "--envs", "[babyai:GoToRedBall?max_steps=16, babyai:PickupLoc?max_steps=16]"]
     cmd += [
         "--episodes",
         "3",
@@ -89,8 +90,6 @@ def test_resume_after_killed_subprocess(reference, tmp_path):
         "2",
         "--siblings",
         "1",
-        "--max_steps",
-        "16",
     ]
     cmd += ["--seed", "5", "--progress", "false"]
     proc = subprocess.Popen(
@@ -115,20 +114,33 @@ def test_workers_give_identical_output(reference, tmp_path):
     assert out.read_bytes() == reference
 
 
+def test_ray_backend_gives_identical_output(reference, tmp_path):
+    import ray  # the 'ray' extra; scripts/setup.sh installs it
+
+    out = tmp_path / "ray.jsonl"
+    try:  # a local Ray (2 CPUs) started by the pool; a cluster would be ray_address="auto"
+        collect(out=str(out), workers=2, backend="ray", **ARGS)
+    finally:
+        ray.shutdown()
+    assert out.read_bytes() == reference
+
+
 def test_refuses_to_mix_settings_and_overwrite_restarts(reference, tmp_path):
     out = tmp_path / "m.jsonl"
     out.write_bytes(reference)
     with pytest.raises(ValueError, match="other arguments"):
         collect(out=str(out), **{**ARGS, "error_rate": 0.2})
     with pytest.raises(ValueError, match="unknown BabyAI level"):
-        collect(out=str(out), **{**ARGS, "levels": ["Nope"]})
-    args = {**ARGS, "episodes": 1, "levels": ["GoToRedBall"]}
+        collect(out=str(out), **{**ARGS, "envs": ["babyai:Nope"]})
+    with pytest.raises(ValueError, match="unknown family"):
+        collect(out=str(out), **{**ARGS, "envs": ["nethack:Nope"]})
+    args = {**ARGS, "episodes": 1, "envs": ["babyai:GoToRedBall?max_steps=16"]}
     collect(out=str(out), overwrite=True, **args)
     assert len(read_jsonl(out)) == 2
 
 
 def test_cli_main(tmp_path, capsys):
     out = tmp_path / "cli.jsonl"
-    summary = main(["--out", str(out), "--levels", "[GoToObj]", "--episodes", "2", "--rollouts", "1"])
+    summary = main(["--out", str(out), "--envs", "[babyai:GoToObj]", "--episodes", "2", "--rollouts", "1"])
     assert "success rate" in capsys.readouterr().out
     assert summary["episodes"] == 2 and len(read_jsonl(out)) == 4

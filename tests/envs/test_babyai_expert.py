@@ -6,7 +6,8 @@ import pytest
 
 from agentrm.envs.babyai import BabyAITextEnv
 from agentrm.policies.base import Policy, start_history
-from agentrm.policies.scripted import RandomPolicy, ScriptedBabyAIPolicy
+from agentrm.envs.babyai_expert import ScriptedBabyAIPolicy
+from agentrm.policies.random_policy import RandomPolicy
 
 
 def _episode(level: str, seed: int, policy, max_steps: int | None = None) -> tuple[list[str], bool]:

@@ -1,0 +1,117 @@
+"""Worker pools that run jobs in processes that own their environments: local processes or Ray.
+
+Environments that hold a JVM (ScienceWorld) or a game interpreter (TextWorld) are not
+fork-safe once started, so local workers are *spawned* fresh; each worker builds and
+caches the environments it needs (module-level caches of the job function), and nothing
+environment-related crosses a process boundary except the job and its JSON lines.
+
+Both backends implement :class:`WorkerPool`: ``imap(fn, jobs)`` yields ``fn(job)`` in job
+order while later jobs run, so a resumable writer can flush each result as it arrives
+and a killed run keeps what it wrote.
+
+* ``local``: a :class:`concurrent.futures.ProcessPoolExecutor` with the ``spawn`` start
+  method and at most ``2 * workers`` jobs in flight.
+* ``ray``: Ray tasks (``pip install 'agentrm[ray]'``) on an existing cluster
+  (``address="auto"``) or a local one started here; the user who outgrows one machine
+  points ``address`` at a cluster and changes nothing else.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Any, Literal, Protocol, TypeVar
+
+J = TypeVar("J")
+
+Backend = Literal["local", "ray"]
+
+
+class WorkerPool(Protocol):
+    """Runs a job function over jobs, results in job order."""
+
+    workers: int
+
+    def imap(self, fn: Callable[[J], Any], jobs: Sequence[J]) -> Iterator[Any]: ...
+
+
+class InlinePool:
+    """No workers: ``map`` in this process (the default for ``workers=1``)."""
+
+    workers = 1
+
+    def imap(self, fn: Callable[[J], Any], jobs: Sequence[J]) -> Iterator[Any]:
+        yield from map(fn, jobs)
+
+
+class LocalProcessPool:
+    """``workers`` spawned processes; up to ``2 * workers`` jobs in flight, results in order."""
+
+    def __init__(self, workers: int, start_method: str = "spawn"):
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.workers = workers
+        self.start_method = start_method
+
+    def imap(self, fn: Callable[[J], Any], jobs: Sequence[J]) -> Iterator[Any]:
+        ctx = mp.get_context(self.start_method)
+        with ProcessPoolExecutor(self.workers, mp_context=ctx) as pool:
+            pending: deque[Future] = deque()
+            it = iter(jobs)
+            try:
+                for job in it:
+                    pending.append(pool.submit(fn, job))
+                    if len(pending) >= 2 * self.workers:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            finally:
+                for f in pending:
+                    f.cancel()
+
+
+class RayPool:
+    """Ray tasks, ``workers`` in flight, results in job order.
+
+    Args:
+        workers: tasks in flight (each task takes one CPU).
+        address: a running cluster (``"auto"`` or ``ray://host:10001``); None starts a local Ray.
+    """
+
+    def __init__(self, workers: int, address: str | None = None):
+        try:
+            import ray
+        except ImportError as e:
+            raise ImportError("the ray worker backend needs Ray: pip install 'agentrm[ray]'") from e
+        self.ray = ray
+        self.workers = workers
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {"address": address, "include_dashboard": False, "log_to_driver": False}
+            if address is None:
+                kwargs["num_cpus"] = workers
+            ray.init(**kwargs)
+
+    def imap(self, fn: Callable[[J], Any], jobs: Sequence[J]) -> Iterator[Any]:
+        remote = self.ray.remote(num_cpus=1)(_call)
+        pending: deque = deque()
+        for job in jobs:
+            pending.append(remote.remote(fn, job))
+            if len(pending) >= 2 * self.workers:
+                yield self.ray.get(pending.popleft())
+        while pending:
+            yield self.ray.get(pending.popleft())
+
+
+def _call(fn: Callable[[J], Any], job: J) -> Any:
+    return fn(job)
+
+
+def make_pool(workers: int = 1, backend: Backend = "local", address: str | None = None) -> WorkerPool:
+    """The pool for ``workers`` and ``backend`` (``workers=1`` with ``local`` runs inline)."""
+    if backend == "ray":
+        return RayPool(workers, address=address)
+    if backend != "local":
+        raise ValueError(f"unknown worker backend {backend!r}; use 'local' or 'ray'")
+    return InlinePool() if workers <= 1 else LocalProcessPool(workers)

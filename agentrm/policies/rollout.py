@@ -1,0 +1,50 @@
+"""Acting until the episode ends: the policy-meets-environment primitive used by value estimation, search and oracles."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agentrm.data.schema import Step, Trajectory
+from agentrm.envs.base import Env
+from agentrm.policies.base import Policy
+
+MAX_EPISODE_STEPS = 10_000
+"""Safety cap for environments that never terminate on their own."""
+
+
+@dataclass
+class Rollout:
+    """The result of acting until the episode ends."""
+
+    steps: list[Step]
+    reward: float
+    success: bool
+
+
+def rollout(env: Env, policy: Policy, history: Trajectory, record: bool = True) -> Rollout:
+    """Act with ``policy`` from ``env``'s current (non-terminal) state until the episode ends.
+
+    ``env`` is advanced in place.  ``history`` is the episode so far (given to the policy;
+    it is not modified).  With ``record=False`` observations are not kept (cheaper).
+
+    Raises:
+        RuntimeError: if the episode does not end within :data:`MAX_EPISODE_STEPS` steps.
+    """
+    ctx = Trajectory(
+        id=history.id,
+        task=history.task,
+        instruction=history.instruction,
+        steps=list(history.steps),
+        reward=0.0,
+        success=False,
+    )
+    new: list[Step] = []
+    for _ in range(MAX_EPISODE_STEPS):
+        action = policy.propose(env, ctx, 1)[0]
+        obs, reward, done, info = env.step(action)
+        step = Step(action=action, observation=obs if record else "")
+        ctx.steps.append(step)
+        new.append(step)
+        if done:
+            return Rollout(steps=new, reward=float(reward), success=bool(info.get("success", False)))
+    raise RuntimeError(f"episode did not end within {MAX_EPISODE_STEPS} steps")

@@ -1,0 +1,193 @@
+"""``python -m agentrm.trees``: MCTS trees over any environment into a resumable JSONL file (one tree a line).
+
+Example::
+
+    python -m agentrm.trees --out data/trees.jsonl \
+        --envs '[babyai:GoToLocal?max_steps=24, sciworld:find-living-thing@train]' \
+        --episodes 10 --simulations 50 --k 3 --workers 2 --flat_out data/tree_targets.jsonl
+
+Task instances are the collector's jobs (:mod:`agentrm.data.jobs`), so trees and
+collected trajectories of the same seed share episodes.  The expanding policy is each
+environment's expert with ``error_rate`` (``policy: expert``) or an exported SFT policy
+(a Hugging Face causal-LM directory, sampled with ``temperature``).  Workers own their
+environments and, for an LM policy, load it once per process.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agentrm.data.jobs import Job, plan_jobs
+from agentrm.data.resumable import run_resumable
+from agentrm.data.workers import Backend, make_pool
+from agentrm.envs.registry import env_for, parse_specs
+from agentrm.policies.base import Policy
+from agentrm.targets.mcts import MCTS, MCTSConfig, flatten_tree, read_trees
+
+
+@dataclass(frozen=True)
+class TreeSettings:
+    """Everything that determines the trees (stored in each tree's ``meta``)."""
+
+    simulations: int
+    k: int
+    c: float
+    max_depth: int
+    policy: str
+    error_rate: float
+    temperature: float
+    seed: int
+
+
+_POLICY_CACHE: dict[str, Any] = {}
+
+
+def _make_policy(s: TreeSettings, seed: int) -> Policy:
+    """``expert`` (each env's noisy expert) or a path to an exported HF causal LM (SFT policy)."""
+    if s.policy in ("expert", "scripted"):
+        from agentrm.policies.expert import EnvExpertPolicy
+
+        return EnvExpertPolicy(s.error_rate, seed=seed)
+    from agentrm.policies.hf import HFPolicy, load_hf_policy
+
+    if s.policy not in _POLICY_CACHE:  # load the LM once per process, fresh sampler state per tree
+        _POLICY_CACHE[s.policy] = load_hf_policy(s.policy)
+    base = _POLICY_CACHE[s.policy]
+    return HFPolicy(
+        base.model, base.tokenizer, temperature=s.temperature, seed=seed, max_new_tokens=base.max_new_tokens
+    )
+
+
+def run_tree_job(job: Job, settings: TreeSettings) -> list[str]:
+    """Build one tree; return it as a JSON line."""
+    env = env_for(job.spec)
+    env_seed, policy_seed, search_seed = job.seeds(settings.seed)
+    cfg = MCTSConfig(settings.simulations, settings.k, settings.c, settings.max_depth)
+    search = MCTS(_make_policy(settings, policy_seed), cfg, seed=search_seed)
+    meta = {"env": str(job.spec), "env_seed": env_seed, "instance": env.instance_key(env_seed), **_settings_meta(settings)}
+    tree = search.search(env, env_seed, tree_id=job.episode_id(settings.seed), task=job.spec.name, meta=meta)
+    return [json.dumps(tree.to_dict(), ensure_ascii=False)]
+
+
+def _settings_meta(s: TreeSettings) -> dict[str, Any]:
+    return {
+        "simulations": s.simulations,
+        "k": s.k,
+        "c": s.c,
+        "max_depth": s.max_depth,
+        "policy": s.policy,
+        "error_rate": s.error_rate,
+        "temperature": s.temperature,
+    }
+
+
+def _check_tree(path: Path, jobs: list[Job], settings: TreeSettings, rec: dict, index: int) -> int:
+    want = jobs[index].episode_id(settings.seed)
+    expected = {"env": str(jobs[index].spec), **_settings_meta(settings)}
+    got = {k: rec.get("meta", {}).get(k) for k in expected}
+    if rec.get("id") != want or got != expected:
+        raise ValueError(
+            f"{path} was written with other arguments (found {rec.get('id')!r} {got}, expected "
+            f"{want!r} {expected}); pass --overwrite true or choose another --out"
+        )
+    return 0
+
+
+def build_trees(
+    out: str = "data/trees.jsonl",
+    envs: list[str] | None = None,
+    episodes: int = 10,
+    simulations: int = 50,
+    k: int = 3,
+    c: float = 1.0,
+    max_depth: int = 24,
+    policy: str = "expert",
+    error_rate: float = 0.3,
+    temperature: float = 1.0,
+    seed: int = 0,
+    workers: int = 1,
+    backend: Backend = "local",
+    ray_address: str | None = None,
+    overwrite: bool = False,
+    limit: int | None = None,
+    flat_out: str | None = None,
+    min_visits: int = 1,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Build one MCTS tree per task instance into a resumable JSONL file (one tree a line).
+
+    Args:
+        out: output JSONL of trees.
+        envs: env specs (default ``[babyai:GoToRedBall?max_steps=24]``).
+        episodes: trees per spec.
+        simulations, k, c, max_depth: see :class:`~agentrm.targets.mcts.MCTSConfig`.
+        policy: ``expert`` (each environment's expert with ``error_rate``) or the path of an
+            exported SFT policy (HF causal LM dir, sampled with ``temperature``).
+        seed: base seed.
+        workers: worker processes; backend ``local`` (spawned) or ``ray`` (``ray_address``).
+        overwrite: start from scratch instead of resuming.
+        limit: stop after this many new trees (rerun to continue).
+        flat_out: also write :func:`~agentrm.targets.mcts.flatten_tree` records of all trees to this JSONL.
+        min_visits: with ``flat_out``, nodes visited fewer times are not targets.
+        progress: show a progress bar.
+
+    Returns:
+        ``trees``, ``nodes``, ``env_steps``, ``simulations``, ``seconds`` (this run) and
+        ``records`` (when ``flat_out`` is given).
+    """
+    specs = parse_specs(envs or ["babyai:GoToRedBall?max_steps=24"])
+    if simulations < 1 or k < 1 or max_depth < 1:
+        raise ValueError("need simulations >= 1, k >= 1, max_depth >= 1")
+    if policy not in ("expert", "scripted"):
+        from agentrm.paths import resolve_path
+
+        policy = str(resolve_path(policy))
+    settings = TreeSettings(simulations, k, c, max_depth, policy, error_rate, temperature, seed)
+    jobs = plan_jobs(specs, episodes)
+    path = Path(out)
+    t0 = time.perf_counter()
+    run_resumable(
+        path,
+        jobs,
+        functools.partial(run_tree_job, settings=settings),
+        functools.partial(_check_tree, path, jobs, settings),
+        overwrite=overwrite,
+        limit=limit,
+        workers=make_pool(workers, backend, ray_address),
+        progress=progress,
+        desc="trees",
+        unit="tree",
+    )
+    trees = read_trees(path)
+    summary: dict[str, Any] = {
+        "trees": len(trees),
+        "nodes": sum(len(t.nodes) for t in trees),
+        "env_steps": sum(int(t.stats.get("env_steps", 0)) for t in trees),
+        "simulations": sum(int(t.stats.get("simulations", 0)) for t in trees),
+        "seconds": time.perf_counter() - t0,
+    }
+    if flat_out:
+        from agentrm.data.schema import write_jsonl
+
+        summary["records"] = write_jsonl(
+            flat_out, (r for t in trees for r in flatten_tree(t, min_visits=min_visits))
+        )
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """``python -m agentrm.trees --help``."""
+    from jsonargparse import auto_cli
+
+    summary = auto_cli(build_trees, args=argv)
+    print(", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
