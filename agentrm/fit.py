@@ -3,7 +3,10 @@
 Without arguments it trains the embedded default, ``configs/tiny/value_rm.yaml`` (a
 tiny LLaMA-architecture value RM on the shipped BabyAI sample, CPU, a few minutes).
 Every Lightning trainer flag works (``--trainer.devices 2``, ``--trainer.max_epochs``...).
-``--ckpt_path last`` resumes from the newest checkpoint of the run directory.
+``--ckpt_path last`` resumes from the newest checkpoint of the run directory.  A new run
+never replaces another run's exported model: if the export directory already holds one,
+the run stops before training unless it resumes (``--ckpt_path``) or ``--overwrite true``
+says to replace it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,29 @@ class AgentRMCLI(LightningCLI):
         parser.link_arguments("data.tokenizer", "model.init_args.tokenizer")
         parser.add_argument("--ckpt_path", type=str | None, default=None,
                             help="checkpoint to resume from; 'last' = newest in the run's checkpoint dir")
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="replace an exported model that an earlier run left in the export directory")
+
+
+def check_export_targets(trainer: L.Trainer, resuming: bool, overwrite: bool) -> None:
+    """Stop before training if an export directory already holds another run's model.
+
+    Raises:
+        SystemExit: with a one-line message naming the directory and the ways out.
+    """
+    from agentrm.lit.callbacks import ExportHF
+
+    if resuming or overwrite:
+        return
+    for cb in trainer.callbacks:
+        if isinstance(cb, ExportHF):
+            target = cb.target(trainer)
+            if target.is_dir() and any(target.iterdir()):
+                raise SystemExit(
+                    f"agentrm.fit: {target} already holds a model exported by an earlier run; pass --overwrite true "
+                    f"to replace it, --ckpt_path last to resume that run, or point trainer.default_root_dir and "
+                    f"the callbacks' dirpath at a new folder"
+                )
 
 
 def report(cli: AgentRMCLI) -> None:
@@ -67,6 +93,7 @@ def main(args: list[str] | None = None) -> AgentRMCLI:
         parser_kwargs={"description": __doc__},
     )
     ckpt = cli.config.get("ckpt_path")
+    check_export_targets(cli.trainer, resuming=ckpt is not None, overwrite=bool(cli.config.get("overwrite")))
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
     report(cli)
     return cli

@@ -107,7 +107,7 @@ def _fit(stage: FitStage, out_dir: Path, train_path: Path) -> dict[str, Any]:
     cfg_path = out_dir / "fit_config.yaml"
     cfg_path.write_text(yaml.safe_dump(fit_config(stage.config, stage.overrides, out_dir, train_path)))
     t0 = time.perf_counter()
-    cli = fit_main(["--config", str(cfg_path)])
+    cli = fit_main(["--config", str(cfg_path), "--overwrite", "true"])  # a stage reruns only when not DONE or forced
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
     return {"hf_model": str(out_dir / "hf_model"), "seconds": round(time.perf_counter() - t0, 1), **metrics}
 

@@ -56,6 +56,7 @@ def agentgym_to_trajectory(
             obs = turns[i + 1][1]
         steps.append(Step(action=value, observation=obs))
         i += 2
+    labeled = "reward" in rec
     reward = rec.get("reward", 0.0)
     if isinstance(reward, bool) or not isinstance(reward, (int, float)):
         raise DataFormatError(path, line, "reward", f"expected number, got {type(reward).__name__}")
@@ -67,6 +68,7 @@ def agentgym_to_trajectory(
         steps=steps,
         reward=float(reward),
         success=float(reward) >= success_threshold,
+        meta={} if labeled else {"unlabeled": True},
     )
 
 

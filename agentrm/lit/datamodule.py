@@ -6,9 +6,11 @@ import hashlib
 import os
 from collections.abc import Iterator
 from functools import partial
+from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from agentrm.data.agentgym import load_trajectories
@@ -73,6 +75,30 @@ class DistributedEpochShuffleSampler(DistributedSampler):
         return iter(perm[self.rank : self.total_size : self.num_replicas])
 
 
+def apply_unlabeled_policy(trajs: list[Trajectory], path: str, policy: str) -> list[Trajectory]:
+    """Refuse, label as successes, or keep records without an outcome label (``meta["unlabeled"]``).
+
+    Raises:
+        ValueError: (``policy="error"``) naming the file, how many records lack a label and the options.
+    """
+    missing = [t for t in trajs if t.meta.get("unlabeled")]
+    if not missing or policy == "ignore":
+        return trajs
+    if policy == "error":
+        raise ValueError(
+            f"{path}: {len(missing)} of {len(trajs)} records have no 'reward' (e.g. {missing[0].id!r}; an AgentGym "
+            f"AgentTraj file?); reward models need outcome labels: add 'reward' to each record, or pass "
+            f"--data.unlabeled success if every record is a successful demonstration"
+        )
+    if policy != "success":
+        raise ValueError(f"unlabeled must be 'error', 'success' or 'ignore', got {policy!r}")
+    for t in missing:
+        t.reward, t.success = 1.0, True
+        if t.steps and t.steps[-1].value is None:
+            t.steps[-1].value = 1.0
+    return trajs
+
+
 class TrajectoryDataModule(L.LightningDataModule):
     """Tokenised trajectories with step ends, for the value RM and the implicit PRM.
 
@@ -82,6 +108,10 @@ class TrajectoryDataModule(L.LightningDataModule):
             of ``train_path`` are held out (split by ``meta.group``, seeded by ``split_seed``).
         tokenizer: local path or hub id of a fast tokenizer with a chat template.
         max_length: right truncation in tokens; steps beyond it lose their labels.
+        unlabeled: what to do with records that carry no outcome (AgentGym AgentTraj files have no
+            ``reward``): ``error`` (default: reward models need labels), ``success`` (every such
+            record is a successful demonstration: reward 1) or ``ignore`` (the labels are not used,
+            as in policy SFT).
         skip_invalid: skip malformed records (a count is printed) instead of failing.
     """
 
@@ -96,6 +126,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         split_seed: int = 0,
+        unlabeled: Literal["error", "success", "ignore"] = "error",
         skip_invalid: bool = False,
     ):
         super().__init__()
@@ -105,7 +136,8 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.val_items: list[TokenizedTrajectory] = []
 
     def _load(self, path: str) -> list[Trajectory]:
-        return load_trajectories(resolve_path(path), skip_invalid=self.hparams.skip_invalid)
+        trajs = load_trajectories(resolve_path(path), skip_invalid=self.hparams.skip_invalid)
+        return apply_unlabeled_policy(trajs, path, self.hparams.unlabeled)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_items or self.val_items:
@@ -119,6 +151,12 @@ class TrajectoryDataModule(L.LightningDataModule):
             train, val = split_by_group(trajs, hp.val_fraction, hp.split_seed)
         if not train:
             raise ValueError(f"{hp.train_path}: no training trajectories after the split")
+        outcomes = {t.success for t in val}
+        if val and len(outcomes) < 2:
+            rank_zero_warn(
+                f"the validation set ({len(val)} trajectories) holds only "
+                f"{'successes' if True in outcomes else 'failures'}: AUROC metrics are undefined (nan)"
+            )
         tok = partial(tokenize_trajectory, self.tokenizer, max_length=hp.max_length)
         self.train_items = [tok(t) for t in train]
         self.val_items = [tok(t) for t in val]

@@ -4,7 +4,31 @@ from __future__ import annotations
 
 import torch
 from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
+from torchmetrics.classification import BinaryAUROC
+from torchmetrics.utilities import dim_zero_cat, rank_zero_warn
+
+
+class AUROCOrNaN(BinaryAUROC):
+    """Binary AUROC that is ``nan`` (with a one-line warning naming the metric) when the targets hold one class.
+
+    torchmetrics returns 0 there, which reads as "perfectly wrong"; an AUROC over one class
+    is undefined (e.g. a validation split with only successful trajectories).
+    """
+
+    def __init__(self, name: str = "auroc", **kwargs):
+        super().__init__(**kwargs)
+        self.metric_name = name
+
+    def compute(self) -> torch.Tensor:
+        target = dim_zero_cat(self.target) if isinstance(self.target, list) else self.target
+        classes = torch.unique(target).numel() if target.numel() else 0
+        if classes < 2:
+            rank_zero_warn(
+                f"{self.metric_name} is undefined: the validation targets hold {classes} class(es) "
+                f"({target.numel()} items); reporting nan (use a validation set with both successes and failures)"
+            )
+            return torch.tensor(float("nan"))
+        return super().compute()
 
 
 class PairwiseRankingAccuracy(Metric):

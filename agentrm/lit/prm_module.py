@@ -9,9 +9,9 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
-from torchmetrics.classification import BinaryAUROC
 
 from agentrm.lit.dist_metrics import synced_compute
+from agentrm.lit.metrics import AUROCOrNaN
 from agentrm.lit.optim import adamw_with_warmup_cosine
 from agentrm.lit.trainable import build_trainable_backbone
 from agentrm.models.implicit_prm import ImplicitPRM
@@ -58,8 +58,8 @@ class ImplicitPRMModule(L.LightningModule):
             gradient_checkpointing=gradient_checkpointing, quantization=quantization,
         )
         self.model = ImplicitPRM(policy, beta=beta)
-        self.val_auroc = BinaryAUROC()
-        self.val_step_auroc = BinaryAUROC()
+        self.val_auroc = AUROCOrNaN("val/auroc")
+        self.val_step_auroc = AUROCOrNaN("val/step_auroc")
         self.val_loss = MeanMetric()
 
     def setup(self, stage: str) -> None:

@@ -9,10 +9,9 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric, MeanSquaredError
-from torchmetrics.classification import BinaryAUROC
 
 from agentrm.lit.dist_metrics import synced_compute
-from agentrm.lit.metrics import PairwiseRankingAccuracy
+from agentrm.lit.metrics import AUROCOrNaN, PairwiseRankingAccuracy
 from agentrm.lit.optim import adamw_with_warmup_cosine
 from agentrm.lit.trainable import build_trainable_backbone
 from agentrm.models.quant import validate_training_setup
@@ -65,14 +64,23 @@ class ValueRMModule(L.LightningModule):
         )
         self.model = ValueRewardModel(bb, value_activation="sigmoid" if loss == "bce" else "none")
         self.val_mse = MeanSquaredError()
-        self.val_auroc = BinaryAUROC()
-        self.val_traj_auroc = BinaryAUROC()
+        self.val_auroc = AUROCOrNaN("val/auroc")
+        self.val_traj_auroc = AUROCOrNaN("val/traj_auroc")
         self.val_rank_acc = PairwiseRankingAccuracy()
         self.train_loss = MeanMetric()
 
     def setup(self, stage: str) -> None:
         """Reject quantisation under a sharding strategy before the strategy wraps the model."""
         validate_training_setup(self.hparams.quantization, self.hparams.lora, self.trainer.strategy)
+
+    def on_fit_start(self) -> None:
+        """Refuse to train when no training step has a value target (the loss would be 0 and mean nothing)."""
+        items = getattr(self.trainer.datamodule, "train_items", None) if self.trainer.datamodule else None
+        if items and not any(v == v for it in items for v in it.step_values):
+            raise ValueError(
+                f"none of the {len(items)} training trajectories has a step value target ('value' on a step); "
+                "collect them with python -m agentrm.collect (Monte-Carlo values) or python -m agentrm.trees"
+            )
 
     def _loss(self, raw: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         labeled = batch["step_mask"] & ~torch.isnan(batch["step_values"])

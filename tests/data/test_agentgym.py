@@ -55,3 +55,12 @@ def test_agentgym_non_alternating_turns(tmp_path):
 def test_missing_file_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         load_trajectories(tmp_path / "nope.jsonl")
+
+
+def test_missing_reward_is_marked_unlabeled_not_a_failure(tmp_path):
+    rec = record()
+    del rec["reward"]
+    p = tmp_path / "l.json"
+    p.write_text(json.dumps([rec, record("webshop_9", 1.0)]))
+    a, b = load_trajectories(p)
+    assert a.meta == {"unlabeled": True} and "unlabeled" not in b.meta

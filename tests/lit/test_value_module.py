@@ -116,3 +116,46 @@ def test_training_lowers_val_loss_on_shipped_sample(tmp_path):
     constant = sum((v - mean) ** 2 for v in val_vals) / len(val_vals)
     print(f"val mse trained {trained:.4f} untrained {untrained:.4f} constant {constant:.4f}")
     assert trained < 0.75 * untrained and trained < constant, (trained, untrained, constant)
+
+
+def test_new_run_never_replaces_another_runs_export(tiny_setup):
+    cfg, run = tiny_setup
+    main(["--config", str(cfg), "--trainer.max_epochs", "1"])
+    exported = (run / "hf_model" / "value_head.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match="already holds a model exported by an earlier run"):
+        main(["--config", str(cfg), "--trainer.max_epochs", "1", "--model.init_args.learning_rate", "0.1"])
+    assert (run / "hf_model" / "value_head.safetensors").read_bytes() == exported
+    main(["--config", str(cfg), "--trainer.max_epochs", "1", "--model.init_args.learning_rate", "0.1",
+          "--overwrite", "true"])
+    assert (run / "hf_model" / "value_head.safetensors").read_bytes() != exported
+
+
+def test_unlabeled_agentgym_data_fails_clearly_and_values_are_required(tiny_setup, tmp_path):
+    import json
+
+    cfg, run = tiny_setup
+    conv = [{"from": "human", "value": "Find a red mug."}, {"from": "gpt", "value": "Action: search[red mug]"},
+            {"from": "human", "value": "3 results"}, {"from": "gpt", "value": "Action: click[buy]"}]
+    traj_l = tmp_path / "agenttraj_l.json"
+    traj_l.write_text(json.dumps([{"item_id": f"webshop_{i}", "conversations": conv} for i in range(10)]))
+    with pytest.raises(ValueError, match=r"10 of 10 records have no 'reward'.*--data.unlabeled success"):
+        main(["--config", str(cfg), "--data.train_path", str(traj_l)])
+    # declared successful demonstrations load; but without step values the value RM refuses to train
+    with pytest.raises(ValueError, match="has a step value target"):
+        main(["--config", str(cfg), "--data.train_path", str(traj_l), "--data.unlabeled", "ignore"])
+    assert not (run / "hf_model").exists()
+
+
+def test_one_class_validation_reports_nan_auroc_with_a_warning(tiny_setup, tmp_path):
+    from agentrm.data.schema import write_jsonl
+    from tests.lit.conftest import learnable_trajectories
+
+    cfg, run = tiny_setup
+    trajs = [t for t in learnable_trajectories(60) if t.success]
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    write_jsonl(train, learnable_trajectories(40))
+    write_jsonl(val, trajs[:8])
+    with pytest.warns(UserWarning, match="undefined"):
+        cli = main(["--config", str(cfg), "--data.train_path", str(train), "--data.val_path", str(val),
+                    "--trainer.max_epochs", "1"])
+    assert torch.isnan(cli.trainer.callback_metrics["val/auroc"])
