@@ -3,6 +3,16 @@
 # Idempotent: re-running only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# ScienceWorld's simulator is a JVM program: install a Java runtime where none is found.
+if ! command -v java >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "setup: installing openjdk-17-jre-headless (ScienceWorld needs Java)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless >/dev/null
+  else
+    echo "setup: ScienceWorld needs Java 11+; install it (e.g. 'sudo apt-get install openjdk-17-jre-headless') and rerun" >&2
+    exit 1
+  fi
+fi
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
@@ -10,5 +20,5 @@ python -m pip install -q --upgrade pip
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build on a CPU machine.
 # GPU users: install the torch build for your CUDA first, or set AGENTRM_TORCH (e.g. "torch==2.13.0").
 python -c "import torch" 2>/dev/null || python -m pip install -q "${AGENTRM_TORCH:-torch==2.13.0}"
-python -m pip install -q -c constraints.txt -e ".[dev]"
+python -m pip install -q -c constraints.txt -e ".[dev,envs,ray]"
 python -c "import agentrm, torch, lightning, transformers; print(f'agentrm ready: torch {torch.__version__}, lightning {lightning.__version__}, transformers {transformers.__version__}')"
