@@ -75,6 +75,61 @@ class DistributedEpochShuffleSampler(DistributedSampler):
         return iter(perm[self.rank : self.total_size : self.num_replicas])
 
 
+class GroupBatchSampler(Sampler[list[int]]):
+    """Batches that keep each trajectory group (an episode with its sibling branches, or one tree's
+    records) together, so the sibling pairwise loss sees same-parent steps in one micro-batch.
+
+    Per epoch the groups are permuted with a generator seeded by ``(seed, epoch)`` (a resumed run
+    sees the same order) and packed in that order into batches of at most ``batch_size`` items; a
+    group larger than ``batch_size`` is cut into consecutive chunks (records of one group are in
+    tree/branch order, so siblings mostly stay adjacent).  Under DDP rank ``r`` takes batches
+    ``r, r+R, ...``; the list is padded by wrapping around so every rank runs the same number of
+    steps, and no group is split across ranks.
+
+    Args:
+        groups: item indices per group.
+        batch_size: items per batch (per rank).
+    """
+
+    def __init__(self, groups: list[list[int]], batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.groups, self.batch_size, self.seed = [g for g in groups if g], batch_size, seed
+        self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        batches: list[list[int]] = []
+        current: list[int] = []
+        for gi in torch.randperm(len(self.groups), generator=g).tolist():
+            group = self.groups[gi]
+            if len(current) + len(group) > self.batch_size and current:
+                batches.append(current)
+                current = []
+            for start in range(0, len(group), self.batch_size):
+                chunk = group[start : start + self.batch_size]
+                if len(chunk) == self.batch_size:
+                    batches.append(chunk)
+                else:  # the group's remainder: it fits next to what ``current`` holds
+                    current = current + chunk
+        if current:
+            batches.append(current)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._batches()
+        total = -(-len(batches) // self.num_replicas) * self.num_replicas
+        while batches and len(batches) < total:
+            batches += batches[: total - len(batches)]
+        return iter(batches[self.rank : total : self.num_replicas])
+
+    def __len__(self) -> int:
+        return -(-len(self._batches()) // self.num_replicas)
+
+
 def apply_unlabeled_policy(trajs: list[Trajectory], path: str, policy: str) -> list[Trajectory]:
     """Refuse, label as successes, or keep records without an outcome label (``meta["unlabeled"]``).
 
@@ -108,6 +163,9 @@ class TrajectoryDataModule(L.LightningDataModule):
             of ``train_path`` are held out (split by ``meta.group``, seeded by ``split_seed``).
         tokenizer: local path or hub id of a fast tokenizer with a chat template.
         max_length: right truncation in tokens; steps beyond it lose their labels.
+        batching: ``shuffle`` (items shuffled independently) or ``groups`` (:class:`GroupBatchSampler`:
+            a trajectory group's records share micro-batches; use it with the value RM's
+            ``pairwise_weight`` so sibling pairs meet in a batch).
         unlabeled: what to do with records that carry no outcome (AgentGym AgentTraj files have no
             ``reward``): ``error`` (default: reward models need labels), ``success`` (every such
             record is a successful demonstration: reward 1) or ``ignore`` (the labels are not used,
@@ -126,6 +184,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         split_seed: int = 0,
+        batching: Literal["shuffle", "groups"] = "shuffle",
         unlabeled: Literal["error", "success", "ignore"] = "error",
         skip_invalid: bool = False,
     ):
@@ -160,18 +219,28 @@ class TrajectoryDataModule(L.LightningDataModule):
         tok = partial(tokenize_trajectory, self.tokenizer, max_length=hp.max_length)
         self.train_items = [tok(t) for t in train]
         self.val_items = [tok(t) for t in val]
+        index: dict[str, list[int]] = {}
+        for i, t in enumerate(train):
+            index.setdefault(t.group, []).append(i)
+        self.train_groups = list(index.values())
 
     def _loader(self, items: list[TokenizedTrajectory], shuffle: bool, batch_size: int) -> DataLoader:
         seed = int(os.environ.get("PL_GLOBAL_SEED", self.hparams.split_seed))
-        sampler = None
+        sampler, batch_sampler = None, None
         if shuffle:
             trainer = getattr(self, "trainer", None)
             world = trainer.world_size if trainer is not None else 1
-            sampler = (DistributedEpochShuffleSampler(len(items), seed, world, trainer.global_rank) if world > 1
-                       else EpochShuffleSampler(len(items), seed))
+            rank = trainer.global_rank if trainer is not None else 0
+            if self.hparams.get("batching", "shuffle") == "groups":
+                batch_sampler = GroupBatchSampler(self.train_groups, batch_size, seed, world, rank)
+            elif world > 1:
+                sampler = DistributedEpochShuffleSampler(len(items), seed, world, rank)
+            else:
+                sampler = EpochShuffleSampler(len(items), seed)
+        batching = {"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": batch_size}
         return DataLoader(
             items,
-            batch_size=batch_size,
+            **batching,
             sampler=sampler,
             num_workers=self.hparams.num_workers,
             collate_fn=partial(collate_trajectories, pad_token_id=self.tokenizer.pad_token_id),

@@ -8,6 +8,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric, MeanSquaredError
 
 from agentrm.lit.dist_metrics import synced_compute
@@ -75,7 +76,14 @@ class ValueRMModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """Refuse to train when no training step has a value target (the loss would be 0 and mean nothing)."""
-        items = getattr(self.trainer.datamodule, "train_items", None) if self.trainer.datamodule else None
+        dm = self.trainer.datamodule
+        batching = dm.hparams.get("batching") if dm is not None and hasattr(dm, "hparams") else None
+        if self.hparams.get("pairwise_weight", 0.0) and batching != "groups":
+            rank_zero_warn(
+                "pairwise_weight > 0 with data.batching=shuffle: sibling steps rarely share a micro-batch, so the "
+                "pairwise loss seldom fires; set --data.batching groups"
+            )
+        items = getattr(dm, "train_items", None) if dm else None
         if items and not any(v == v for it in items for v in it.step_values):
             raise ValueError(
                 f"none of the {len(items)} training trajectories has a step value target ('value' on a step); "
@@ -99,6 +107,8 @@ class ValueRMModule(L.LightningModule):
         if self.hparams.get("pairwise_weight", 0.0):
             pair_loss = sibling_pair_loss(raw, batch, labeled)
             self.log("train/pair_loss", pair_loss, batch_size=batch["input_ids"].shape[0])
+            n_pairs = float(sibling_pairs(batch, labeled).sum())
+            self.log("train/sibling_pairs", n_pairs, reduce_fx="sum", on_step=False, on_epoch=True)
             loss = loss + self.hparams.pairwise_weight * pair_loss
         self.train_loss(loss.detach(), weight=max(1, int(labeled.sum())))
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
@@ -151,6 +161,14 @@ class ValueRMModule(L.LightningModule):
         return self.model.save_pretrained(directory, tokenizer=self.tokenizer, loss=self.hparams.loss)
 
 
+def sibling_pairs(batch: dict[str, torch.Tensor], labeled: torch.Tensor, margin: float = 1e-6) -> torch.Tensor:
+    """``[M, M]`` bool over the ``M`` labeled steps: ``[i, j]`` when i and j are siblings and i's target is higher."""
+    target = batch["step_values"][labeled]
+    parent, action = batch["step_parent"][labeled], batch["step_action"][labeled]
+    pairs = (parent[:, None] == parent[None, :]) & (action[:, None] != action[None, :])
+    return pairs & (target[:, None] > target[None, :] + margin)
+
+
 def sibling_pair_loss(raw: torch.Tensor, batch: dict[str, torch.Tensor], labeled: torch.Tensor,
                       margin: float = 1e-6) -> torch.Tensor:
     """Bradley-Terry loss over sibling pairs of the batch (0, in the graph, when there are none).
@@ -159,10 +177,8 @@ def sibling_pair_loss(raw: torch.Tensor, batch: dict[str, torch.Tensor], labeled
     pair whose targets differ by more than ``margin``, the loss is ``softplus(-(r_better - r_worse))``
     on the raw head outputs.
     """
-    pred, target = raw[labeled], batch["step_values"][labeled]
-    parent, action = batch["step_parent"][labeled], batch["step_action"][labeled]
-    pairs = (parent[:, None] == parent[None, :]) & (action[:, None] != action[None, :])
-    pairs &= target[:, None] > target[None, :] + margin
+    pred = raw[labeled]
+    pairs = sibling_pairs(batch, labeled, margin)
     if not bool(pairs.any()):
         return raw.sum() * 0.0
     return F.softplus(-(pred[:, None] - pred[None, :])[pairs]).mean()
