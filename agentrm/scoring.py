@@ -21,10 +21,11 @@ first action token, so a BPE merge across the boundary cannot make packed and al
 scoring disagree.
 
 Truncation. With ``max_length``, the budget is per candidate context: if
-``P + max_k L_k > max_length`` the prefix is truncated from the **left** (the most recent
-context is kept; the instruction and the oldest steps go first). Positions then restart at
-0 at the first kept token, exactly as if the truncated tokens were scored alone. A
-candidate longer than ``max_length - 1`` raises ``ValueError``.
+``P + max_k L_k > max_length`` the prefix loses its oldest whole steps, by the rule training
+uses (:func:`agentrm.data.tokenize.oldest_steps_to_drop`): BOS, system prompt and the
+instruction turn are kept, then the most recent steps that fit.  Positions are those of the
+shortened sequence, exactly as if it were scored alone.  A candidate that does not fit next
+to the head (instruction turn) raises ``ValueError``.
 
 How the mask reaches the model (transformers 5.x). ``create_causal_mask`` returns a
 4D ``attention_mask`` unchanged (``_preprocess_mask_arguments``: "If the mask is already
@@ -59,7 +60,7 @@ from torch import Tensor
 
 from agentrm.data.collate import collate_trajectories
 from agentrm.data.schema import Step, Trajectory
-from agentrm.data.tokenize import ChatTemplateError, tokenize_trajectory
+from agentrm.data.tokenize import ChatTemplateError, oldest_steps_to_drop, tokenize_trajectory
 from agentrm.kernels import step_logratio, step_values, token_logprobs
 from agentrm.models.implicit_prm import ImplicitPRM
 from agentrm.models.value_rm import AGGREGATIONS, ValueRewardModel, aggregate_steps
@@ -116,7 +117,7 @@ class CandidateTokens:
     """A prefix and K candidates as token ids.
 
     Attributes:
-        prefix_ids: ``[P]`` shared prefix (after left truncation).
+        prefix_ids: ``[P]`` shared prefix (after dropping the oldest steps when over budget).
         cand_ids: K lists ``[L_k]``: the tokens after the prefix through the token closing the action turn.
         cand_start / cand_action_end: ``[K]`` offsets in ``cand_ids[k]`` of the first action
             token and of the token closing the action turn (the PRM sums log-ratios over
@@ -124,7 +125,8 @@ class CandidateTokens:
             ``cand_ids[k]`` closes the candidate's observation turn when it has one.
         prefix_steps: ``(start, end)`` token spans (inclusive) in ``prefix_ids`` of the prefix's
             steps that survive truncation whole (only filled when requested).
-        truncated: number of prefix tokens cut on the left.
+        truncated: number of prefix tokens removed (the dropped steps' tokens).
+        dropped_steps: number of the prefix's oldest steps removed.
     """
 
     prefix_ids: list[int]
@@ -133,6 +135,7 @@ class CandidateTokens:
     cand_action_end: list[int] = field(default_factory=list)
     prefix_steps: list[tuple[int, int]] = field(default_factory=list)
     truncated: int = 0
+    dropped_steps: int = 0
 
 
 def _render(tokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> str:
@@ -216,18 +219,27 @@ def tokenize_candidates(
             if e >= shared:
                 raise ChatTemplateError(f"trajectory {prefix.id}: step {i} ends inside the candidate tokens")
             spans.append((s, e))
-    cut = 0
+    cut, dropped = 0, 0
     longest = max(len(c) for c in cand_ids)
     if max_length is not None and shared + longest > max_length:
-        if longest + 1 > max_length:
+        starts0 = starts_all[0]
+
+        def tok_end(text: str) -> int:
+            return bisect.bisect_left(starts0, len(text.rstrip())) - 1
+
+        head_len = tok_end(_render(tokenizer, msgs[:1], False)) + 1
+        # block i of the prefix starts after step i-1's observation; block n is the candidate's turn
+        blocks = [head_len] + [tok_end(_render(tokenizer, msgs[: 3 + 2 * i], False)) + 1 for i in range(len(prefix.steps))]
+        dropped = oldest_steps_to_drop(shared + longest, head_len, blocks, max_length)
+        if dropped > len(prefix.steps):
             raise ValueError(
-                f"a candidate has {longest} tokens; max_length={max_length} leaves no room for context"
+                f"a candidate has {longest} tokens; max_length={max_length} leaves no room for it next to the "
+                f"instruction turn ({head_len} tokens)"
             )
-        cut = shared + longest - max_length
-        prefix_ids = prefix_ids[cut:]
-        # keep prefix steps whose first action token keeps its predecessor (whole log-ratio sum)
-        spans = [(s - cut, e - cut) for s, e in spans if s - cut >= 1]
-    return CandidateTokens(prefix_ids, cand_ids, cand_start, cand_action_end, spans, cut)
+        cut = blocks[dropped] - head_len
+        prefix_ids = prefix_ids[:head_len] + prefix_ids[blocks[dropped] :]
+        spans = [(s - cut, e - cut) for i, (s, e) in enumerate(spans) if i >= dropped]
+    return CandidateTokens(prefix_ids, cand_ids, cand_start, cand_action_end, spans, cut, dropped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,7 +523,7 @@ class ValueRMScorer(_PackedScorer):
     Args:
         model: a :class:`ValueRewardModel` (set to eval mode).
         tokenizer: fast tokenizer with a chat template (the one the model was trained with).
-        max_length: per-candidate context budget (prefix truncated on the left; see module doc).
+        max_length: per-candidate context budget (the prefix's oldest steps are dropped; see module doc).
         pack: ``True`` (packed, error if unsupported), ``False`` (plain batching) or ``"auto"``.
         batch_size: candidates per forward (packed or plain); trajectories per forward.
         aggregate: trajectory aggregation of step values for :meth:`score_trajectories` (``"last"``).

@@ -181,15 +181,29 @@ def test_score_trajectories(tiny_tokenizer):
         )
 
 
-def test_left_truncation_keeps_recent_context(tiny_tokenizer):
+def test_truncation_keeps_instruction_and_recent_whole_steps_as_training_does(tiny_tokenizer):
+    from agentrm.data.tokenize import tokenize_trajectory
+
     model = _value_rm(tiny_tokenizer, "sdpa")
     prefix = make_trajectory("p", 4)
     full = tokenize_candidates(tiny_tokenizer, prefix, STEPS5)
     longest = max(len(c) for c in full.cand_ids)
-    max_length = longest + 20
+    whole = len(full.prefix_ids) + longest
+    max_length = whole - 5  # one step must go
     toks = tokenize_candidates(tiny_tokenizer, prefix, STEPS5, max_length=max_length)
-    assert toks.truncated > 0 and len(toks.prefix_ids) + longest == max_length
-    assert toks.prefix_ids == full.prefix_ids[-len(toks.prefix_ids) :]
+    assert toks.dropped_steps == 1 and toks.truncated > 0 and len(toks.prefix_ids) + longest <= max_length
+    # the head (BOS + instruction turn) is kept, then the tail of the prefix: a middle block is cut out
+    cut = toks.truncated
+    heads = [h for h in range(1, len(toks.prefix_ids)) if toks.prefix_ids == full.prefix_ids[:h] + full.prefix_ids[h + cut :]]
+    assert heads and tiny_tokenizer.decode(full.prefix_ids[: heads[0]]).count("<|user|>") == 1
+    # the same rule as training: the trajectory prefix + candidate, tokenised for training with the
+    # same budget, keeps exactly the same tokens
+    for k, c in enumerate(STEPS5):
+        traj = make_trajectory("p", 4)
+        traj.steps = [*traj.steps, c]
+        trained = tokenize_trajectory(tiny_tokenizer, traj, max_length=len(toks.prefix_ids) + len(toks.cand_ids[k]))
+        assert trained.first_step == 1
+        assert trained.input_ids[: len(toks.prefix_ids) + len(toks.cand_ids[k])] == toks.prefix_ids + toks.cand_ids[k]
     # alone: the truncated prefix + candidate as an ordinary causal sequence
     expect = []
     for c in toks.cand_ids:

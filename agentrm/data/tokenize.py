@@ -59,6 +59,8 @@ class TokenizedTrajectory:
     success: bool = False
     reward: float = 0.0
     num_steps_total: int = 0
+    first_step: int = 0
+    """Index in the trajectory of the first kept step (> 0 when truncation dropped the oldest steps)."""
 
     def __post_init__(self) -> None:
         n = len(self.step_end_idx)
@@ -111,12 +113,31 @@ def step_char_spans(tokenizer, traj: Trajectory) -> tuple[str, list[int], list[i
     return full, starts, action_ends, ends
 
 
-def tokenize_trajectory(tokenizer, traj: Trajectory, max_length: int | None = None) -> TokenizedTrajectory:
-    """Tokenise one trajectory; truncate on the right to ``max_length`` tokens.
+def oldest_steps_to_drop(n_tokens: int, head_len: int, block_starts: list[int], budget: int) -> int:
+    """The one truncation rule (training, trajectory scoring and candidate scoring share it).
 
-    Steps whose end token (closing the observation) falls beyond ``max_length``
-    (including a step cut in the middle) are dropped together with their labels, so labels and step ends stay
-    aligned.  A trajectory with zero steps yields empty step lists.
+    Keep the *head* (BOS, system prompt, the instruction turn: tokens ``[0, head_len)``), drop the
+    oldest whole steps and keep the most recent ones.  Step ``i`` occupies tokens
+    ``[block_starts[i], block_starts[i+1])`` (the last one runs to ``n_tokens``).
+
+    Returns:
+        ``k``, the smallest number of oldest steps whose removal makes ``head_len + n_tokens -
+        block_starts[k] <= budget``; ``len(block_starts)`` when even the newest step alone does not fit.
+    """
+    for k, start in enumerate(block_starts):
+        if head_len + n_tokens - start <= budget:
+            return k
+    return len(block_starts)
+
+
+def tokenize_trajectory(tokenizer, traj: Trajectory, max_length: int | None = None) -> TokenizedTrajectory:
+    """Tokenise one trajectory; over ``max_length`` tokens, drop the oldest whole steps.
+
+    Truncation (:func:`oldest_steps_to_drop`): the head (BOS, system, instruction turn) is kept,
+    the oldest whole steps are dropped with their labels, the most recent ones kept, so labels and
+    step ends stay aligned and the value read at the last step is the trajectory's real last
+    state.  When not even the last step fits next to the head, the sequence is cut on the right
+    with zero steps.  A trajectory with zero steps yields empty step lists.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise ChatTemplateError("a fast tokenizer (with offset mapping) is required for exact step ends")
@@ -143,25 +164,37 @@ def tokenize_trajectory(tokenizer, traj: Trajectory, max_length: int | None = No
         ctx += f"\x00{s.action}\x00{s.observation}"
     values = [math.nan if s.value is None else float(s.value) for s in traj.steps]
 
+    first = 0
+    if max_length is not None and len(ids) > max_length and ends_tok:
+        ids = ids[: ends_tok[-1] + 1]  # the template's trailing tokens carry no label: cut them first
     if max_length is not None and len(ids) > max_length:
-        ids = ids[:max_length]
-    keep = [k for k, e in enumerate(ends_tok) if e < len(ids)]
-    # ends are increasing, so the survivors are a prefix of the steps
-    assert keep == list(range(len(keep)))
-    n = len(keep)
+        head_len = last_token_before(len(_render(tokenizer, traj.to_messages()[:1]).rstrip())) + 1
+        blocks = [head_len] + [e + 1 for e in ends_tok[:-1]]
+        first = oldest_steps_to_drop(len(ids), head_len, blocks, max_length)
+        if first < len(blocks):
+            shift = blocks[first] - head_len
+            ids = ids[:head_len] + ids[blocks[first] :]
+            ends_tok = [e - shift for e in ends_tok]
+            action_ends_tok = [a - shift for a in action_ends_tok]
+            starts_tok = [s - shift for s in starts_tok]
+        else:  # not even the newest step fits next to the head
+            ids = ids[:max_length]
+    keep = slice(first, len(traj.steps))
     out = TokenizedTrajectory(
         id=traj.id,
         group=traj.group,
         input_ids=ids,
-        step_start_idx=starts_tok[:n],
-        action_end_idx=action_ends_tok[:n],
-        step_end_idx=ends_tok[:n],
-        step_values=values[:n],
-        step_parent=parents[:n],
-        step_action=actions[:n],
+        step_start_idx=starts_tok[keep],
+        action_end_idx=action_ends_tok[keep],
+        step_end_idx=ends_tok[keep],
+        step_values=values[keep],
+        step_parent=parents[keep],
+        step_action=actions[keep],
         success=bool(traj.success),
         reward=float(traj.reward),
         num_steps_total=len(traj.steps),
+        first_step=min(first, len(traj.steps)),
     )
-    assert len(out.step_values) == len(out.step_end_idx) == n
+    n = len(out.step_end_idx)
+    assert len(out.step_values) == n and (not n or out.step_end_idx[-1] < len(ids) <= (max_length or len(ids)))
     return out

@@ -21,21 +21,31 @@ def test_step_ends_close_the_observation_and_action_ends_the_action(tiny_tokeniz
     assert tt.step_values == [s.value for s in t.steps]
 
 
-def test_truncation_keeps_labels_aligned(tiny_tokenizer):
+def test_truncation_keeps_the_head_and_the_most_recent_whole_steps(tiny_tokenizer):
     t = make_trajectory("a", 4)
     full = tokenize_trajectory(tiny_tokenizer, t)
-    # cut in the middle of step 3's observation: steps 0..1 survive, the cut step is dropped
-    cut = full.step_end_idx[2] - 1
-    assert cut > full.action_end_idx[2]  # the cut step's action is whole, its observation is not
-    tt = tokenize_trajectory(tiny_tokenizer, t, max_length=cut)
-    assert len(tt.input_ids) == cut
-    assert tt.step_end_idx == full.step_end_idx[:2]
-    assert tt.step_values == full.step_values[:2]
-    assert tt.action_end_idx == full.action_end_idx[:2] and tt.step_start_idx == full.step_start_idx[:2]
-    assert len(tt.step_parent) == len(tt.step_action) == 2
-    # exactly at a step end: that step survives
-    tt2 = tokenize_trajectory(tiny_tokenizer, t, max_length=full.step_end_idx[1] + 1)
-    assert tt2.step_end_idx == full.step_end_idx[:2]
+    end_id = tiny_tokenizer.convert_tokens_to_ids("<|end|>")
+    head = full.step_start_idx[0] - 3  # well inside the instruction turn's rendering
+    for budget in range(full.step_end_idx[0], len(full.input_ids)):
+        tt = tokenize_trajectory(tiny_tokenizer, t, max_length=budget)
+        k = tt.first_step
+        assert len(tt.input_ids) <= budget
+        assert tt.input_ids[:head] == full.input_ids[:head]  # BOS and instruction kept
+        assert tt.step_values == full.step_values[k:] and len(tt.step_parent) == len(tt.step_action) == 4 - k
+        assert tt.step_parent == full.step_parent[k:]  # sibling identity is the full context's
+        if k < 4:  # the kept steps are the newest, whole, and their tokens are the full rendering's tail
+            shift = full.step_end_idx[-1] - tt.step_end_idx[-1]
+            assert tt.step_end_idx == [e - shift for e in full.step_end_idx[k:]]
+            last = full.step_end_idx[-1] + 1  # the template's trailing tokens (no label) go first
+            tail = full.input_ids[full.step_end_idx[k - 1] + 1 : last] if k else full.input_ids[:last]
+            assert tt.input_ids[len(tt.input_ids) - len(tail) :] == tail
+            assert all(tt.input_ids[i] == end_id for i in tt.step_end_idx + tt.action_end_idx)
+            assert tiny_tokenizer.decode(tt.input_ids[: tt.step_end_idx[-1]]).endswith(t.steps[-1].observation)
+            assert tiny_tokenizer.decode(tt.input_ids[:head]) == tiny_tokenizer.decode(full.input_ids[:head])
+    # the rule drops as few steps as possible: trailing template tokens first, then the oldest step
+    assert tokenize_trajectory(tiny_tokenizer, t, max_length=full.step_end_idx[-1] + 1).first_step == 0
+    assert tokenize_trajectory(tiny_tokenizer, t, max_length=full.step_end_idx[-1]).first_step == 1
+    assert tokenize_trajectory(tiny_tokenizer, t, max_length=len(full.input_ids)).first_step == 0
 
 
 def test_zero_steps_and_collate(tiny_tokenizer):
