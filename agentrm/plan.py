@@ -13,6 +13,10 @@ Accounting (bytes per parameter ``P``, ``N`` = devices x nodes):
   grads 2P, fp32 master + m + v 12P.  DDP replicates all; ZeRO-2 shards grads+optimizer;
   FSDP / ZeRO-3 shard everything (FSDP adds one unsharded bf16 decoder layer in flight).
 * LoRA: frozen base in its dtype (bf16: 2P) + fp32 adapters at 16 bytes/trainable param.
+* implicit PRM, full training: the frozen reference is a submodule in ``reference_dtype`` (else the
+  policy's ``dtype``): 2P in bf16, 4P in fp32; FSDP / ZeRO-3 shard it like the policy (FSDP adds one of
+  its decoder layers gathered in flight), DDP / ZeRO-2 replicate it. With LoRA it is the base with the
+  adapter disabled: no extra memory.
 * QLoRA: linear layers in NF4 with double quantisation, 4 + 0.127 bits/param (QLoRA paper);
   the rest (embeddings, norms, ``lm_head``) upcast to fp32 by ``prepare_model_for_kbit_training``.
 * activations per token per decoder layer, 16-bit, flash/SDPA attention (no ``s^2`` term):
@@ -165,6 +169,7 @@ class Setup:
     max_length: int = 2048
     checkpointing: bool = False
     separate_reference: bool = False
+    reference_dtype: str | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -217,8 +222,12 @@ def estimate(s: Setup) -> Estimate:
         w, g, o = base + 4 * trainable, 4 * trainable, 8 * trainable
         g, o = (g / n, o / n) if shard_states else (g, o)
     ref = 0.0
-    if s.causal_lm and s.separate_reference:  # frozen copy outside the Lightning module: replicated
-        ref = (4 if (s.dtype in ("float32", "fp32")) else 2) * a.params(True)
+    if s.causal_lm and s.separate_reference:  # frozen submodule: sharded with the policy, or replicated
+        ref_bytes = _dtype_bytes(s.reference_dtype or s.dtype)
+        ref = ref_bytes * a.params(True)
+        ref = ref / n if shard_all else ref
+        if s.strategy == "fsdp":  # one of its decoder layers gathered in flight
+            ref += ref_bytes * a.linear_params() / a.layers
     tokens = s.batch_size * s.max_length
     per_layer = tokens * a.act_bytes_per_token_layer()
     if s.checkpointing:
@@ -299,6 +308,7 @@ def setup_from_config(cfg: dict[str, Any]) -> Setup:
         max_length=int(data.get("max_length", 1024)),
         checkpointing=bool(margs.get("gradient_checkpointing")) or fsdp_ckpt,
         separate_reference=causal and not lora,
+        reference_dtype=margs.get("reference_dtype"),
     )
 
 

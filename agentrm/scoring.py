@@ -62,6 +62,7 @@ from agentrm.data.collate import collate_trajectories
 from agentrm.data.schema import Step, Trajectory
 from agentrm.data.tokenize import ChatTemplateError, oldest_steps_to_drop, tokenize_trajectory
 from agentrm.kernels import step_logratio, step_values, token_logprobs
+from agentrm.models.head_call import call_as_forward, causal_lm_head
 from agentrm.models.implicit_prm import ImplicitPRM
 from agentrm.models.value_rm import AGGREGATIONS, ValueRewardModel, aggregate_steps
 
@@ -386,8 +387,7 @@ def _attention_mask(layout: ScoringLayout, config, dtype: torch.dtype) -> Tensor
     return torch.where(layout.allowed, zero, torch.finfo(dtype).min)
 
 
-def _forward_hidden(model, layout: ScoringLayout, causal_lm: bool) -> Tensor:
-    """Final hidden states ``[B*T, H]`` (after the final norm) for ``layout``."""
+def _model_inputs(model, layout: ScoringLayout) -> dict[str, Tensor | bool]:
     dtype = next(model.parameters()).dtype
     kwargs = dict(
         input_ids=layout.input_ids,
@@ -396,12 +396,19 @@ def _forward_hidden(model, layout: ScoringLayout, causal_lm: bool) -> Tensor:
     )
     if layout.position_ids is not None:
         kwargs["position_ids"] = layout.position_ids
-    if causal_lm:  # as agentrm.models.implicit_prm.final_hidden: no logits for all tokens
-        h = model(**kwargs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-    else:
-        out = model(**kwargs)
-        h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return kwargs
+
+
+def _forward_hidden(model, layout: ScoringLayout) -> Tensor:
+    """Final hidden states ``[B*T, H]`` (after the final norm) of a base (value-RM) backbone."""
+    out = model(**_model_inputs(model, layout))
+    h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return h.reshape(-1, h.shape[-1])
+
+
+def _scored_rows(hidden: Tensor, layout: ScoringLayout) -> Tensor:
+    """``[M, H]`` hidden rows that predict the scored tokens (``[B, T, H]`` viewed flat, ``M`` rows copied)."""
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, layout.pred_idx)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -573,14 +580,12 @@ class ValueRMScorer(_PackedScorer):
         return self.model.value_head.weight.device
 
     def _score_layout(self, layout: ScoringLayout, n_prefix_steps: int) -> Tensor:
-        hidden = _forward_hidden(self.model.backbone, layout, causal_lm=False)  # [B*T, H]
-        head = self.model.value_head
-        return step_values(
+        hidden = _forward_hidden(self.model.backbone, layout)  # [B*T, H]
+        sigmoid = self.model.value_activation == "sigmoid"
+        return call_as_forward(  # the head's weights are read inside its forward (sharded inference)
+            self.model.value_head,
+            lambda head, h: step_values(h, head.weight[0], head.bias[0], layout.end_idx, sigmoid=sigmoid),
             hidden,
-            head.weight[0],
-            head.bias[0],
-            layout.end_idx,
-            sigmoid=self.model.value_activation == "sigmoid",
         )
 
     def _model_score_trajectory(self, batch: dict[str, Tensor]) -> Tensor:
@@ -641,21 +646,22 @@ class ImplicitPRMScorer(_PackedScorer):
             if next(model.parameters()).device != layout.input_ids.device:
                 model.to(layout.input_ids.device)
         with ctx:
-            h = _forward_hidden(model, layout, causal_lm=True)
-            return token_logprobs(h[layout.pred_idx], model.get_output_embeddings().weight, layout.targets)
+            return causal_lm_head(
+                model,
+                lambda head, h: token_logprobs(_scored_rows(h, layout), head.weight, layout.targets),
+                **_model_inputs(model, layout),
+            )
 
     def _score_layout(self, layout: ScoringLayout, n_prefix_steps: int) -> Tensor:
         ref_logp = self._reference_logprobs(layout)
-        h = _forward_hidden(self.model.policy, layout, causal_lm=True)
-        w = self.model.policy.get_output_embeddings().weight
-        r = step_logratio(
-            h[layout.pred_idx],
-            w,
-            layout.targets,
-            layout.step_ids,
-            ref_logp,
-            self.model.beta,
-            layout.num_steps,
+        policy = self.model.policy
+        r = causal_lm_head(  # the LM head is read inside its forward (see agentrm.models.head_call)
+            policy,
+            lambda head, h: step_logratio(
+                _scored_rows(h, layout), head.weight, layout.targets, layout.step_ids, ref_logp,
+                self.model.beta, layout.num_steps,
+            ),
+            **_model_inputs(policy, layout),
         )  # [n_prefix_steps + k]
         cand = r[n_prefix_steps:]
         if not self.include_prefix:

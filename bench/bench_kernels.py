@@ -4,7 +4,11 @@ Compares, per shape and mode (``fwd`` = no-grad scoring, ``fwd+bwd`` = training 
 
 * ``eager``: the obvious torch implementation (materialises ``[N, V]`` logits / runs the head on all tokens);
 * ``chunked`` (``step_logratio``) / ``gather`` (``step_values``): the pure-torch reference paths;
-* ``triton``: the Triton kernels (CUDA only; the CPU interpreter is a correctness tool, not timed).
+* ``triton``: the Triton kernels (CUDA only; the CPU interpreter is a correctness tool, not timed);
+* ``liger`` (``step_logratio``, CUDA, when ``liger-kernel`` is importable; optional, never required):
+  Liger-Kernel's fused linear cross-entropy with ``reduction="sum"``, the closest public kernel (log-sum-exp
+  over V without materialising logits; it computes its gradients during the forward, so its ``fwd`` row
+  includes that work whenever inputs require grad).
 
 Measurements:
 
@@ -143,6 +147,14 @@ def make_fn(case: dict[str, Any], backend: str, inp: dict[str, Any], train: bool
 
             def op():
                 return K.step_logratio_chunked(*args, return_token_logp=train)
+        elif backend == "liger":
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            flce = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="sum")
+            tgt = torch.where(inp["step_ids"] >= 0, inp["targets"], -100)
+
+            def op():
+                return flce(inp["weight"], inp["hidden"], tgt)
         else:
 
             def op():
@@ -313,9 +325,17 @@ def sweep(device: str, quick: bool) -> list[dict[str, Any]]:
     return cases
 
 
+def liger_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
 def backends_for(op: str, device: str) -> list[str]:
     base = ["eager", "chunked"] if op == "step_logratio" else ["eager", "gather"]
-    return base + (["triton"] if device == "cuda" else [])
+    if device != "cuda":
+        return base
+    return base + ["triton"] + (["liger"] if op == "step_logratio" and liger_available() else [])
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agentrm.data.collect import Job  # noqa: E402
+
 from agentrm.data.schema import Trajectory, write_jsonl  # noqa: E402
 from agentrm.envs.babyai import BabyAITextEnv  # noqa: E402
 from agentrm.envs.babyai_expert import ScriptedBabyAIPolicy  # noqa: E402

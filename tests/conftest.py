@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+import zlib
 
 import pytest
 import torch
@@ -15,6 +17,29 @@ if not torch.cuda.is_available():
 
 from agentrm.data.schema import Step, Trajectory  # noqa: E402
 from agentrm.data.tiny_tokenizer import train_tiny_tokenizer, trajectory_texts  # noqa: E402
+
+SEED_ENV = "AGENTRM_TEST_SEED"
+# One session seed, new each run (broad coverage) unless $AGENTRM_TEST_SEED replays a printed one.
+SESSION_SEED = int(os.environ.get(SEED_ENV) or time.time_ns() % 2**31)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"agentrm test seed: {SEED_ENV}={SESSION_SEED} (set it to replay this run's random cases)"
+
+
+def seed_for(session_seed: int, nodeid: str) -> int:
+    """A test's seed: a function of the session seed and the test id only, so replaying one test alone
+    (``AGENTRM_TEST_SEED=<session seed> pytest <test id>``) draws the same numbers as in the full run."""
+    return (session_seed ^ zlib.crc32(nodeid.encode())) % 2**31
+
+
+@pytest.fixture
+def seed(request: pytest.FixtureRequest) -> int:
+    """Seeds torch for the random cases of a test; the replay command is printed (shown on failure)."""
+    value = seed_for(SESSION_SEED, request.node.nodeid)
+    torch.manual_seed(value)
+    print(f"torch seed {value}; replay: {SEED_ENV}={SESSION_SEED} pytest '{request.node.nodeid}'")
+    return value
 
 
 def make_trajectory(tid: str, n_steps: int, success: bool = True, group: str | None = None) -> Trajectory:

@@ -29,6 +29,7 @@ from agentrm.plan import KNOWN, Setup, estimate, load_config, main, resolve_arch
 
 LLAMA3_8B = KNOWN["meta-llama/Meta-Llama-3-8B-Instruct"]
 CONFIGS = PROJECT_ROOT / "configs" / "llama3-8b"
+STRATEGIES = PROJECT_ROOT / "configs" / "strategies"
 
 
 def within(value: float, published: float, rel: float = 0.2) -> bool:
@@ -80,9 +81,17 @@ def test_activation_checkpointing_and_devices_override(capsys):
     assert "devices=2" in out and "optimizer states" in out and "total" in out
 
 
-def test_implicit_prm_full_counts_replicated_reference():
+def test_implicit_prm_full_reference_is_bf16_and_sharded():
     s = setup_from_config(load_config([str(CONFIGS / "implicit_prm_full.yaml")], {}))
-    assert s.separate_reference and estimate(s).rows["reference model"] > 30  # fp32 copy on every GPU
+    assert s.separate_reference and s.reference_dtype == "bfloat16" and s.strategy == "fsdp"
+    bf16_copy = 2 * LLAMA3_8B.params(causal_lm=True) / 1e9  # 16.06 GB
+    one_layer = 2 * LLAMA3_8B.linear_params() / LLAMA3_8B.layers / 1e9
+    assert estimate(s).rows["reference model"] == pytest.approx(bf16_copy / 8 + one_layer)
+    # the same model replicated by DDP: a whole bf16 copy per GPU, a whole fp32 one without reference_dtype
+    ddp = load_config([str(CONFIGS / "implicit_prm_full.yaml"), str(STRATEGIES / "ddp.yaml")], {})
+    assert estimate(setup_from_config(ddp)).rows["reference model"] == pytest.approx(bf16_copy)
+    ddp["model"]["init_args"].pop("reference_dtype")
+    assert estimate(setup_from_config(ddp)).rows["reference model"] == pytest.approx(2 * bf16_copy)
     s = setup_from_config(load_config([str(CONFIGS / "implicit_prm_lora.yaml")], {}))
     assert estimate(s).rows["reference model"] == 0  # adapter disabled = the base
 

@@ -17,7 +17,9 @@ def is_decoder_layer(module: nn.Module) -> bool:
 
 
 def decoder_layer_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int = 0) -> bool:
-    """FSDP ``auto_wrap_policy`` signature: descend everywhere, wrap each decoder layer as one unit."""
+    """FSDP ``auto_wrap_policy`` signature: descend everywhere, wrap each decoder layer as one unit, and
+    each model marked ``_agentrm_fsdp_unit`` (the implicit PRM's frozen reference, possibly in another
+    dtype than the policy: FSDP1 flattens a unit's parameters together, which needs one dtype)."""
     if recurse:
         return True
-    return is_decoder_layer(module)
+    return is_decoder_layer(module) or bool(getattr(module, "_agentrm_fsdp_unit", False))

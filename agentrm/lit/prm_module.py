@@ -13,14 +13,14 @@ from torchmetrics import MeanMetric
 from agentrm.lit.dist_metrics import synced_compute
 from agentrm.lit.metrics import AUROCOrNaN
 from agentrm.lit.optim import adamw_with_warmup_cosine
-from agentrm.lit.trainable import build_trainable_backbone
+from agentrm.lit.trainable import ModelBuiltInConfigure, build_trainable_backbone
 from agentrm.models.implicit_prm import ImplicitPRM
-from agentrm.models.quant import validate_training_setup
+from agentrm.models.quant import check_quantization, validate_training_setup
 from agentrm.models.value_rm import aggregate_steps
 from agentrm.paths import load_tokenizer
 
 
-class ImplicitPRMModule(L.LightningModule):
+class ImplicitPRMModule(ModelBuiltInConfigure, L.LightningModule):
     """BCE-with-logits of ``beta * sum_t log(pi_theta/pi_ref)`` against the success label.
 
     Args:
@@ -31,6 +31,10 @@ class ImplicitPRMModule(L.LightningModule):
         aggregate: step-reward aggregation for the trajectory score in validation.
         quantization: ``"nf4"``/``"int8"`` bitsandbytes base for QLoRA (needs CUDA,
             bitsandbytes, ``lora`` and a non-sharding strategy; checked before loading).
+        reference_dtype: dtype of the separate frozen reference (full training only), e.g.
+            ``"bfloat16"``: half the memory of an fp32 copy; ``None`` keeps the policy's dtype.
+
+    The models are built in ``configure_model`` (see :class:`~agentrm.lit.trainable.ModelBuiltInConfigure`).
     """
 
     def __init__(
@@ -48,37 +52,40 @@ class ImplicitPRMModule(L.LightningModule):
         attn_implementation: str = "auto",
         gradient_checkpointing: bool = False,
         quantization: str | None = None,
+        reference_dtype: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
+        validate_training_setup(quantization, lora)  # early errors, before anything loads
+        check_quantization(quantization)
         self.tokenizer = load_tokenizer(tokenizer)
-        policy = build_trainable_backbone(
-            backbone, backbone_config, vocab_size=len(self.tokenizer), causal_lm=True, lora=lora,
-            dtype=dtype, attn_implementation=attn_implementation,
-            gradient_checkpointing=gradient_checkpointing, quantization=quantization,
-        )
-        self.model = ImplicitPRM(policy, beta=beta)
         self.val_auroc = AUROCOrNaN("val/auroc")
         self.val_step_auroc = AUROCOrNaN("val/step_auroc")
         self.val_loss = MeanMetric()
+
+    def build_model(self) -> ImplicitPRM:
+        hp = self.hparams
+        policy = build_trainable_backbone(
+            hp.backbone, hp.backbone_config, vocab_size=len(self.tokenizer), causal_lm=True, lora=hp.lora,
+            dtype=hp.dtype, attn_implementation=hp.attn_implementation,
+            gradient_checkpointing=hp.gradient_checkpointing, quantization=hp.quantization,
+        )
+        return ImplicitPRM(policy, beta=hp.beta, reference_dtype=hp.get("reference_dtype"))
 
     def setup(self, stage: str) -> None:
         """Reject quantisation under a sharding strategy before the strategy wraps the model."""
         validate_training_setup(self.hparams.quantization, self.hparams.lora, self.trainer.strategy)
 
-    def on_fit_start(self) -> None:
-        if self.model.reference is not None:
-            self.model.reference.to(self.device)
-
-    # A randomly initialised reference (backbone_config) cannot be rebuilt from a hub id,
-    # so it travels in the checkpoint; a pretrained or adapter-disabled one does not need to.
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.hparams.backbone_config is not None and self.model.reference is not None:
-            checkpoint["reference_state_dict"] = self.model.reference.state_dict()
-
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "reference_state_dict" in checkpoint and self.model.reference is not None:
-            self.model.reference.load_state_dict(checkpoint["reference_state_dict"])
+        """Checkpoints hold the reference (a submodule) under ``model.reference_model.``; fill it in for
+        checkpoints written before that (a ``reference_state_dict`` entry, or none for a pretrained one)."""
+        if self.model.reference is None:
+            return
+        prefix, state = "model.reference_model.", checkpoint["state_dict"]
+        old = checkpoint.pop("reference_state_dict", None)
+        if not any(k.startswith(prefix) for k in state):
+            src = old if old is not None else self.model.reference.state_dict()
+            state.update({prefix + k: v for k, v in src.items()})
 
     def _outcome_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         r = self.model.step_rewards(batch)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
 from transformers import PreTrainedModel
 
 from agentrm.models.backbone import build_backbone
@@ -53,3 +54,27 @@ def build_trainable_backbone(
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return apply_lora(model, lora, "CAUSAL_LM" if causal_lm else "FEATURE_EXTRACTION")
+
+
+class ModelBuiltInConfigure:
+    """Mixin for LightningModules whose ``self.model`` is built in ``configure_model``, not ``__init__``.
+
+    The Trainer calls ``configure_model`` inside the strategy's init context: on the rank's own device
+    for DDP (no host copy per rank), under ``deepspeed.zero.Init`` for ZeRO-3 (partitioned as it is
+    built), before FSDP wraps the model. ``load_from_checkpoint`` calls it too, so checkpoints and resumes
+    work unchanged. Used outside a Trainer (scripts, tests), ``self.model`` is built on first access.
+    Subclasses implement :meth:`build_model`.
+    """
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def configure_model(self) -> None:
+        if "model" not in self._modules:
+            self.model = self.build_model()
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "model" and "model" not in self.__dict__.get("_modules", {}):
+            self.configure_model()
+            return self._modules["model"]
+        return super().__getattr__(name)

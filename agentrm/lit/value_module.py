@@ -14,13 +14,13 @@ from torchmetrics import MeanMetric, MeanSquaredError
 from agentrm.lit.dist_metrics import synced_compute
 from agentrm.lit.metrics import AUROCOrNaN, PairwiseRankingAccuracy
 from agentrm.lit.optim import adamw_with_warmup_cosine
-from agentrm.lit.trainable import build_trainable_backbone
-from agentrm.models.quant import validate_training_setup
+from agentrm.lit.trainable import ModelBuiltInConfigure, build_trainable_backbone
+from agentrm.models.quant import check_quantization, validate_training_setup
 from agentrm.models.value_rm import ValueRewardModel
 from agentrm.paths import load_tokenizer
 
 
-class ValueRMModule(L.LightningModule):
+class ValueRMModule(ModelBuiltInConfigure, L.LightningModule):
     """Regress step-end values onto Monte-Carlo / tree-search value targets.
 
     Args:
@@ -37,6 +37,8 @@ class ValueRMModule(L.LightningModule):
         pairwise_weight: weight of an extra Bradley-Terry loss on sibling pairs in the batch
             (steps with the same ``step_parent``, different ``step_action`` and different
             targets, e.g. MCTS siblings): ``-log sigmoid(pred_better - pred_worse)``.
+
+    The model is built in ``configure_model`` (see :class:`~agentrm.lit.trainable.ModelBuiltInConfigure`).
     """
 
     def __init__(
@@ -57,18 +59,23 @@ class ValueRMModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        validate_training_setup(quantization, lora)  # early errors, before anything loads
+        check_quantization(quantization)
         self.tokenizer = load_tokenizer(tokenizer)
-        bb = build_trainable_backbone(
-            backbone, backbone_config, vocab_size=len(self.tokenizer), causal_lm=False, lora=lora,
-            dtype=dtype, attn_implementation=attn_implementation,
-            gradient_checkpointing=gradient_checkpointing, quantization=quantization,
-        )
-        self.model = ValueRewardModel(bb, value_activation="sigmoid" if loss == "bce" else "none")
         self.val_mse = MeanSquaredError()
         self.val_auroc = AUROCOrNaN("val/auroc")
         self.val_traj_auroc = AUROCOrNaN("val/traj_auroc")
         self.val_rank_acc = PairwiseRankingAccuracy()
         self.train_loss = MeanMetric()
+
+    def build_model(self) -> ValueRewardModel:
+        hp = self.hparams
+        bb = build_trainable_backbone(
+            hp.backbone, hp.backbone_config, vocab_size=len(self.tokenizer), causal_lm=False, lora=hp.lora,
+            dtype=hp.dtype, attn_implementation=hp.attn_implementation,
+            gradient_checkpointing=hp.gradient_checkpointing, quantization=hp.quantization,
+        )
+        return ValueRewardModel(bb, value_activation="sigmoid" if hp.loss == "bce" else "none")
 
     def setup(self, stage: str) -> None:
         """Reject quantisation under a sharding strategy before the strategy wraps the model."""

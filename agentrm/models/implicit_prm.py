@@ -21,7 +21,8 @@ from transformers import PreTrainedModel
 
 from agentrm.kernels import step_logratio, token_logprobs
 from agentrm.models.adapters import BASE_SUBDIR, load_adapter, resolve_adapter_base, save_adapter_base
-from agentrm.models.backbone import build_backbone
+from agentrm.models.backbone import build_backbone, resolve_dtype
+from agentrm.models.head_call import causal_lm_head
 from agentrm.models.value_rm import AGENTRM_CONFIG, aggregate_steps
 
 
@@ -29,30 +30,28 @@ def _is_peft(model: nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
-def final_hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """``[B, T, H]`` hidden states after the final norm, without computing logits for all tokens."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1)
-    return out.hidden_states[-1]
+def action_token_rows(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The hidden-state rows that predict action tokens, with their targets and global step ids.
 
-
-def step_token_targets(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Next-token targets and global step ids for positions ``0..T-2``.
-
-    Hidden state ``t`` predicts token ``t+1``; it counts towards step ``i`` when token
-    ``t+1`` belongs to step ``i``'s action.
+    Hidden state ``t`` predicts token ``t+1``; it counts towards step ``i`` when token ``t+1`` belongs to
+    step ``i``'s action (``token_step[b, t+1] == i``). Only these ``M`` rows go to the kernels: no
+    observation, prompt or padding position.
 
     Returns:
-        targets ``[B*(T-1)]`` (``-1`` where ignored), step_ids ``[B*(T-1)]`` (``b*S + i`` or
-        ``-1``), and ``num_steps = B*S``.
+        ``rows [M]`` flat indices into the ``[B*T]`` positions, ``targets [M]`` next-token ids,
+        ``step_ids [M]`` (``b*S + i``) and ``num_steps = B*S``.
     """
     ids, token_step = batch["input_ids"], batch["token_step"]
-    B, S = batch["step_end_idx"].shape
+    B, T = ids.shape
+    S = batch["step_end_idx"].shape[1]
     nxt_step = token_step[:, 1:]
-    valid = nxt_step >= 0
-    offs = torch.arange(B, device=ids.device)[:, None] * S
-    step_ids = torch.where(valid, nxt_step + offs, torch.full_like(nxt_step, -1))
-    targets = torch.where(valid, ids[:, 1:], torch.full_like(nxt_step, -1))
-    return targets.reshape(-1), step_ids.reshape(-1), B * S
+    b, t = (nxt_step >= 0).nonzero(as_tuple=True)
+    return b * T + t, ids[b, t + 1], nxt_step[b, t] + b * S, B * S
+
+
+def _take_rows(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``[M, H]`` rows of ``[B, T, H]`` hidden states (a view of all positions, one copy of ``M`` rows)."""
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
 
 
 class ImplicitPRM(nn.Module):
@@ -63,59 +62,72 @@ class ImplicitPRM(nn.Module):
         reference: frozen causal LM; ``None`` with a peft ``policy`` means "the policy
             with its adapter disabled"; ``None`` otherwise makes a frozen deep copy.
         beta: reward scale (default 0.05).
+        reference_dtype: dtype to keep a separate reference in (e.g. ``"bfloat16"`` while the policy
+            trains in fp32: half the memory; ``None`` keeps the policy's dtype).
+
+    The separate reference is a submodule (``reference_model``), so sharding strategies shard it with the
+    policy and it travels in Lightning checkpoints; it stays frozen and in eval mode.
     """
 
-    def __init__(self, policy: PreTrainedModel, reference: PreTrainedModel | None = None, beta: float = 0.05):
+    def __init__(self, policy: PreTrainedModel, reference: PreTrainedModel | None = None, beta: float = 0.05,
+                 reference_dtype: str | torch.dtype | None = None):
         super().__init__()
         self.policy = policy
         self.beta = float(beta)
         if reference is None and not _is_peft(policy):
             reference = copy.deepcopy(policy)
         if reference is not None:
+            if reference_dtype is not None:
+                reference = reference.to(resolve_dtype(reference_dtype))
             reference.requires_grad_(False)
             reference.eval()
-        # kept out of the module tree so it is neither trained nor saved with the policy
-        self._reference = [reference]
+            # marks an FSDP unit of its own for agentrm.lit.fsdp.decoder_layer_policy (its dtype may differ)
+            reference._agentrm_fsdp_unit = True
+        self.reference_model = reference
 
     @property
     def reference(self) -> PreTrainedModel | None:
-        return self._reference[0]
+        return self.reference_model
 
     @property
     def config(self):
         return self.policy.config
 
-    def _lm_weight(self, model: PreTrainedModel) -> torch.Tensor:
-        return model.get_output_embeddings().weight
+    def train(self, mode: bool = True) -> ImplicitPRM:
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()  # frozen: no dropout, whatever the trainer sets
+        return self
 
-    def reference_logprobs(self, batch: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
-        """``[B*(T-1)]`` reference log-probs of ``targets`` (0 where ignored), no grad."""
+    def reference_logprobs(self, batch: dict[str, torch.Tensor], rows: torch.Tensor,
+                           targets: torch.Tensor) -> torch.Tensor:
+        """``[M]`` reference log-probs of ``targets`` predicted at hidden rows ``rows``, no grad."""
         with torch.no_grad():
             if self.reference is None:
-                ctx = self.policy.disable_adapter()
-                model = self.policy
+                ctx, model = self.policy.disable_adapter(), self.policy
             else:
-                ctx = contextlib.nullcontext()
-                model = self.reference
-                if next(model.parameters()).device != batch["input_ids"].device:
-                    model.to(batch["input_ids"].device)
+                ctx, model = contextlib.nullcontext(), self.reference
             with ctx:
-                h = final_hidden(model, batch["input_ids"], batch["attention_mask"])
-                w = self._lm_weight(model)
-                return token_logprobs(h[:, :-1].reshape(-1, h.shape[-1]), w, targets)
+                return causal_lm_head(
+                    model, lambda head, h: token_logprobs(_take_rows(h, rows), head.weight, targets),
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                )
 
     def step_rewards(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Differentiable per-step rewards ``[B, S]`` (``0`` at padding).
 
-        ``r[b, i] = beta * sum_{t in step i} (log pi_theta(y_t) - log pi_ref(y_t))``.
+        ``r[b, i] = beta * sum_{t in step i} (log pi_theta(y_t) - log pi_ref(y_t))``. The kernels see only
+        the action-token rows, and read the LM head inside its forward (see :mod:`.head_call`).
         """
-        targets, step_ids, num_steps = step_token_targets(batch)
-        ref = self.reference_logprobs(batch, targets)
-        h = final_hidden(self.policy, batch["input_ids"], batch["attention_mask"])
-        r = step_logratio(
-            h[:, :-1].reshape(-1, h.shape[-1]), self._lm_weight(self.policy), targets, step_ids, ref,
-            self.beta, num_steps,
-        )
+        rows, targets, step_ids, num_steps = action_token_rows(batch)
+        ref = self.reference_logprobs(batch, rows, targets)
+
+        def log_ratio(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+            h = _take_rows(hidden, rows)
+            return step_logratio(h, head.weight, targets, step_ids, ref, self.beta, num_steps)
+
+        r = causal_lm_head(self.policy, log_ratio, input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"])
         return r.view(batch["step_end_idx"].shape)
 
     def outcome_logits(self, step_rewards: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from transformers import PreTrainedModel
 
 from agentrm.models.adapters import is_peft_model, load_adapter, resolve_adapter_base, save_adapter_base
 from agentrm.models.backbone import build_backbone
+from agentrm.models.head_call import call_as_forward
 from agentrm.models.step_gather import gather_step_values
 
 AGENTRM_CONFIG = "agentrm_config.json"
@@ -58,8 +59,11 @@ class ValueRewardModel(nn.Module):
         """
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        head_b = self.value_head.bias[0]
-        return gather_step_values(hidden, self.value_head.weight[0], head_b, step_end_idx)
+        return call_as_forward(
+            self.value_head,  # read inside the head's forward, so sharded weights are gathered
+            lambda head, h: gather_step_values(h, head.weight[0], head.bias[0], step_end_idx),
+            hidden,
+        )
 
     @torch.no_grad()
     def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

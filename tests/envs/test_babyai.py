@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from agentrm.envs.babyai import BabyAITextEnv, available_levels, normalize_action
-from agentrm.envs.base import Env, replay
 from agentrm.envs.babyai_expert import ScriptedBabyAIPolicy
+from agentrm.envs.base import Env, replay
 from agentrm.policies.random_policy import RandomPolicy
 
 

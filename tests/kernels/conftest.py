@@ -1,4 +1,4 @@
-"""Kernel tests run the Triton kernels on CPU tensors through the Triton interpreter.
+"""Kernel tests (seeded by the ``seed`` fixture of ``tests/conftest.py``) run the Triton kernels on CPU tensors through the Triton interpreter.
 
 ``TRITON_INTERPRET`` must be set before ``triton`` is first imported (triton decorates its own standard
 library, ``tl.sum`` etc., at import). Setting it here works when this folder is collected first or alone
@@ -12,20 +12,8 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import random  # noqa: E402
-
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 def pytest_report_header(config: pytest.Config) -> str:
     return f"agentrm.kernels tests: TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}"
-
-
-@pytest.fixture
-def seed() -> int:
-    """A fresh random seed per test, printed (pytest shows it when the test fails)."""
-    value = random.SystemRandom().randrange(2**31)
-    torch.manual_seed(value)
-    print(f"torch seed = {value}")
-    return value

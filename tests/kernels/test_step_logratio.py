@@ -22,8 +22,9 @@ from agentrm.kernels import (
     triton_available,
 )
 
-# the submodule (the package attribute of the same name is the function)
+# the submodules (the package attribute step_logratio is the function)
 slr_module = importlib.import_module("agentrm.kernels.step_logratio")
+triton_module = importlib.import_module("agentrm.kernels.logratio_triton")
 
 # The Triton paths run on CPU tensors through the interpreter; that needs triton to have been imported with
 # TRITON_INTERPRET=1 (see conftest.py). If another test folder imported it first (lightning/transformers do),
@@ -103,7 +104,7 @@ def test_interpreter_active():
     assert interpreting(), "TRITON_INTERPRET=1 did not take effect"
     if not HAS_TRITON_HERE:
         pytest.skip("triton was imported before TRITON_INTERPRET=1; see test_triton_paths_in_fresh_process")
-    kernels = slr_module._triton_kernels(True)
+    kernels = triton_module.triton_kernels(True)
     assert type(kernels["fwd"]).__name__ == "InterpretedFunction"
 
 
@@ -138,7 +139,7 @@ def test_eager_reference_is_log_softmax(seed):
 @pytest.mark.parametrize("splits", [1, 3, 5])
 def test_triton_vocab_splits(seed, splits):
     c = make_case(n_seq=1, seq_len=40, v=200)
-    logp, lse, _ = slr_module._triton_forward(c["hidden"], c["weight"], c["targets"], num_splits=splits)
+    logp, lse, _ = triton_module.triton_forward(c["hidden"], c["weight"], c["targets"], num_splits=splits)
     ref_lse = torch.logsumexp(c["hidden"] @ c["weight"].T, -1)
     torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(logp, oracle(c)[1], atol=2e-4, rtol=1e-4)
@@ -298,13 +299,13 @@ def test_dispatch_env_and_explicit(monkeypatch):
 def test_dispatch_env_routes_calls_to_triton(monkeypatch, seed):
     """With the env var set, the public op really runs the Triton path (spy on the launcher)."""
     calls = []
-    real = slr_module._triton_forward
+    real = slr_module.triton_forward
 
     def spy(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(slr_module, "_triton_forward", spy)
+    monkeypatch.setattr(slr_module, "triton_forward", spy)
     c = make_case(n_seq=1, seq_len=10, h=8, v=20)
     monkeypatch.setenv(BACKEND_ENV, "triton")
     with torch.no_grad():
@@ -324,3 +325,43 @@ def test_dispatch_triton_on_cpu_without_interpreter_raises(monkeypatch):
     monkeypatch.delenv(BACKEND_ENV, raising=False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         resolve_backend("triton", torch.zeros(1))
+
+
+def test_autotune_bucket_separates_scoring_from_training_sizes():
+    n_bucket = triton_module.n_bucket
+    assert [n_bucket(n) for n in (0, 1, 2, 3, 64, 65, 8192)] == [1, 1, 2, 4, 64, 128, 8192]
+    assert n_bucket(10**6) == triton_module.N_BUCKET_CAP
+    assert n_bucket(48) != n_bucket(8000)  # a beam-scoring batch and a training batch tune separately
+
+
+@pytest.mark.parametrize(
+    "hidden, weight, expected",
+    [
+        (torch.bfloat16, torch.bfloat16, (False, "ieee", False)),  # native bf16 tensor-core dots
+        (torch.bfloat16, torch.float32, (False, "ieee", False)),  # QLoRA's fp32 lm_head: rounded to bf16
+        (torch.float32, torch.bfloat16, (False, "ieee", True)),
+        (torch.float16, torch.float32, (False, "ieee", False)),
+    ],
+)
+def test_dot_precision_uses_tensor_cores_for_mixed_dtypes(monkeypatch, hidden, weight, expected):
+    monkeypatch.delenv(triton_module.DOT_ENV, raising=False)
+    assert triton_module.dot_precision(hidden, weight, interp=False) == expected
+    # the interpreter and the opt-out force exact fp32 dots
+    assert triton_module.dot_precision(hidden, weight, interp=True) == (True, "ieee", False)
+    monkeypatch.setenv(triton_module.DOT_ENV, "ieee")
+    assert triton_module.dot_precision(hidden, weight, interp=False) == (True, "ieee", False)
+
+
+def test_dot_precision_fp32_follows_torch_matmul_precision(monkeypatch):
+    monkeypatch.delenv(triton_module.DOT_ENV, raising=False)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert triton_module.dot_precision(torch.float32, torch.float32, False) == (True, "tf32", False)
+        torch.set_float32_matmul_precision("highest")
+        assert triton_module.dot_precision(torch.float32, torch.float32, False) == (True, "ieee", False)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    monkeypatch.setenv(triton_module.DOT_ENV, "fast")
+    with pytest.raises(ValueError, match="AGENTRM_KERNEL_DOT"):
+        triton_module.dot_precision(torch.float32, torch.float32, False)

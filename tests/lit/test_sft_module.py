@@ -8,8 +8,8 @@ from agentrm.data.collate import collate_trajectories
 from agentrm.data.tiny_tokenizer import train_tiny_tokenizer, trajectory_texts
 from agentrm.data.tokenize import tokenize_trajectory
 from agentrm.lit.sft_module import PolicySFTModule, action_labels, shifted_token_stats
-from agentrm.policies.hf import load_hf_policy
 from agentrm.policies.base import start_history
+from agentrm.policies.hf import load_hf_policy
 from tests.lit.conftest import TINY_BACKBONE, learnable_trajectories
 
 

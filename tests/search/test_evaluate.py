@@ -9,10 +9,10 @@ import pytest
 import torch
 import yaml
 
+from agentrm.envs.registry import make_env, parse_spec
 from agentrm.models.backbone import build_backbone
 from agentrm.models.value_rm import ValueRewardModel
 from agentrm.paths import load_tokenizer
-from agentrm.envs.registry import make_env, parse_spec
 from agentrm.search.evaluate import check_disjoint_instances, main
 from tests.lit.conftest import TINY_BACKBONE
 

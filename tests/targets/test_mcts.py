@@ -8,7 +8,6 @@ import math
 import pytest
 
 from agentrm.data.schema import read_jsonl
-from agentrm.trees import build_trees
 from agentrm.targets.mcts import (
     MCTS,
     MCTSConfig,
@@ -19,6 +18,7 @@ from agentrm.targets.mcts import (
     select_child,
     uct_score,
 )
+from agentrm.trees import build_trees
 
 
 class ChainEnv:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from agentrm.envs.babyai import BabyAITextEnv
-from agentrm.policies.base import start_history
 from agentrm.envs.babyai_expert import ScriptedBabyAIPolicy
+from agentrm.policies.base import start_history
 from agentrm.targets.monte_carlo import mc_value, rollout, run_episode
 
 
