@@ -268,7 +268,12 @@ class ScienceWorldTextEnv:
             raise ValueError(f"task {self.task!r} needs electrical actions: drop noElectricalAction")
         self.simplification = simp
         self.teleport = "easy" in simp.split(",") or "teleportAction" in simp.split(",")
-        self.spec: EnvSpec | None = None
+        from agentrm.envs.registry import EnvSpec
+
+        opts: dict[str, Any] = {} if self.max_steps == 100 else {"max_steps": self.max_steps}
+        if simp != "easy":
+            opts["simplification"] = simp or "none"
+        self.spec: EnvSpec = EnvSpec("sciworld", self.task, split, opts)
         self.closed = False
         self.variation: int | None = None
         self.history: list[str] = []
@@ -317,11 +322,18 @@ class ScienceWorldTextEnv:
         return b
 
     # ---------------------------------------------------------------------- Env protocol
+    def canonical_action(self, text: str) -> str | None:
+        """The command ``text`` means, lower-cased (last line, ``Action:`` prefix and edge punctuation
+        removed), or None when it holds none; used to deduplicate candidate actions."""
+        command = _clean(text).lower()
+        return command or None
+
     @property
     def instruction(self) -> str:
-        """Task description plus the command templates."""
+        """Task description plus the command templates ("" before the first reset: the Protocol
+        check ``isinstance(env, Env)`` reads this property on Python 3.11)."""
         if self.variation is None:
-            raise RuntimeError("call reset() before reading the instruction")
+            return ""
         return (
             f"{self._task_desc}\nAct with one command per step: {', '.join(self._templates)} "
             "(OBJ: an object or place you can see, e.g. 'go to kitchen', 'pick up thermometer'). "
@@ -330,7 +342,10 @@ class ScienceWorldTextEnv:
 
     @property
     def valid_actions(self) -> list[str]:
-        """Valid action-object combinations in the current state (costly: 15-30 ms and more)."""
+        """Valid action-object combinations in the current state, sorted (costly: 50-130 ms); ``[]``
+        before the first reset (the Protocol check reads properties)."""
+        if self.variation is None and not self.closed:
+            return []
         with pool().lock:
             return sorted({str(a) for a in self._backend().server.getValidActionObjectCombinations()})
 
@@ -359,6 +374,8 @@ class ScienceWorldTextEnv:
         Raises:
             RuntimeError: before reset, after the episode ended, or when closed.
         """
+        if self.closed:
+            raise RuntimeError("this ScienceWorld environment is closed")
         if self.done:
             raise RuntimeError("the episode is over; call reset()")
         command = _clean(action)

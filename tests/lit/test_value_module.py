@@ -97,7 +97,7 @@ def test_training_lowers_val_loss_on_shipped_sample(tmp_path):
     run = tmp_path / "run"
     cli = main([
         "--config", "configs/tiny/value_rm.yaml",
-        "--data.train_path", str(data), "--data.max_length", "256", "--data.batch_size", "16",
+        "--data.train_path", str(data), "--data.max_length", "512", "--data.batch_size", "16",
         "--model.init_args.backbone_config", json.dumps(TINY_BACKBONE), "--model.init_args.warmup_steps", "3",
         "--model.init_args.learning_rate", "3e-3",
         "--trainer.max_epochs", "5", "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false",
