@@ -48,9 +48,9 @@ class Env(Protocol):
           least ``{"success": bool}``.  ``reward`` is the progress so far in ``[0, 1]``
           when the family has a progress score (ScienceWorld), else the family's own reward;
           the final step's reward is the episode's reward.  An action the environment
-          cannot parse is not an error: it yields feedback text as the observation and changes
-          nothing, so its reward is the progress so far (0 at an episode's start, and always 0
-          for families that pay only at the end, like BabyAI).
+          cannot parse (or will not take) is not an error: it yields feedback text as the
+          observation and reward 0, unless it ends the episode (then the final-step rule holds);
+          ``info["progress"]``, where a family has progress, always carries it.
         * ``clone()`` returns an independent environment in exactly the current state:
           stepping the clone never affects the original and vice versa, and the same
           actions give the same observations and rewards in both.  :attr:`clone_mode`

@@ -320,8 +320,9 @@ class TextWorldEnv:
         options: normalised options (:func:`parse_options`).
 
     Observations are TextWorld's text (banner, status line and prompt removed).  ``reward``
-    is the progress so far, ``score / max_score`` in ``[0, 1]`` (it is 0 for an unparseable
-    command only while nothing was scored yet), and 0 once the game is lost (e.g. burnt
+    is the progress so far, ``score / max_score`` in ``[0, 1]`` (``info["progress"]``), except
+    that a command the game does not take (not admissible) earns 0 unless it ends the episode,
+    and 0 once the game is lost (e.g. burnt
     food: the score gathered before does not count); ``info["success"]`` is TextWorld's ``won``.
     The episode ends when the game is won or lost or after ``max_steps`` commands (every
     command counts, invalid ones included).  Interpreter meta-commands (``save``, ``undo``,
@@ -414,9 +415,11 @@ class TextWorldEnv:
         truncated = not (won or lost) and len(self.history) >= self.max_steps
         self.done = won or lost or truncated
         score, max_score = self._state["score"] or 0, self._state["max_score"] or 0
-        reward = 0.0 if lost else min(1.0, max(0.0, score / max_score)) if max_score else float(won)
+        progress = 0.0 if lost else min(1.0, max(0.0, score / max_score)) if max_score else float(won)
+        # the contract: a command the game does not take earns 0, unless it ends the episode
+        reward = progress if (admissible or self.done) else 0.0
         info = {"success": won, "won": won, "lost": lost, "score": score, "max_score": max_score,
-                "admissible": admissible, "truncated": truncated, "steps": len(self.history)}
+                "progress": progress, "admissible": admissible, "truncated": truncated, "steps": len(self.history)}
         return obs, float(reward), self.done, info
 
     def clone(self) -> TextWorldEnv:
