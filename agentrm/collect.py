@@ -30,7 +30,7 @@ from typing import Any
 from agentrm.data.jobs import Job, plan_jobs
 from agentrm.data.resumable import run_resumable, scan_blocks
 from agentrm.data.workers import Backend, make_pool
-from agentrm.envs.registry import env_for, parse_specs
+from agentrm.envs.registry import check_specs, env_for, parse_specs
 from agentrm.policies.expert import EnvExpertPolicy
 from agentrm.targets.monte_carlo import run_episode
 
@@ -166,6 +166,7 @@ def collect(
         The summary of the whole file (see :func:`summarize`) plus ``seconds``.
     """
     specs = parse_specs(envs or ["babyai:GoToRedBall"])
+    check_specs(specs)
     if rollouts < 0 or episodes < 0 or siblings < 0 or (siblings and not rollouts):
         raise ValueError("need rollouts >= 0, episodes >= 0, siblings >= 0 (and rollouts >= 1 for siblings)")
     if not 0.0 <= error_rate <= 1.0:

@@ -25,7 +25,7 @@ from typing import Any
 from agentrm.data.jobs import Job, plan_jobs
 from agentrm.data.resumable import run_resumable
 from agentrm.data.workers import Backend, make_pool
-from agentrm.envs.registry import env_for, parse_specs
+from agentrm.envs.registry import check_specs, env_for, parse_specs
 from agentrm.policies.base import Policy
 from agentrm.targets.mcts import MCTS, MCTSConfig, flatten_tree, read_trees
 
@@ -141,6 +141,7 @@ def build_trees(
         ``records`` (when ``flat_out`` is given).
     """
     specs = parse_specs(envs or ["babyai:GoToRedBall?max_steps=24"])
+    check_specs(specs)
     if simulations < 1 or k < 1 or max_depth < 1:
         raise ValueError("need simulations >= 1, k >= 1, max_depth >= 1")
     if policy not in ("expert", "scripted"):

@@ -168,6 +168,18 @@ def _factory(family: str) -> Callable[[EnvSpec], Env]:
     return getattr(mod, attr)
 
 
+def check_specs(specs: Iterable[EnvSpec]) -> None:
+    """Build (and close) one environment per spec, so that a bad task or option fails before any work.
+
+    Construction is cheap for every family (no simulator or game starts before ``reset``).
+    """
+    for spec in specs:
+        env = make_env(spec)
+        close = getattr(env, "close", None)
+        if close is not None:
+            close()
+
+
 def make_env(spec: str | Mapping[str, Any] | EnvSpec) -> Env:
     """Build the environment ``spec`` describes (not yet reset)."""
     parsed = parse_spec(spec)
