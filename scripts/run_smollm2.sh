@@ -29,14 +29,14 @@ stage smollm2_policy_sft runs/smollm2/policy_sft/hf_model/config.json \
 stage smollm2_value_rm runs/smollm2/value_rm/hf_model/agentrm_config.json \
   $PY -m agentrm.fit --config configs/smollm2/value_rm.yaml
 stage eval_smollm2_policy runs/smollm2/eval_policy/summary.csv \
-  $PY -m agentrm.search --config configs/smollm2/eval_policy.yaml
+  $PY -m agentrm.search --config configs/search/smollm2_policy.yaml
 stage eval_tiny_policy runs/smollm2/eval_policy_tiny/summary.csv \
-  $PY -m agentrm.search --config configs/smollm2/eval_policy.yaml \
+  $PY -m agentrm.search --config configs/search/smollm2_policy.yaml \
   --policy.model runs/tiny_policy_sft/hf_model --out_dir runs/smollm2/eval_policy_tiny
 stage eval_scripted_policy runs/smollm2/eval_policy_scripted/summary.csv \
-  $PY -m agentrm.search --config configs/smollm2/eval_policy.yaml \
+  $PY -m agentrm.search --config configs/search/smollm2_policy.yaml \
   --policy.kind expert --policy.error_rate 0.0 --out_dir runs/smollm2/eval_policy_scripted
-stage eval_rm runs/smollm2/eval_rm/summary.csv $PY -m agentrm.search --config configs/smollm2/eval_rm.yaml
+stage eval_rm runs/smollm2/eval_rm/summary.csv $PY -m agentrm.search --config configs/search/smollm2_rm.yaml
 for d in eval_policy eval_policy_tiny eval_policy_scripted eval_rm; do
   echo "== runs/smollm2/$d/summary.md"; cat "runs/smollm2/$d/summary.md"
 done
