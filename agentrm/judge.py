@@ -17,6 +17,11 @@ By default the final observation of a finished trajectory is hidden from the jud
 (``hide_final_observation``): in BabyAI it reads "Mission complete." or "Out of
 steps.", which would turn the judge into an oracle.
 
+Replies that do not follow the format (no rating, no index) are the fallback case: they are
+counted in ``unparsed`` (the first one is also printed as a warning, verbatim); a prompt whose
+replies all fail scores ``nan``, which Best-of-N and beam search rank lowest (so an unparsed
+candidate is never preferred over a rated one, and all-``nan`` falls back to the tie-break).
+
 Counters: ``forward_passes`` counts chat requests and ``forward_tokens`` estimates the
 prompt tokens sent (characters / 4, a rough count independent of the judge's tokenizer).
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -129,6 +135,8 @@ class JudgeScorer:
         self.temperature = temperature
         self.hide_final_observation = hide_final_observation
         self.counters = ScoringCounters()
+        self.replies = 0
+        self.unparsed = 0
 
     # ---------------------------------------------------------------- Scorer protocol
     def score_candidates(self, prefix: Trajectory, candidates: Sequence[str | Step]) -> Tensor:
@@ -193,13 +201,26 @@ class JudgeScorer:
         self.counters.forward_tokens += (len(SYSTEM) + len(prompt)) // 4
         return self.client.chat(messages, n=self.samples, temperature=self.temperature)
 
+    def _note(self, replies: list[str], parsed: list) -> None:
+        self.replies += len(replies)
+        bad = [t for t, p in zip(replies, parsed) if p is None or (isinstance(p, float) and math.isnan(p))]
+        if bad and not self.unparsed:
+            warnings.warn(f"judge reply without the requested format (scored nan, counted in unparsed): {bad[0][:200]!r}",
+                          stacklevel=3)
+        self.unparsed += len(bad)
+
     def _pointwise(self, prompt: str) -> float:
-        ratings = [r for r in (parse_rating(t) for t in self._ask(prompt)) if not math.isnan(r)]
+        replies = self._ask(prompt)
+        parsed = [parse_rating(t) for t in replies]
+        self._note(replies, parsed)
+        ratings = [r for r in parsed if not math.isnan(r)]
         return sum(ratings) / len(ratings) / 10.0 if ratings else float("nan")
 
     def _listwise(self, prompt: str, n: int) -> Tensor:
         votes = torch.zeros(n)
-        picks = [parse_index(t, n) for t in self._ask(prompt)]
+        replies = self._ask(prompt)
+        picks = [parse_index(t, n) for t in replies]
+        self._note(replies, picks)
         valid = [p for p in picks if p is not None]
         for p in valid:
             votes[p] += 1

@@ -28,9 +28,17 @@ def resolve_path(path: str | Path, must_exist: bool = True) -> Path:
 
 
 def load_tokenizer(name_or_path: str):
-    """``AutoTokenizer`` from a local path (resolved as above) or a hub id."""
+    """``AutoTokenizer`` from a local path (resolved as above), a known model name or a hub id.
+
+    Known names (``smollm2-135m-instruct``, ``gemma3-270m``) resolve to their imported
+    directory (:mod:`agentrm.models.import_gguf`; a tokenizer-only import on first use when the
+    weights have not been imported yet).
+    """
     from transformers import AutoTokenizer
 
+    from agentrm.models.import_gguf import resolve_model
+
+    name_or_path = resolve_model(str(name_or_path), tokenizer_only=True)
     try:
         local = resolve_path(name_or_path)
     except FileNotFoundError:

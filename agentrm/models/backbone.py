@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
 
+from agentrm.models.import_gguf import KNOWN_MODELS, resolve_model
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -46,7 +48,11 @@ def build_backbone(
     quantization: str | None = None,
     **from_pretrained_kwargs: Any,
 ) -> PreTrainedModel:
-    """Load ``name_or_path`` (hub id or local dir) or build a randomly initialised model from ``config``.
+    """Load ``name_or_path`` (hub id, local dir or known model name) or build a random model from ``config``.
+
+    A known name (:data:`agentrm.models.import_gguf.KNOWN_MODELS`, e.g. ``smollm2-135m-instruct``)
+    loads its imported directory (imported once on first use) and keeps the name as the
+    model's ``name_or_path``, so a LoRA adapter records the portable name, not a cache path.
 
     Args:
         config: a dict with ``model_type`` (e.g. ``"llama"``) and that architecture's
@@ -88,4 +94,7 @@ def build_backbone(
         from agentrm.models.quant import quantized_load_kwargs
 
         kwargs = {**quantized_load_kwargs(quantization, torch_dtype), **kwargs}
-    return auto.from_pretrained(name_or_path, attn_implementation=attn, **kwargs)
+    model = auto.from_pretrained(resolve_model(name_or_path), attn_implementation=attn, **kwargs)
+    if name_or_path in KNOWN_MODELS:
+        model.name_or_path = model.config._name_or_path = name_or_path
+    return model

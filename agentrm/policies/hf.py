@@ -9,7 +9,7 @@ import torch
 
 from agentrm.data.schema import Trajectory
 from agentrm.envs.base import Env
-from agentrm.policies.chat import parse_action
+from agentrm.policies.prompt import AgentPrompt, ReplyStats, propose_validated
 
 
 class HFPolicy:
@@ -34,6 +34,13 @@ class HFPolicy:
         batch_size: replies generated per ``generate`` call.
         seed: base seed of the sampling RNG.
         system_prompt: optional system message prepended to the conversation.
+        prompt: the paper-style prompt (:class:`~agentrm.policies.prompt.AgentPrompt`: rules,
+            valid actions, in-context example, ``Thought:``/``Action:`` replies); ``None`` renders
+            ``history.to_messages()`` as in training (what an SFT policy saw).
+        max_resample: redraws of a reply without a valid action (sampling only).
+
+    Attributes:
+        reply_stats: :class:`~agentrm.policies.prompt.ReplyStats` (replies, invalid, unresolved).
     """
 
     def __init__(
@@ -46,6 +53,8 @@ class HFPolicy:
         batch_size: int = 8,
         seed: int = 0,
         system_prompt: str | None = None,
+        prompt: AgentPrompt | None = None,
+        max_resample: int = 2,
     ):
         if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1 or batch_size < 1:
             raise ValueError("need temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1, batch_size >= 1")
@@ -57,12 +66,20 @@ class HFPolicy:
         self.batch_size = batch_size
         self.seed = seed
         self.system_prompt = system_prompt
+        self.prompt = prompt
+        self.max_resample = max_resample
+        self.reply_stats = ReplyStats()
         self.calls = 0
         self.generated_tokens = 0
 
     def propose(self, env: Env | None, history: Trajectory, k: int = 1) -> list[str]:
-        """``k`` sampled actions for the state after ``history`` (``env`` is not used)."""
-        return [parse_action(t) for t in self.chat(history.to_messages(), n=k)]
+        """``k`` sampled actions for the state after ``history``, validated against ``env``'s actions.
+
+        Invalid replies are counted in :attr:`reply_stats` and redrawn when sampling
+        (:func:`~agentrm.policies.prompt.propose_validated`).
+        """
+        return propose_validated(self, self.prompt, self.reply_stats, env, history, k, self.max_resample,
+                                 greedy=self.temperature == 0)
 
     @torch.no_grad()
     def chat(self, messages: list[dict[str, str]], n: int = 1, temperature: float | None = None) -> list[str]:

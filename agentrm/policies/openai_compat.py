@@ -18,7 +18,7 @@ from typing import Any
 
 from agentrm.data.schema import Trajectory
 from agentrm.envs.base import Env
-from agentrm.policies.chat import parse_action
+from agentrm.policies.prompt import AgentPrompt, ReplyStats, propose_validated
 
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
@@ -49,6 +49,8 @@ class OpenAIChatPolicy:
         max_backoff: longest single wait.
         system_prompt: optional system message prepended to the conversation.
         seed: sent as ``seed`` (vLLM honours it per request) when not None.
+        prompt, max_resample: the paper-style prompt and redraws of invalid replies (as
+            :class:`~agentrm.policies.hf.HFPolicy`); :attr:`reply_stats` counts them.
 
     Attributes:
         usage: cumulative ``requests``, ``retries``, ``prompt_tokens``, ``completion_tokens``.
@@ -68,6 +70,8 @@ class OpenAIChatPolicy:
         max_backoff: float = 30.0,
         system_prompt: str | None = None,
         seed: int | None = None,
+        prompt: AgentPrompt | None = None,
+        max_resample: int = 2,
     ):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
@@ -81,11 +85,15 @@ class OpenAIChatPolicy:
         self.max_backoff = max_backoff
         self.system_prompt = system_prompt
         self.seed = seed
+        self.prompt = prompt
+        self.max_resample = max_resample
+        self.reply_stats = ReplyStats()
         self.usage = {"requests": 0, "retries": 0, "prompt_tokens": 0, "completion_tokens": 0}
 
     def propose(self, env: Env | None, history: Trajectory, k: int = 1) -> list[str]:
-        """``k`` sampled actions for the state after ``history`` (``env`` is not used)."""
-        return [parse_action(t) for t in self.chat(history.to_messages(), n=k)]
+        """``k`` sampled actions for the state after ``history``, validated against ``env``'s actions."""
+        return propose_validated(self, self.prompt, self.reply_stats, env, history, k, self.max_resample,
+                                 greedy=self.temperature == 0)
 
     def chat(self, messages: list[dict[str, str]], n: int = 1, temperature: float | None = None) -> list[str]:
         """``n`` sampled replies to ``messages``."""

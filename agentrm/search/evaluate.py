@@ -88,6 +88,17 @@ def _row(res: SearchResult, **fields: Any) -> dict[str, Any]:
     }
 
 
+def _reply_report(policies: list[Any]) -> dict[str, Any] | None:
+    """Totals of the LM policies' :class:`~agentrm.policies.prompt.ReplyStats` (``None`` for scripted policies)."""
+    stats = [p.reply_stats for p in policies if hasattr(p, "reply_stats")]
+    if not stats:
+        return None
+    tot = {k: sum(getattr(s, k) for s in stats) for k in ("replies", "invalid", "unresolved")}
+    tot["invalid_rate"] = tot["invalid"] / tot["replies"] if tot["replies"] else 0.0
+    tot["invalid_examples"] = [e for s in stats for e in s.examples][:10]
+    return tot
+
+
 def _episode_rows(
     env: Env,
     spec: EnvSpec,
@@ -281,7 +292,13 @@ def _evaluate(
         envs, [s for specs in sets.values() for s in specs], episodes, seed, train_specs, train_seed, train_episodes
     )
     built = {s.label: build_scorer(s, seed) for s in scorers}
-    make_policy = policy_factory(policy)
+    make_lm_policy = policy_factory(policy)
+    made: list[Any] = []
+
+    def make_policy(policy_seed: int, greedy_: bool):
+        made.append(make_lm_policy(policy_seed, greedy_))
+        return made[-1]
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = {
@@ -324,6 +341,12 @@ def _evaluate(
             rows.extend(new)
     for env in envs.values():
         close_quietly(env)
+    replies = _reply_report(made)
+    if replies is not None:  # LM policies: how many replies held no valid action (never silent)
+        (out / "policy_replies.json").write_text(json.dumps(replies, indent=2))
+        print(f"policy replies: {replies['replies']}, invalid: {replies['invalid']} "
+              f"({replies['invalid_rate']:.1%}), still invalid after resampling: {replies['unresolved']} "
+              f"(details: {out / 'policy_replies.json'})")
     summary = summarize(rows)
     write_csv(summary, out / "summary.csv")
     (out / "summary.md").write_text(to_markdown(summary))

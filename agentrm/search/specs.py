@@ -21,6 +21,11 @@ class PolicySpec:
             (OpenAI-compatible server at ``base_url`` serving ``model``).
         error_rate: expert policy: probability of replacing the expert's action by another valid one.
         temperature, top_p, max_new_tokens: LM sampling (greedy runs use temperature 0).
+        prompt: LM policies: ``plain`` renders the episode as in training (``history.to_messages()``,
+            what an SFT policy saw); ``react`` the paper-style prompt
+            (:class:`~agentrm.policies.prompt.AgentPrompt`: rules, valid actions, the environment's
+            in-context example, ``Thought:``/``Action:`` replies) for instruct models used zero-shot.
+        max_resample: LM policies: redraws of a reply without a valid action when sampling.
     """
 
     kind: Literal["expert", "scripted", "random", "hf", "openai"] = "expert"
@@ -31,6 +36,8 @@ class PolicySpec:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 32
+    prompt: Literal["plain", "react"] = "plain"
+    max_resample: int = 2
 
 
 @dataclass
@@ -83,6 +90,11 @@ def policy_factory(spec: PolicySpec) -> Callable[[int, bool], Policy]:
         return lambda seed, greedy: RandomPolicy(seed=seed)
     if not spec.model:
         raise ValueError(f"policy kind {spec.kind!r} needs 'model'")
+    if spec.prompt not in ("plain", "react"):
+        raise ValueError(f"policy.prompt must be 'plain' or 'react', got {spec.prompt!r}")
+    from agentrm.policies.prompt import AgentPrompt
+
+    prompt = AgentPrompt() if spec.prompt == "react" else None
     if spec.kind == "hf":
         from agentrm.models.backbone import build_backbone
         from agentrm.policies.hf import HFPolicy
@@ -96,6 +108,8 @@ def policy_factory(spec: PolicySpec) -> Callable[[int, bool], Policy]:
             top_p=spec.top_p,
             max_new_tokens=spec.max_new_tokens,
             seed=seed,
+            prompt=prompt,
+            max_resample=spec.max_resample,
         )
     if spec.kind == "openai":
         from agentrm.policies.openai_compat import OpenAIChatPolicy
@@ -110,6 +124,8 @@ def policy_factory(spec: PolicySpec) -> Callable[[int, bool], Policy]:
             top_p=spec.top_p,
             max_tokens=spec.max_new_tokens,
             seed=seed,
+            prompt=prompt,
+            max_resample=spec.max_resample,
         )
     raise ValueError(f"unknown policy kind {spec.kind!r}")
 
