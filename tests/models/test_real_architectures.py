@@ -11,7 +11,8 @@ from agentrm.data.tokenize import tokenize_trajectory
 from agentrm.lit.trainable import apply_lora, linear_module_names
 from agentrm.models.backbone import build_backbone
 from agentrm.models.export import merge_adapter
-from agentrm.models.implicit_prm import ImplicitPRM, final_hidden
+from agentrm.models.head_call import final_hidden
+from agentrm.models.implicit_prm import ImplicitPRM
 from agentrm.models.value_rm import ValueRewardModel
 from agentrm.scoring import ImplicitPRMScorer, ValueRMScorer
 from tests.real_models import NAMES, TURN_CLOSE, real_tokenizer, tiny_config
@@ -47,10 +48,15 @@ def test_step_spans_exact_under_the_real_template(name_tok):
         assert tok.decode(ids[a:e]).strip() == s.action  # exactly the action, nothing of the turn header
         assert ids[e] == close and ids[end] == close  # the tokens closing the action and observation turns
         assert s.observation in tok.decode(ids[e + 1 : end])
-    # truncation inside step 2 keeps steps 0 and 1 whole, drops step 2 with its label
+    # truncation drops the oldest whole step and keeps the head and the two newest steps whole
     cut = tokenize_trajectory(tok, _traj(3), max_length=tt.step_end_idx[2] - 2)
-    assert cut.step_end_idx == tt.step_end_idx[:2] and len(cut.step_values) == 2
-    assert all(e < len(cut.input_ids) for e in cut.step_end_idx)
+    assert cut.first_step == 1 and len(cut.step_values) == 2 and len(cut.input_ids) <= tt.step_end_idx[2] - 2
+    shift = tt.step_end_idx[2] - cut.step_end_idx[1]
+    assert cut.step_end_idx == [e - shift for e in tt.step_end_idx[1:]]
+    assert all(cut.input_ids[e] == close for e in cut.step_end_idx + cut.action_end_idx)
+    for i, s in enumerate(STEPS[1:3]):
+        a, e = cut.step_start_idx[i], cut.action_end_idx[i]
+        assert tok.decode(cut.input_ids[a:e]).strip() == s.action
 
 
 def test_system_message_lands_in_the_first_turn(name_tok):
