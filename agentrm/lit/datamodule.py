@@ -158,8 +158,9 @@ class TrajectoryDataModule(L.LightningDataModule):
     """Tokenised trajectories with step ends, for the value RM and the implicit PRM.
 
     Args:
-        train_path: trajectory JSONL (or AgentGym .json/.jsonl).
-        val_path: held-out file; if ``None``, ``val_fraction`` of the trajectory groups
+        train_path: trajectory JSONL (or AgentGym .json/.jsonl), or a list of such files (read in
+            order and concatenated, e.g. one sample per environment family).
+        val_path: held-out file (or list); if ``None``, ``val_fraction`` of the trajectory groups
             of ``train_path`` are held out (split by ``meta.group``, seeded by ``split_seed``).
         tokenizer: local path or hub id of a fast tokenizer with a chat template.
         max_length: right truncation in tokens; steps beyond it lose their labels.
@@ -175,8 +176,8 @@ class TrajectoryDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        train_path: str = "agentrm/assets/babyai_sample.jsonl",
-        val_path: str | None = None,
+        train_path: str | list[str] = "agentrm/assets/babyai_sample.jsonl",
+        val_path: str | list[str] | None = None,
         val_fraction: float = 0.2,
         tokenizer: str = "agentrm/assets/tiny_tokenizer",
         max_length: int = 1024,
@@ -194,9 +195,12 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.train_items: list[TokenizedTrajectory] = []
         self.val_items: list[TokenizedTrajectory] = []
 
-    def _load(self, path: str) -> list[Trajectory]:
-        trajs = load_trajectories(resolve_path(path), skip_invalid=self.hparams.skip_invalid)
-        return apply_unlabeled_policy(trajs, path, self.hparams.unlabeled)
+    def _load(self, paths: str | list[str]) -> list[Trajectory]:
+        out: list[Trajectory] = []
+        for path in [paths] if isinstance(paths, str) else paths:
+            trajs = load_trajectories(resolve_path(path), skip_invalid=self.hparams.skip_invalid)
+            out.extend(apply_unlabeled_policy(trajs, path, self.hparams.unlabeled))
+        return out
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_items or self.val_items:
