@@ -61,6 +61,7 @@ def beam_search(
     episode_id: str = "",
     max_depth: int = 100,
     dedupe: Callable[[str], str] | None = normalize_candidate,
+    hide_terminal_observation: bool | None = None,
 ) -> SearchResult:
     """Run step-level beam search on episode ``seed`` (``env`` is reset here, then left as is).
 
@@ -69,6 +70,10 @@ def beam_search(
         k: ``K``, actions sampled per beam per step.
         max_depth: step budget (actions per beam).
         dedupe: key for removing duplicate candidates within a beam (None keeps duplicates).
+        hide_terminal_observation: outcome-blind scoring: a candidate that ends the episode is
+            scored with an empty observation, because the environment's last reply may state the
+            outcome ("Mission complete.", "You won!").  None follows the scorer's
+            ``exclude_final_step`` (the same choice for Best-of-N and beam).
 
     Returns:
         A :class:`SearchResult` whose ``candidates``/``scores`` are the final live beams and the
@@ -78,6 +83,8 @@ def beam_search(
     """
     if width < 1 or k < 1:
         raise ValueError(f"need width >= 1 and k >= 1, got width={width}, k={k}")
+    if hide_terminal_observation is None:
+        hide_terminal_observation = bool(getattr(scorer, "exclude_final_step", False))
     before = scorer.counters.as_dict()
     root = _Node(env=env, history=begin_episode(env, seed, task, episode_id), score=float("nan"))
     beams, finished = [root], []
@@ -85,7 +92,7 @@ def beam_search(
     for depth in range(max_depth):
         children: list[_Node] = []
         for beam in beams:
-            children.extend(_expand(beam, policy, scorer, k, dedupe, stats))
+            children.extend(_expand(beam, policy, scorer, k, dedupe, stats, hide_terminal_observation))
             if beam is not root:
                 beam.env.close()
         stats["depth"] = depth + 1
@@ -125,7 +132,8 @@ def beam_search(
 
 
 def _expand(
-    beam: _Node, policy: Policy, scorer: Scorer, k: int, dedupe: Callable[[str], str] | None, stats: dict
+    beam: _Node, policy: Policy, scorer: Scorer, k: int, dedupe: Callable[[str], str] | None, stats: dict,
+    hide_terminal: bool = False,
 ) -> list[_Node]:
     """Sample ``k`` actions for ``beam``, execute each on a clone, score them in one call."""
     cands = policy.propose(beam.env, beam.history, k)
@@ -141,8 +149,10 @@ def _expand(
         obs, reward, done, info = child_env.step(cand)
         stats["env_steps"] += 1
         stepped.append((cand, child_env, obs, reward, done, info))
-    # Step candidates: the value RM reads the value after the observation, as in training
-    scores = scorer.score_candidates(beam.history, [Step(c, obs) for c, _, obs, *_ in stepped])
+    # Step candidates: the value RM reads the value after the observation, as in training (an
+    # episode-ending reply is withheld when outcome-blind: it may state the outcome)
+    shown = [Step(c, "" if hide_terminal and done else obs) for c, _, obs, _, done, _ in stepped]
+    scores = scorer.score_candidates(beam.history, shown)
     stats["candidates_scored"] += len(cands)
     return [
         _Node(

@@ -209,6 +209,7 @@ def evaluate(
     best_of_n: list[int] | None = None,
     beam: list[tuple[int, int]] | None = None,
     beam_max_depth: int = 100,
+    beam_episodes: int | None = None,
     tie_break: TieBreak = "first",
     num_threads: int | None = None,
     progress: bool = True,
@@ -233,6 +234,8 @@ def evaluate(
         best_of_n: N values (the largest sets the sample pool; [] skips Best-of-N, pass@N and sampling).
         beam: (W, K) pairs for beam search ([] skips it).
         beam_max_depth: step budget of a beam.
+        beam_episodes: run beam search on the first this-many episodes of each spec only (None:
+            all); beam search is the costly method when clones replay (ScienceWorld).
         tie_break: Best-of-N ties: ``first``, ``random`` (seeded per episode) or ``shortest``.
         num_threads: torch CPU threads (None: torch's default).
         progress: show a tqdm progress bar.
@@ -269,6 +272,7 @@ def _evaluate(
     best_of_n: list[int] | None,
     beam: list[tuple[int, int]] | None,
     beam_max_depth: int,
+    beam_episodes: int | None,
     tie_break: TieBreak,
     progress: bool,
     show: bool,
@@ -314,6 +318,7 @@ def _evaluate(
         "best_of_n": best_of_n,
         "beam": beam,
         "beam_max_depth": beam_max_depth,
+        "beam_episodes": beam_episodes,
         "tie_break": tie_break,
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
@@ -331,7 +336,7 @@ def _evaluate(
                 built,
                 greedy,
                 best_of_n,
-                beam,
+                beam if beam_episodes is None or i < beam_episodes else [],
                 beam_max_depth,
                 tie_break,
             )

@@ -95,3 +95,25 @@ def test_beam_with_real_tiny_value_rm():
     assert res.stats["candidates_scored"] > 0 and res.stats["tokens_scored"] > 0
     assert res.stats["forward_passes"] <= 2 * res.stats["depth"]
     assert 1 <= len(res.trajectory.steps) <= 6
+
+
+def test_outcome_blind_beam_withholds_the_episode_ending_reply():
+    """With an outcome-blind scorer a candidate that ends the episode is scored without the reply
+    that may state the outcome ("Mission complete."); other candidates keep their observation."""
+
+    class Recording(FixedScorer):
+        exclude_final_step = True
+
+        def score_candidates(self, prefix, candidates):
+            self.seen = [*getattr(self, "seen", []), *[(c.action, c.observation) for c in candidates]]
+            return super().score_candidates(prefix, candidates)
+
+    env = BabyAITextEnv("GoToRedBall", max_steps=2)  # the second step ends the episode
+    scorer = Recording(cand={"turn left": 0.5, "toggle": 0.4})
+    beam_search(env, ListPolicy(["turn left", "toggle"]), scorer, width=1, k=2, seed=0)
+    first, second = scorer.seen[:2], scorer.seen[2:]
+    assert all(obs for _, obs in first) and all(obs == "" for _, obs in second)
+    scorer.exclude_final_step = False
+    scorer.seen = []
+    beam_search(env, ListPolicy(["turn left", "toggle"]), scorer, width=1, k=2, seed=0)
+    assert all(obs for _, obs in scorer.seen)
