@@ -8,7 +8,7 @@ PY=${PYTHON:-.venv/bin/python}
 # held-in ScienceWorld task types (train variations only): Monte-Carlo step values, one sibling branch per episode
 $PY -m agentrm.collect --out agentrm/assets/sciworld_sample.jsonl \
   --envs '[sciworld:find-living-thing?max_steps=30, sciworld:lifespan-longest-lived?max_steps=30, sciworld:use-thermometer?max_steps=40]' \
-  --episodes 24 --error_rate 0.4 --rollouts 3 --siblings 1 --seed 0 --workers 2 "$@"
+  --episodes 16 --error_rate 0.4 --rollouts 3 --siblings 1 --seed 0 --workers 2 "$@"
 # TextWorld games (train split): a sample for users; the cross-task evaluation keeps TextWorld held out
 $PY -m agentrm.collect --out agentrm/assets/textworld_sample.jsonl \
   --envs '[textworld:cooking?games=8, textworld:custom?games=8]' \

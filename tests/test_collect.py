@@ -144,3 +144,31 @@ def test_cli_main(tmp_path, capsys):
     summary = main(["--out", str(out), "--envs", "[babyai:GoToObj]", "--episodes", "2", "--rollouts", "1"])
     assert "success rate" in capsys.readouterr().out
     assert summary["episodes"] == 2 and len(read_jsonl(out)) == 4
+
+
+def test_killed_run_leaves_no_worker_behind(tmp_path):
+    """SIGKILL the collector while 2 spawned workers run: the workers (and what they own) go too."""
+    out = tmp_path / "orphans.jsonl"
+    cmd = [sys.executable, "-m", "agentrm.collect", "--out", str(out), "--envs", "[babyai:GoToLocal?max_steps=24]",
+           "--episodes", "400", "--rollouts", "4", "--workers", "2", "--progress", "false"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).parents[1])
+    deadline = time.time() + 60
+    while time.time() < deadline and not (out.exists() and out.read_bytes().count(b"\n") >= 2):
+        time.sleep(0.05)
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert children, "no worker processes were seen"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 20
+    alive = children
+    while alive and time.time() < deadline:
+        alive = [c for c in children if Path(f"/proc/{c}").exists() and "zombie" not in _state(c)]
+        time.sleep(0.1)
+    assert not alive, f"worker processes {alive} outlived the killed collector"
+
+
+def _state(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().lower()
+    except OSError:
+        return "zombie"

@@ -46,6 +46,20 @@ class InlinePool:
         yield from map(fn, jobs)
 
 
+def _die_with_parent() -> None:
+    """Worker initializer: on Linux, ask the kernel to SIGTERM this worker when its parent dies, so a
+    killed run leaves no worker (and no JVM or game interpreter it owns) behind."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
 class LocalProcessPool:
     """``workers`` spawned processes; up to ``2 * workers`` jobs in flight, results in order."""
 
@@ -57,7 +71,7 @@ class LocalProcessPool:
 
     def imap(self, fn: Callable[[J], Any], jobs: Sequence[J]) -> Iterator[Any]:
         ctx = mp.get_context(self.start_method)
-        with ProcessPoolExecutor(self.workers, mp_context=ctx) as pool:
+        with ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_die_with_parent) as pool:
             pending: deque[Future] = deque()
             it = iter(jobs)
             try:
