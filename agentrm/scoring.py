@@ -572,15 +572,24 @@ class ValueRMScorer(_PackedScorer):
 
 
 class ImplicitPRMScorer(_PackedScorer):
-    """Scores candidates by the implicit PRM's step reward ``beta * sum log(pi/pi_ref)``.
+    """Scores candidates by the implicit PRM's rewards ``r_i = beta * sum over step i's action tokens of log(pi/pi_ref)``.
+
+    Candidates of different beams have different prefixes, so a candidate's own step reward is
+    not comparable across beams; the comparable quantity is the cumulative ``Q_t = sum_{i<=t} r_i``
+    (the implicit PRM's value of the partial trajectory).  Hence the defaults: ``include_prefix``
+    with ``candidate_aggregate="sum"`` ranks beams by ``Q_t``.  Under truncation the sum covers the
+    steps that survive (the instruction and the newest steps; see :mod:`agentrm.data.tokenize`).
+
+    Trajectory aggregation for Best-of-N (:meth:`score_trajectories`, ``aggregate``): ``min`` (the
+    weakest step, the usual PRM choice and the default), ``sum`` (``Q_T``: the implicit outcome
+    reward the PRM was trained on), ``last`` (the last step's reward), ``mean``, ``max``.
 
     Args:
         model: an :class:`ImplicitPRM` (policy set to eval mode).
-        aggregate: trajectory aggregation (``"min"`` default, ``"mean"``, ``"last"``, ``"sum"``,
-            ``"max"``) for :meth:`score_trajectories`, and for candidates when ``include_prefix``.
-        include_prefix: ``False`` (default): a candidate's score is its own step reward. ``True``:
-            ``aggregate`` over the prefix's step rewards (those surviving left truncation) and the
-            candidate's.
+        aggregate: trajectory aggregation for :meth:`score_trajectories` (default ``min``).
+        include_prefix: ``True`` (default): a candidate's score aggregates the prefix's step rewards
+            and its own with ``candidate_aggregate``; ``False``: its own step reward ``r_t`` only.
+        candidate_aggregate: ``sum`` (default, ``Q_t``) or any trajectory aggregation.
         tokenizer, max_length, pack, batch_size: as :class:`ValueRMScorer`.
     """
 
@@ -591,17 +600,20 @@ class ImplicitPRMScorer(_PackedScorer):
         model: ImplicitPRM,
         tokenizer,
         aggregate: str = "min",
-        include_prefix: bool = False,
+        include_prefix: bool = True,
         max_length: int | None = None,
         pack: PackMode = "auto",
         batch_size: int = 16,
+        candidate_aggregate: str = "sum",
     ):
         super().__init__(tokenizer, max_length, pack, batch_size)
-        if aggregate not in AGGREGATIONS + ("sum",):
-            raise ValueError(f"aggregate must be one of {AGGREGATIONS + ('sum',)}; got {aggregate!r}")
+        for name, agg in (("aggregate", aggregate), ("candidate_aggregate", candidate_aggregate)):
+            if agg not in AGGREGATIONS + ("sum",):
+                raise ValueError(f"{name} must be one of {AGGREGATIONS + ('sum',)}; got {agg!r}")
         self.model = model
         model.policy.eval()
         self.aggregate = aggregate
+        self.candidate_aggregate = candidate_aggregate
         self.include_prefix = include_prefix
         self._with_prefix_steps = include_prefix
 
@@ -646,7 +658,7 @@ class ImplicitPRMScorer(_PackedScorer):
         if not self.include_prefix:
             return cand
         steps = torch.cat([r[:n_prefix_steps].expand(len(cand), -1), cand[:, None]], dim=1)  # [k, S_p + 1]
-        return aggregate_steps(steps, self.aggregate)
+        return aggregate_steps(steps, self.candidate_aggregate)
 
     def _model_score_trajectory(self, batch: dict[str, Tensor]) -> Tensor:
         return self.model.score_trajectory(batch, self.aggregate)

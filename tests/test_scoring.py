@@ -104,12 +104,16 @@ def test_prm_packed_equals_alone(tiny_tokenizer, attn, n_prefix_steps, cands):
     expect = alone[:, -1]
     assert expect.abs().max() > 1e-3
     for pack in (True, False):
-        got = ImplicitPRMScorer(prm, tiny_tokenizer, pack=pack).score_candidates(prefix, cands)
+        got = ImplicitPRMScorer(prm, tiny_tokenizer, include_prefix=False, pack=pack).score_candidates(prefix, cands)
         torch.testing.assert_close(got, expect, atol=ATOL, rtol=0)
-    # candidate scored together with the prefix's step rewards
+    # the default ranks by Q_t = the prefix's step rewards plus the candidate's (comparable across beams)
+    for pack in (True, False):
+        got = ImplicitPRMScorer(prm, tiny_tokenizer, pack=pack).score_candidates(prefix, cands)
+        torch.testing.assert_close(got, aggregate_steps(alone, "sum"), atol=ATOL, rtol=0)
+        torch.testing.assert_close(got, alone.sum(dim=1), atol=ATOL, rtol=0)
     expect_min = aggregate_steps(alone, "min")
     for pack in (True, False):
-        got = ImplicitPRMScorer(prm, tiny_tokenizer, include_prefix=True, pack=pack).score_candidates(
+        got = ImplicitPRMScorer(prm, tiny_tokenizer, candidate_aggregate="min", pack=pack).score_candidates(
             prefix, cands
         )
         torch.testing.assert_close(got, expect_min, atol=ATOL, rtol=0)
@@ -126,7 +130,7 @@ def test_prm_lora_reference_packed(tiny_tokenizer):
     )
     prefix = make_trajectory("p", 2)
     expect = _alone(prm, tiny_tokenizer, prefix, CANDS5)[:, -1]
-    got = ImplicitPRMScorer(prm, tiny_tokenizer, pack=True).score_candidates(prefix, CANDS5)
+    got = ImplicitPRMScorer(prm, tiny_tokenizer, include_prefix=False, pack=True).score_candidates(prefix, CANDS5)
     torch.testing.assert_close(got, expect, atol=ATOL, rtol=0)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -21,12 +21,19 @@ from agentrm.paths import load_tokenizer
 
 
 class ImplicitPRMModule(ModelBuiltInConfigure, L.LightningModule):
-    """BCE-with-logits of ``beta * sum_t log(pi_theta/pi_ref)`` against the success label.
+    """Outcome loss on the implicit reward ``r = beta * sum_t log(pi_theta/pi_ref)`` of a whole trajectory.
+
+    ``loss="bce"`` (default): BCE-with-logits of ``r`` against the success label (Yuan et al.'s
+    implicit PRM).  ``loss="mse"``: ``(r - reward)^2`` against the trajectory's reward, the
+    outcome or progress in ``[0, 1]`` (the AgentRM paper trains its implicit RM with MSE).  With
+    ``beta`` the reward's scale is fixed: a step's reward is ``beta`` times the log-ratio sum of its
+    action tokens, so a larger ``beta`` lets the policy move less from the reference to reach a target.
 
     Args:
         tokenizer: path or hub id (linked from the DataModule by the CLI).
         backbone / backbone_config: pretrained causal LM, or a config to build one.
         beta: reward scale (default 0.05).
+        loss: ``bce`` (against success) or ``mse`` (against the reward).
         lora: LoRA fields; with LoRA the reference is the base with the adapter disabled.
         aggregate: step-reward aggregation for the trajectory score in validation.
         quantization: ``"nf4"``/``"int8"`` bitsandbytes base for QLoRA (needs CUDA,
@@ -43,6 +50,7 @@ class ImplicitPRMModule(ModelBuiltInConfigure, L.LightningModule):
         backbone: str | None = None,
         backbone_config: dict[str, Any] | None = None,
         beta: float = 0.05,
+        loss: Literal["bce", "mse"] = "bce",
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 30,
@@ -55,6 +63,8 @@ class ImplicitPRMModule(ModelBuiltInConfigure, L.LightningModule):
         reference_dtype: str | None = None,
     ):
         super().__init__()
+        if loss not in ("bce", "mse"):
+            raise ValueError(f"loss must be 'bce' or 'mse', got {loss!r}")
         self.save_hyperparameters()
         validate_training_setup(quantization, lora)  # early errors, before anything loads
         check_quantization(quantization)
@@ -89,8 +99,10 @@ class ImplicitPRMModule(ModelBuiltInConfigure, L.LightningModule):
 
     def _outcome_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         r = self.model.step_rewards(batch)
-        logits = self.model.outcome_logits(r, batch["step_mask"])
-        return F.binary_cross_entropy_with_logits(logits, batch["success"]), r
+        total = self.model.outcome_logits(r, batch["step_mask"])  # [B] beta * sum over all action tokens
+        if self.hparams.get("loss", "bce") == "mse":
+            return F.mse_loss(total, batch["reward"].to(total.dtype)), r
+        return F.binary_cross_entropy_with_logits(total, batch["success"]), r
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _ = self._outcome_loss(batch)

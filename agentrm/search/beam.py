@@ -18,8 +18,9 @@ Environments must be clonable (``Env.clone``: a copy or a replay, see each famil
 every clone is closed as soon as its node is dropped.
 
 Ranking uses the candidate's score as is: for a value RM that is the value of the state
-after the step; an implicit PRM scorer can aggregate over the prefix itself
-(``ImplicitPRMScorer(include_prefix=True)``).
+after the step; for the implicit PRM scorer it is by default ``Q_t``, the sum of the step
+rewards of the prefix and the candidate (a candidate's own step reward is not comparable
+across beams with different prefixes).
 """
 
 from __future__ import annotations

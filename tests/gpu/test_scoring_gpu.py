@@ -43,7 +43,7 @@ def _scores(tok, attn: str, pack: bool) -> tuple[torch.Tensor, torch.Tensor]:
     vrm, prm = _models(tok, attn)
     prefix = make_trajectory("p", 3)
     v = ValueRMScorer(vrm, tok, pack=pack).score_candidates(prefix, STEPS)
-    r = ImplicitPRMScorer(prm, tok, pack=pack).score_candidates(prefix, ACTIONS)
+    r = ImplicitPRMScorer(prm, tok, include_prefix=False, pack=pack).score_candidates(prefix, ACTIONS)
     return v.float().cpu(), r.float().cpu()
 
 

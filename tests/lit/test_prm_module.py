@@ -25,3 +25,37 @@ def test_implicit_prm_fit_learns_outcomes(tiny_setup, tmp_path):
     scores = prm.score_trajectory(batch, "sum")
     succ = batch["success"].bool()
     assert scores[succ].mean() > scores[~succ].mean()
+
+
+def test_mse_loss_regresses_the_implicit_reward_onto_the_trajectory_reward(tiny_tokenizer):
+    """loss="mse" is (beta * sum log-ratio - reward)^2; "bce" is BCE-with-logits against success."""
+    import pytest
+    import torch
+    import torch.nn.functional as F
+
+    from agentrm.data.collate import collate_trajectories
+    from agentrm.data.tokenize import tokenize_trajectory
+    from agentrm.lit.prm_module import ImplicitPRMModule
+    from tests.conftest import make_trajectory
+    from tests.lit.conftest import TINY_BACKBONE
+
+    trajs = [make_trajectory(f"t{i}", 2 + i) for i in range(3)]
+    for t, r in zip(trajs, (0.25, 1.0, 0.0)):
+        t.reward, t.success = r, r == 1.0
+    batch = collate_trajectories([tokenize_trajectory(tiny_tokenizer, t) for t in trajs],
+                                 pad_token_id=tiny_tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    mse = ImplicitPRMModule(tokenizer="agentrm/assets/tiny_tokenizer", backbone_config=TINY_BACKBONE, beta=0.5,
+                            loss="mse")
+    with torch.no_grad():
+        for p in mse.model.policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        loss, r = mse._outcome_loss(batch)
+        total = 0.5 * (mse.model.step_rewards(batch) / 0.5 * batch["step_mask"]).sum(dim=1)
+        torch.testing.assert_close(loss, F.mse_loss(total, batch["reward"]))
+        assert float(total.abs().max()) > 1e-4  # the policy moved away from its reference
+        mse.hparams.loss = "bce"
+        bce, _ = mse._outcome_loss(batch)
+        torch.testing.assert_close(bce, F.binary_cross_entropy_with_logits(total, batch["success"]))
+    with pytest.raises(ValueError, match="loss must be"):
+        ImplicitPRMModule(backbone_config=TINY_BACKBONE, loss="hinge")

@@ -89,7 +89,7 @@ def test_packed_equals_alone_on_the_real_architecture(name_tok, kind, monkeypatc
         with torch.no_grad():
             for p in model.policy.parameters():
                 p.add_(0.05 * torch.randn_like(p))
-        make = lambda pack: ImplicitPRMScorer(model, tok, pack=pack)  # noqa: E731
+        make = lambda pack: ImplicitPRMScorer(model, tok, include_prefix=False, pack=pack)  # noqa: E731
         cands = [c.action for c in CANDS]
     expect = _alone(model, tok, prefix, CANDS)[:, -1]
     for pack in (True, False):
