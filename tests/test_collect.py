@@ -172,3 +172,22 @@ def _state(pid: str) -> str:
         return Path(f"/proc/{pid}/status").read_text().lower()
     except OSError:
         return "zombie"
+
+
+def test_collect_and_trees_run_on_sciworld_and_textworld(tmp_path):
+    """The collector and the MCTS stage take any family's spec (resumably, like BabyAI)."""
+    from agentrm.trees import build_trees
+
+    envs = ["sciworld:lifespan-longest-lived?max_steps=12", "textworld:custom?games=2&max_steps=12"]
+    out = tmp_path / "mixed.jsonl"
+    s = collect(out=str(out), envs=envs, episodes=1, error_rate=0.2, rollouts=1, siblings=1, seed=3, progress=False)
+    recs = read_jsonl(out)
+    assert s["episodes"] == 2 and {r.task for r in recs} == {"sciworld/lifespan-longest-lived", "textworld/custom"}
+    assert all(st.value is not None for r in recs if "branch_at" not in r.meta for st in r.steps)
+    mains = [r for r in recs if "branch_at" not in r.meta]
+    assert mains[0].meta["instance"].startswith("sciworld:lifespan-longest-lived#var=")
+    assert collect(out=str(out), envs=envs, episodes=1, error_rate=0.2, rollouts=1, siblings=1, seed=3,
+                   progress=False)["episodes"] == 2  # a rerun resumes: nothing left to do
+    trees = build_trees(out=str(tmp_path / "trees.jsonl"), envs=envs, episodes=1, simulations=3, k=2,
+                        max_depth=12, error_rate=0.2, seed=3, flat_out=str(tmp_path / "flat.jsonl"), progress=False)
+    assert trees["trees"] == 2 and trees["simulations"] == 6 and trees["records"] >= 2
