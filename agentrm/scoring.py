@@ -516,8 +516,11 @@ class ValueRMScorer(_PackedScorer):
         exclude_final_step: score whole trajectories without their final step, so the
             environment's last reply (which may state the outcome, e.g. "Mission complete.")
             cannot be read: the score is the value of the state before the final action.
-            Use it to measure how much of a Best-of-N gain is judgement rather than reading
-            the outcome.  Candidate scoring is unaffected.
+            The search harness turns it on by default (``ScorerSpec.exclude_final_step``: search
+            must not choose by the outcome the environment reports).  Candidate scoring reads what
+            it is given; beam search withholds an
+            episode-ending reply from an outcome-blind scorer
+            (:func:`agentrm.search.beam.beam_search`).
     """
 
     def __init__(

@@ -50,8 +50,10 @@ class ScorerSpec:
             ``oracle`` (Monte-Carlo ground truth from the environment: an upper bound).
         name: label in the tables (default: ``kind``).
         aggregate: trajectory aggregation (value RM default ``last``, implicit PRM ``min``).
-        exclude_final_step: value RM: score trajectories without their final step (outcome-blind;
-            see :class:`agentrm.scoring.ValueRMScorer`).
+        exclude_final_step: value RM, outcome-blind (the default): Best-of-N scores trajectories
+            without their final step and beam search withholds an episode-ending reply, since the
+            environment's last reply may state the outcome.  ``false`` lets the RM read it (see
+            :class:`agentrm.scoring.ValueRMScorer`).
         max_length, batch_size: RM scoring context budget and batch size.
         judge_mode, judge_samples, judge_temperature: see :class:`agentrm.judge.JudgeScorer`.
         oracle_rollouts, oracle_error_rate: rollouts per candidate and the error rate of the rollout
@@ -62,7 +64,7 @@ class ScorerSpec:
     path: str | None = None
     name: str | None = None
     aggregate: str | None = None
-    exclude_final_step: bool = False
+    exclude_final_step: bool = True
     max_length: int | None = 1024
     batch_size: int = 16
     judge_mode: Literal["pointwise", "listwise"] = "pointwise"
