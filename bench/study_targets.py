@@ -30,11 +30,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agentrm.data.collect import Job  # noqa: E402
-
+from agentrm.data.jobs import Job  # noqa: E402
 from agentrm.data.schema import Trajectory, write_jsonl  # noqa: E402
 from agentrm.envs.babyai import BabyAITextEnv  # noqa: E402
 from agentrm.envs.babyai_expert import ScriptedBabyAIPolicy  # noqa: E402
+from agentrm.envs.registry import EnvSpec  # noqa: E402
 from agentrm.targets.mcts import MCTS, MCTSConfig, flatten_tree  # noqa: E402
 from agentrm.targets.monte_carlo import run_episode  # noqa: E402
 
@@ -65,7 +65,7 @@ def _jobs(levels: list[str]):
     i = 0
     while True:
         for lv in levels:
-            yield Job(lv, i)
+            yield Job(EnvSpec("babyai", lv), i)
         i += 1
 
 
@@ -78,11 +78,11 @@ def collect_mc(levels, budget, error_rate, rollouts, max_steps, seed) -> tuple[l
             break
         env_seed, pol_seed, br_seed = job.seeds(seed)
         out += run_episode(
-            envs[job.level],
+            envs[job.spec.task],
             ScriptedBabyAIPolicy(error_rate, seed=pol_seed),
             env_seed,
             episode_id=job.episode_id(seed),
-            task=f"babyai/{job.level}",
+            task=f"babyai/{job.spec.task}",
             rollouts=rollouts,
             siblings=1,
             branch_seed=br_seed,
@@ -106,7 +106,7 @@ def collect_mcts(
             MCTSConfig(sims, k, c, max_steps or 64),
             seed=s_seed,
         )
-        tree = m.search(envs[job.level], env_seed, tree_id=job.episode_id(seed), task=f"babyai/{job.level}")
+        tree = m.search(envs[job.spec.task], env_seed, tree_id=job.episode_id(seed), task=f"babyai/{job.spec.task}")
         out += flatten_tree(tree)
         trees += 1
     return out, counter[0], trees
@@ -117,12 +117,12 @@ def held_out(levels, episodes, error_rate, max_steps, seed) -> list[Trajectory]:
     for lv in levels:
         env = BabyAITextEnv(lv, max_steps=max_steps)
         for i in range(episodes):
-            env_seed, pol_seed, _ = Job(lv, i).seeds(seed)
+            env_seed, pol_seed, _ = Job(EnvSpec("babyai", lv), i).seeds(seed)
             out += run_episode(
                 env,
                 ScriptedBabyAIPolicy(error_rate, seed=pol_seed),
                 env_seed,
-                episode_id=Job(lv, i).episode_id(seed),
+                episode_id=Job(EnvSpec("babyai", lv), i).episode_id(seed),
                 task=f"babyai/{lv}",
                 rollouts=0,
             )
