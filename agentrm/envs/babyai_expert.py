@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -10,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from minigrid.utils.baby_ai_bot import BabyAIBot
 
 from agentrm.envs.babyai import ACTIONS, BabyAITextEnv
+from agentrm.envs.base import NoisyExpert
 
 if TYPE_CHECKING:
     from agentrm.envs.base import Env
@@ -28,7 +28,7 @@ class _BotState:
     action: str | None  # the bot's suggestion there (None: no usable suggestion)
 
 
-class ScriptedBabyAIPolicy:
+class ScriptedBabyAIPolicy(NoisyExpert):
     """minigrid's ``BabyAIBot`` with injected errors.
 
     Each of the ``k`` samples is the bot's action with probability ``1 - error_rate``,
@@ -51,10 +51,7 @@ class ScriptedBabyAIPolicy:
     """
 
     def __init__(self, error_rate: float = 0.0, seed: int = 0):
-        if not 0.0 <= error_rate <= 1.0:
-            raise ValueError(f"error_rate must be in [0, 1], got {error_rate}")
-        self.error_rate = error_rate
-        self.rng = random.Random(seed)
+        super().__init__(error_rate, seed)
         self.stats: Counter[str] = Counter()
         """Counts of planner events: ``replan``, ``fresh_bot``, ``bot_failed``."""
 
@@ -62,17 +59,7 @@ class ScriptedBabyAIPolicy:
         """Sample ``k`` actions for ``env``'s current state (``history`` is not needed)."""
         if not isinstance(env, BabyAITextEnv):
             raise TypeError(f"ScriptedBabyAIPolicy needs a BabyAITextEnv, got {type(env).__name__}")
-        best = self.expert_action(env)
-        actions = env.valid_actions
-        out = []
-        for _ in range(k):
-            if best is None:
-                out.append(self.rng.choice(actions))
-            elif self.error_rate > 0 and self.rng.random() < self.error_rate:
-                out.append(self.rng.choice([a for a in actions if a != best]))
-            else:
-                out.append(best)
-        return out
+        return self.sample(self.expert_action(env), lambda: env.valid_actions, k)
 
     def expert_action(self, env: BabyAITextEnv) -> str | None:
         """The bot's suggestion for the current state (cached per state, so repeated calls agree)."""

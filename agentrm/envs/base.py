@@ -13,6 +13,7 @@ environment.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
@@ -36,6 +37,41 @@ class ExpertPolicy(Protocol):
     error_rate: float
 
     def propose(self, env: Any, history: Any = None, k: int = 1) -> list[str]: ...
+
+
+class NoisyExpert:
+    """The sampling every family's expert shares: the expert's action, or with probability
+    ``error_rate`` a uniformly random *other* candidate action (diverse data for value targets).
+
+    Subclasses compute the expert's action for a state and call :meth:`sample`.  Deterministic
+    given ``seed`` and the sequence of calls.
+    """
+
+    def __init__(self, error_rate: float = 0.0, seed: int = 0):
+        if not 0.0 <= error_rate <= 1.0:
+            raise ValueError(f"error_rate must be in [0, 1], got {error_rate}")
+        self.error_rate = error_rate
+        self.rng = random.Random(seed)
+
+    def sample(self, best: str | None, candidates: Callable[[], list[str]], k: int) -> list[str]:
+        """``k`` samples around ``best``.
+
+        Args:
+            best: the expert's action (None: it has none; samples are then uniform over the candidates).
+            candidates: the actions a deviation may take, computed at most once and only when a
+                sample deviates (valid-action lists can be costly).
+            k: number of samples.
+        """
+        pool: list[str] | None = None
+        out = []
+        for _ in range(k):
+            if best is not None and not (self.error_rate > 0 and self.rng.random() < self.error_rate):
+                out.append(best)
+                continue
+            if pool is None:
+                pool = [a for a in candidates() if a != best]
+            out.append(self.rng.choice(pool) if pool else best)
+        return out
 
 
 @runtime_checkable

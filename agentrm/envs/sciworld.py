@@ -43,7 +43,6 @@ import atexit
 import copy
 import itertools
 import os
-import random
 import re
 import shutil
 import threading
@@ -51,6 +50,8 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from scienceworld.constants import BASEPATH, ID2TASK, JAR_PATH
+
+from agentrm.envs.base import NoisyExpert
 
 if TYPE_CHECKING:
     from agentrm.envs.registry import EnvSpec
@@ -446,7 +447,7 @@ class ScienceWorldTextEnv:
 
 
 # ----------------------------------------------------------------------------------- expert
-class GoldPathPolicy:
+class GoldPathPolicy(NoisyExpert):
     """ScienceWorld's gold path with injected errors.
 
     Each of the ``k`` samples is the expert action with probability ``1 - error_rate``,
@@ -463,27 +464,13 @@ class GoldPathPolicy:
     Deterministic given ``seed``, the env's history and the sequence of calls.
     """
 
-    def __init__(self, error_rate: float = 0.0, seed: int = 0):
-        if not 0.0 <= error_rate <= 1.0:
-            raise ValueError(f"error_rate must be in [0, 1], got {error_rate}")
-        self.error_rate = error_rate
-        self.rng = random.Random(seed)
-
     def propose(self, env: Any, history: Any = None, k: int = 1) -> list[str]:
         """Sample ``k`` actions for ``env``'s current state (``history`` is not needed)."""
         if not isinstance(env, ScienceWorldTextEnv):
             raise TypeError(f"GoldPathPolicy needs a ScienceWorldTextEnv, got {type(env).__name__}")
-        best = self.expert_action(env)
-        others: list[str] | None = None
-        out = []
-        for _ in range(k):
-            if self.error_rate > 0 and self.rng.random() < self.error_rate:
-                if others is None:
-                    others = [a for a in env.valid_actions if a != best and not a.startswith(DEVIATION_EXCLUDED)]
-                out.append(self.rng.choice(others) if others else best)
-            else:
-                out.append(best)
-        return out
+        return self.sample(
+            self.expert_action(env), lambda: [a for a in env.valid_actions if not a.startswith(DEVIATION_EXCLUDED)], k
+        )
 
     def expert_action(self, env: ScienceWorldTextEnv) -> str:
         """The next gold action, or a move back to the room the gold path expects."""

@@ -38,7 +38,6 @@ import fcntl
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -50,6 +49,8 @@ from typing import TYPE_CHECKING, Any
 
 import textworld
 import textworld.core
+
+from agentrm.envs.base import NoisyExpert
 
 if TYPE_CHECKING:
     from agentrm.envs.registry import EnvSpec
@@ -505,7 +506,7 @@ def _copy_textworld(src: Any, path: Path | None) -> Any:
         a, b = a._wrapped_env, b._wrapped_env
 
 
-class TextWorldExpert:
+class TextWorldExpert(NoisyExpert):
     """TextWorld's own planner (``policy_commands``) with injected errors.
 
     The planner replans from the current state after every step, so the expert recovers
@@ -516,28 +517,11 @@ class TextWorldExpert:
     ``seed`` and the sequence of calls.
     """
 
-    def __init__(self, error_rate: float = 0.0, seed: int = 0):
-        if not 0.0 <= error_rate <= 1.0:
-            raise ValueError(f"error_rate must be in [0, 1], got {error_rate}")
-        self.error_rate = error_rate
-        self.rng = random.Random(seed)
-
     def propose(self, env: Any, history: Any = None, k: int = 1) -> list[str]:
         """Sample ``k`` commands for ``env``'s current state (``history`` is not needed)."""
         if not isinstance(env, TextWorldEnv):
             raise TypeError(f"TextWorldExpert needs a TextWorldEnv, got {type(env).__name__}")
-        best = env.expert_action()
-        actions = env.valid_actions or ["look"]
-        out = []
-        for _ in range(k):
-            if best is None:
-                out.append(self.rng.choice(actions))
-            elif self.error_rate > 0 and self.rng.random() < self.error_rate:
-                others = [a for a in actions if a != best]
-                out.append(self.rng.choice(others) if others else best)
-            else:
-                out.append(best)
-        return out
+        return self.sample(env.expert_action(), lambda: env.valid_actions or ["look"], k)
 
 
 def make(spec: EnvSpec) -> TextWorldEnv:
