@@ -38,10 +38,12 @@ def test_value_rm_cache_across_depths_forwards_only_new_tokens(tiny_tokenizer):
     before = cached.counters.as_dict()
     cached.score_candidates(hist, STEPS5)
     after = cached.counters.as_dict()
-    rows = sum(1 + len(c) for c in toks.cand_ids)
-    new_prefix = after["forward_tokens"] - before["forward_tokens"] - rows
-    assert 0 <= new_prefix <= 4, new_prefix  # the generation prompt after the last observation
-    assert after["cached_tokens"] - before["cached_tokens"] == len(toks.prefix_ids) - 1 - new_prefix
+    K, P, L = len(toks.cand_ids), len(toks.prefix_ids), sum(len(c) for c in toks.cand_ids)
+    fwd = after["forward_tokens"] - before["forward_tokens"]
+    held, rest = divmod(fwd - L, K)  # prefix tokens forwarded in each candidate row
+    assert rest == 0 and 1 <= held <= 5, (fwd, held)  # the last token and the generation prompt
+    assert after["cached_tokens"] - before["cached_tokens"] == P - held
+    assert after["forward_passes"] - before["forward_passes"] == 1  # no forward of the prefix alone
     assert cached.counters.cached_calls == 4 and packed.counters.packed_calls == 3
     assert cached.counters.forward_tokens < packed.counters.forward_tokens + len(toks.prefix_ids)
 
@@ -95,6 +97,10 @@ def test_flash_like_attention_does_not_repeat_the_prefix(tiny_tokenizer, monkeyp
     assert plain.counters.forward_tokens - auto.counters.forward_tokens == (K - 1) * (P - 1)
     auto.score_candidates(prefix, STEPS5)  # and a rescore forwards the candidates only
     assert auto.counters.cached_tokens == P - 1
+    # a new prefix longer than fold_tokens is forwarded once on its own; a short one in every row
+    folded = ValueRMScorer(model, tiny_tokenizer, fold_tokens=P)
+    folded.score_candidates(prefix, STEPS5)
+    assert folded.counters.forward_passes == 1 and folded.counters.forward_tokens == plain.counters.forward_tokens
 
 
 def test_prefix_cache_lookup_and_lru():

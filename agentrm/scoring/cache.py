@@ -63,7 +63,8 @@ def cache_row(cache: Any, row: int, length: int) -> KV:
     return [(k[row : row + 1, :, :length], v[row : row + 1, :, :length]) for k, v in pairs]
 
 
-def _crop(kv: KV, n: int) -> KV:
+def crop(kv: KV, n: int) -> KV:
+    """The first ``n`` positions of ``kv`` (views)."""
     return [(k[:, :, :n], v[:, :, :n]) for k, v in kv]
 
 
@@ -110,7 +111,7 @@ class PrefixCache:
         self.hits += 1
         store.move_to_end(best_key)
         kv = store[best_key]
-        return (kv if best_n == len(best_key) else _crop(kv, best_n)), best_n
+        return (kv if best_n == len(best_key) else crop(kv, best_n)), best_n
 
     def store(self, model: str, ids: tuple[int, ...], kv: KV) -> None:
         """Keep ``kv`` (``len(ids)`` positions) for ``ids``; evict the least recently used beyond the limit."""
@@ -136,7 +137,8 @@ class PrefixCache:
 
 
 def extend_prefix(
-    cache: PrefixCache, key: str, ids: list[int], forward, device: torch.device
+    cache: PrefixCache, key: str, ids: list[int], forward, device: torch.device,
+    found: tuple[KV | None, int] | None = None,
 ) -> tuple[KV | None, int, int]:
     """Keys/values of ``ids``: the longest cached prefix plus one forward of the rest.
 
@@ -145,6 +147,7 @@ def extend_prefix(
         ids: ``[n]`` token ids (the scoring prefix without its last token).
         forward: ``forward(input_ids[1, m], attention_mask[1, n], past)`` runs the model with ``use_cache``.
         device: where the input ids go.
+        found: the result of ``cache.lookup(key, tuple(ids))`` when already done.
 
     Returns:
         ``(kv, reused, forwarded)``: ``kv`` for all of ``ids`` (``None`` when ``ids`` is empty), tokens
@@ -153,7 +156,7 @@ def extend_prefix(
     if not ids:
         return None, 0, 0
     t_ids = tuple(ids)
-    kv, n = cache.lookup(key, t_ids)
+    kv, n = found if found is not None else cache.lookup(key, t_ids)
     if n == len(ids):
         return kv, n, 0
     past = new_cache(kv, 1)

@@ -21,7 +21,7 @@ from agentrm.data.collate import collate_trajectories
 from agentrm.data.schema import Trajectory
 from agentrm.data.tokenize import tokenize_trajectory
 from agentrm.scoring.base import SCORING_PATHS, ScoringCounters
-from agentrm.scoring.cache import PrefixCache, cache_row, extend_prefix, new_cache
+from agentrm.scoring.cache import PrefixCache, cache_row, crop, extend_prefix, new_cache
 from agentrm.scoring.layouts import (
     ScoringLayout,
     cached_layout,
@@ -47,6 +47,8 @@ class CandidateScorer:
         path: ``"auto"`` (see module doc), ``"cached"``, ``"packed"`` or ``"plain"`` (overrides ``pack``);
             a forced path the model cannot take raises ``ValueError``.
         cache_entries: prefix-cache entries kept per model (LRU); ``0`` keeps none (every call misses).
+        fold_tokens: on the cached path, uncached prefix tokens up to this many are forwarded in every
+            candidate row rather than in a forward of their own.
 
     Attributes:
         counters: :class:`ScoringCounters` (cumulative; ``counters.reset()`` to restart).
@@ -65,6 +67,7 @@ class CandidateScorer:
         batch_size: int = 16,
         path: ScoringPath | None = None,
         cache_entries: int = 64,
+        fold_tokens: int = 16,
     ):
         if pack not in (True, False, "auto"):
             raise ValueError(f"pack must be True, False or 'auto'; got {pack!r}")
@@ -79,6 +82,7 @@ class CandidateScorer:
         self.batch_size = batch_size
         self.counters = ScoringCounters()
         self.prefix_cache = PrefixCache(cache_entries)
+        self.fold_tokens = fold_tokens
         self.last_path: str | None = None
 
     @property
@@ -177,18 +181,36 @@ class CandidateScorer:
         return torch.cat(out)
 
     def _score_cached(self, toks: CandidateTokens, ks: Sequence[int], dev: torch.device) -> Tensor:
-        """Scores of candidates ``ks`` against the cached prefix; stores each candidate's keys/values."""
+        """Scores of candidates ``ks`` against the cached prefix; stores each candidate's keys/values.
+
+        The prefix tokens no cached sequence covers are forwarded in every candidate row when there are
+        at most ``fold_tokens`` of them (typically the generation prompt after a beam's last step), else
+        once on their own and stored.
+        """
+        P = len(toks.prefix_ids)
         ctx = toks.prefix_ids[:-1]
-        pasts = {}
-        for key, _ in self._cache_models():
-            kv, reused, fwd = extend_prefix(
-                self.prefix_cache, key, ctx, lambda i, m, p, key=key: self._prefix_forward(key, i, m, p), dev
-            )
-            self.counters.cached_tokens += reused
-            if fwd:
+        keys = [key for key, _ in self._cache_models()]
+        found = {key: self.prefix_cache.lookup(key, tuple(ctx)) for key in keys}
+        n = min(m for _, m in found.values())
+        kvs = {}
+        if P - 1 - n <= self.fold_tokens:
+            held = P - n
+            for key in keys:
+                kv = found[key][0]
+                kvs[key] = None if n == 0 else crop(kv, n)
+                self.counters.cached_tokens += n
+        else:
+            held = 1
+            for key in keys:
+                kv, reused, fwd = extend_prefix(
+                    self.prefix_cache, key, ctx, lambda i, m, p, key=key: self._prefix_forward(key, i, m, p), dev,
+                    found=found[key],
+                )
+                self.counters.cached_tokens += reused
                 self._count(1, fwd, fwd)
-            pasts[key] = new_cache(kv, len(ks))
-        layout = cached_layout(toks, ks, self._pad_id(), dev)
+                kvs[key] = kv
+        pasts = {key: new_cache(kv, len(ks)) for key, kv in kvs.items()}
+        layout = cached_layout(toks, ks, self._pad_id(), dev, held)
         scores = self._score_layout(layout, 0, pasts).float().cpu()
         n = len(pasts)
         self._count(n, n * layout.real_tokens, n * layout.input_ids.numel())

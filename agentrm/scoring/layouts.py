@@ -143,28 +143,34 @@ def plain_layout(
 
 
 def cached_layout(
-    toks: CandidateTokens, ks: Sequence[int], pad_id: int, device: torch.device | str = "cpu"
+    toks: CandidateTokens, ks: Sequence[int], pad_id: int, device: torch.device | str = "cpu", held: int = 1
 ) -> ScoringLayout:
-    """Rows ``[prefix[-1], cand_k]`` against a cached ``prefix[:-1]`` (``past_len = P - 1``).
+    """Rows ``[prefix[-held:], cand_k]`` against a cached ``prefix[:-held]`` (``past_len = P - held``).
+
+    ``held >= 1`` prefix tokens are forwarded in every row: the last one so that the hidden state
+    predicting a candidate's first token is computed here, and any others the cache did not cover (a
+    few generation-prompt tokens are cheaper repeated K times than forwarded on their own).
 
     Raises:
         ValueError: when the layout asks for the prefix's own steps (``prefix_steps``): their tokens
-            are in the cache, not in this forward.
+            are in the cache, not in this forward; or ``held`` is not in ``[1, P]``.
     """
     if toks.prefix_steps:
         raise ValueError("the cached layout scores candidates only (prefix steps live in the cache)")
     P = len(toks.prefix_ids)
-    T = 1 + max(len(toks.cand_ids[k]) for k in ks)
+    if not 1 <= held <= P:
+        raise ValueError(f"held must be in [1, {P}]; got {held}")
+    T = held + max(len(toks.cand_ids[k]) for k in ks)
     input_ids = torch.full((len(ks), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ks), P - 1 + T), dtype=torch.long)
+    mask = torch.zeros((len(ks), P - held + T), dtype=torch.long)
     for b, k in enumerate(ks):
-        row = toks.prefix_ids[-1:] + toks.cand_ids[k]
+        row = toks.prefix_ids[P - held :] + toks.cand_ids[k]
         input_ids[b, : len(row)] = torch.tensor(row)
-        mask[b, : P - 1 + len(row)] = 1
-    cand_pos = [b * T + 1 for b in range(len(ks))]
+        mask[b, : P - held + len(row)] = 1
+    cand_pos = [b * T + held for b in range(len(ks))]
     first = [c - 1 for c in cand_pos]
-    real = sum(1 + len(toks.cand_ids[k]) for k in ks)
-    return _layout(input_ids, None, None, mask, toks, ks, cand_pos, first, real, device, past_len=P - 1)
+    real = sum(held + len(toks.cand_ids[k]) for k in ks)
+    return _layout(input_ids, None, None, mask, toks, ks, cand_pos, first, real, device, past_len=P - held)
 
 
 def _window(config) -> int | None:

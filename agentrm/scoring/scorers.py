@@ -40,7 +40,7 @@ class ValueRMScorer(CandidateScorer):
 
     Args:
         model: a :class:`ValueRewardModel` (set to eval mode).
-        tokenizer, max_length, pack, batch_size, path, cache_entries: see
+        tokenizer, max_length, pack, batch_size, path, cache_entries, fold_tokens: see
             :class:`~agentrm.scoring.driver.CandidateScorer`.
         aggregate: trajectory aggregation of step values for :meth:`score_trajectories` (``"last"``).
         exclude_final_step: score whole trajectories without their final step, so the
@@ -60,8 +60,9 @@ class ValueRMScorer(CandidateScorer):
         exclude_final_step: bool = False,
         path: ScoringPath | None = None,
         cache_entries: int = 64,
+        fold_tokens: int = 16,
     ):
-        super().__init__(tokenizer, max_length, pack, batch_size, path, cache_entries)
+        super().__init__(tokenizer, max_length, pack, batch_size, path, cache_entries, fold_tokens)
         _check_aggregate(aggregate)
         self.model = model.eval()
         self.aggregate = aggregate
@@ -124,7 +125,7 @@ class ImplicitPRMScorer(CandidateScorer):
         include_prefix: ``False`` (default): a candidate's score is its own step reward. ``True``:
             ``aggregate`` over the prefix's step rewards (those surviving left truncation) and the
             candidate's (packed or plain path: the prefix's steps must be forwarded).
-        tokenizer, max_length, pack, batch_size, path, cache_entries: as :class:`ValueRMScorer`.
+        tokenizer, max_length, pack, batch_size, path, cache_entries, fold_tokens: as :class:`ValueRMScorer`.
     """
 
     _passes_per_forward = 2
@@ -140,8 +141,9 @@ class ImplicitPRMScorer(CandidateScorer):
         batch_size: int = 16,
         path: ScoringPath | None = None,
         cache_entries: int = 64,
+        fold_tokens: int = 16,
     ):
-        super().__init__(tokenizer, max_length, pack, batch_size, path, cache_entries)
+        super().__init__(tokenizer, max_length, pack, batch_size, path, cache_entries, fold_tokens)
         _check_aggregate(aggregate)
         self.model = model
         model.policy.eval()

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from agentrm.data.schema import Step, Trajectory
 from agentrm.envs.base import Env
 from agentrm.policies.base import Policy
-from agentrm.scoring import Scorer
+from agentrm.scoring import Scorer, path_calls
 from agentrm.search.episode import SearchResult, begin_episode, extend, finish
 
 
@@ -73,7 +73,9 @@ def beam_search(
     Returns:
         A :class:`SearchResult` whose ``candidates``/``scores`` are the final live beams and the
         failed fallbacks; ``stats`` counts ``env_steps``, ``policy_calls``, ``candidates_scored``,
-        ``tokens_scored``, ``forward_passes``, ``depth`` and ``stop`` (``finished``: the best-scored
+        ``tokens_scored`` (tokens forwarded), ``cached_tokens`` (prefix tokens read from the scorer's
+        cache), ``forward_passes``, ``scoring_paths`` (scoring calls per path: cached/packed/plain),
+        ``depth`` and ``stop`` (``finished``: the best-scored
         candidate had finished; ``all_done``; or ``budget``).
     """
     if width < 1 or k < 1:
@@ -106,6 +108,8 @@ def beam_search(
     after = scorer.counters.as_dict()
     stats["tokens_scored"] = after["forward_tokens"] - before["forward_tokens"]
     stats["forward_passes"] = after["forward_passes"] - before["forward_passes"]
+    stats["cached_tokens"] = after.get("cached_tokens", 0) - before.get("cached_tokens", 0)
+    stats["scoring_paths"] = path_calls(before, after)
     pool = finished + [b for b in beams if b is not root] or [root]
     chosen = max(range(len(pool)), key=lambda i: (_key(pool[i]), -i))
     for b in beams:
