@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from agentrm.data.schema import Step, Trajectory
 from agentrm.envs.base import Env
-from agentrm.policies.base import Policy
+from agentrm.policies.base import Policy, propose_many
 from agentrm.scoring import Scorer, path_calls
 from agentrm.search.episode import SearchResult, begin_episode, extend, finish
 
@@ -86,8 +86,11 @@ def beam_search(
     stats = {"env_steps": 0, "policy_calls": 0, "candidates_scored": 0, "depth": 0, "stop": "budget"}
     for depth in range(max_depth):
         children: list[_Node] = []
-        for beam in beams:
-            children.extend(_expand(beam, policy, scorer, k, dedupe, stats))
+        # all beams' proposals at once (concurrent requests for a served policy), in beam order
+        proposals = propose_many(policy, [(b.env, b.history, k) for b in beams])
+        stats["policy_calls"] += len(beams)
+        for beam, cands in zip(beams, proposals):
+            children.extend(_expand(beam, cands, scorer, dedupe, stats))
             if beam is not root:
                 beam.env.close()
         stats["depth"] = depth + 1
@@ -129,11 +132,9 @@ def beam_search(
 
 
 def _expand(
-    beam: _Node, policy: Policy, scorer: Scorer, k: int, dedupe: Callable[[str], str] | None, stats: dict
+    beam: _Node, cands: list[str], scorer: Scorer, dedupe: Callable[[str], str] | None, stats: dict
 ) -> list[_Node]:
-    """Sample ``k`` actions for ``beam``, execute each on a clone, score them in one call."""
-    cands = policy.propose(beam.env, beam.history, k)
-    stats["policy_calls"] += 1
+    """Execute each of ``beam``'s proposed actions on a clone, score them in one call."""
     if dedupe is not None:
         seen: dict[str, str] = {}
         for c in cands:
