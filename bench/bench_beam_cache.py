@@ -15,7 +15,6 @@ one (hidden 512, 8 layers), random weights and the shipped tiny tokenizer, fp32,
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path

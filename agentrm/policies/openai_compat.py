@@ -16,6 +16,7 @@ the concurrency: every logical call gets its index when it is submitted, in requ
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -36,6 +37,9 @@ class EndpointError(RuntimeError):
     """The endpoint could not be reached, or answered with an error or a malformed body."""
 
 
+_HOMES = itertools.count()  # spreads policy objects (e.g. one per episode) over replicas
+
+
 class OpenAIChatPolicy:
     """Sample candidate actions (``n=k``) from an OpenAI-compatible chat endpoint.
 
@@ -49,7 +53,9 @@ class OpenAIChatPolicy:
 
     Args:
         base_url: e.g. ``http://localhost:8000/v1`` (``/chat/completions`` is appended), or a list of
-            replicas serving the same model (call ``i`` goes to replica ``i % len``).
+            replicas serving the same model. Each policy object sticks to a home replica (objects are
+            spread round-robin), so a server's prompt cache keeps matching one episode's growing history;
+            the ``j``-th request of a :meth:`chat_many` batch goes to the ``j``-th replica after it.
         model: model name as the server knows it.
         api_key: sent as a bearer token when given (vLLM accepts any with ``--api-key``).
         temperature, max_tokens, top_p: sampling parameters.
@@ -92,6 +98,7 @@ class OpenAIChatPolicy:
         self.url = self.urls[0]
         self.max_concurrency = max_concurrency
         self.calls = 0
+        self._home = next(_HOMES) % len(self.urls)
         self._lock = threading.Lock()
         self.model = model
         self.api_key = api_key
@@ -125,11 +132,11 @@ class OpenAIChatPolicy:
         with self._lock:
             first = self.calls
             self.calls += len(prompts)
-        jobs = [(m, n, first + i) for i, (m, n) in enumerate(prompts)]
+        jobs = [(m, n, first + i, i) for i, (m, n) in enumerate(prompts)]
         if self.max_concurrency == 1 or len(jobs) <= 1:
-            return [self._chat(m, n, temperature, i) for m, n, i in jobs]
+            return [self._chat(m, n, temperature, i, j) for m, n, i, j in jobs]
         with ThreadPoolExecutor(min(self.max_concurrency, len(jobs))) as pool:
-            return list(pool.map(lambda j: self._chat(j[0], j[1], temperature, j[2]), jobs))
+            return list(pool.map(lambda job: self._chat(*job[:2], temperature, *job[2:]), jobs))
 
     def chat(self, messages: list[dict[str, str]], n: int = 1, temperature: float | None = None) -> list[str]:
         """``n`` sampled replies to ``messages``."""
@@ -138,12 +145,14 @@ class OpenAIChatPolicy:
             self.calls += 1
         return self._chat(messages, n, temperature, index)
 
-    def _chat(self, messages: list[dict[str, str]], n: int, temperature: float | None, index: int) -> list[str]:
-        """One logical call (index ``index``): as many requests as it takes to collect ``n`` replies."""
+    def _chat(
+        self, messages: list[dict[str, str]], n: int, temperature: float | None, index: int, slot: int = 0
+    ) -> list[str]:
+        """One logical call (index ``index``, ``slot``-th of its batch): requests until ``n`` replies."""
         if self.system_prompt:
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
         out: list[str] = []
-        url = self.urls[index % len(self.urls)]
+        url = self.urls[(self._home + slot) % len(self.urls)]
         part = 0
         while len(out) < n:
             body: dict[str, Any] = {

@@ -21,16 +21,19 @@ class PolicySpec:
             (OpenAI-compatible server at ``base_url`` serving ``model``).
         error_rate: expert policy: probability of replacing the expert's action by another valid one.
         temperature, top_p, max_new_tokens: LM sampling (greedy runs use temperature 0).
+        base_url: ``openai``: the server's base URL, or a list of replicas serving the same model.
+        max_concurrency: ``openai``: requests in flight at once per policy (beams, samples).
     """
 
     kind: Literal["expert", "scripted", "random", "hf", "openai"] = "expert"
     error_rate: float = 0.7
     model: str | None = None
-    base_url: str | None = None
+    base_url: str | list[str] | None = None
     api_key: str | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 32
+    max_concurrency: int = 4
 
 
 @dataclass
@@ -110,6 +113,7 @@ def policy_factory(spec: PolicySpec) -> Callable[[int, bool], Policy]:
             top_p=spec.top_p,
             max_tokens=spec.max_new_tokens,
             seed=seed,
+            max_concurrency=spec.max_concurrency,
         )
     raise ValueError(f"unknown policy kind {spec.kind!r}")
 
