@@ -34,6 +34,7 @@ OBS5 = ["You see a key.", "Wall 1 ahead.", "Nothing happens.", "Red ball 2 ahead
 # the value RM scores the state a candidate reaches: candidates carry the environment's observation
 STEPS5 = [Step(a, o) for a, o in zip(CANDS5, OBS5)]
 ATOL = 1e-4
+PATHS = ("cached", "packed", "plain")
 # sdpa takes a boolean 4D mask, eager an additive float one: cover both; empty-steps prefix = first step
 CASES = [("sdpa", n, c) for n in (0, 3) for c in (STEPS5[1:2], STEPS5)] + [("eager", 3, STEPS5)]
 CASE_IDS = [f"{a}-prefix{n}-K{len(c)}" for a, n, c in CASES]
@@ -88,10 +89,10 @@ def test_value_rm_packed_equals_alone(tiny_tokenizer, attn, n_prefix_steps, cand
     model = _value_rm(tiny_tokenizer, attn)
     prefix = make_trajectory("p", n_prefix_steps)
     expect = _alone(model, tiny_tokenizer, prefix, cands)[:, -1]
-    for pack in (True, False):
-        scorer = ValueRMScorer(model, tiny_tokenizer, pack=pack)
+    for path in PATHS:
+        scorer = ValueRMScorer(model, tiny_tokenizer, path=path)
         got = scorer.score_candidates(prefix, cands)
-        assert scorer.last_packed is pack
+        assert scorer.last_path == path and scorer.last_packed is (path == "packed")
         torch.testing.assert_close(got, expect, atol=ATOL, rtol=0)
     assert expect.std() > 0 if len(cands) > 1 else True
 
@@ -103,8 +104,8 @@ def test_prm_packed_equals_alone(tiny_tokenizer, attn, n_prefix_steps, cands):
     alone = _alone(prm, tiny_tokenizer, prefix, cands)
     expect = alone[:, -1]
     assert expect.abs().max() > 1e-3
-    for pack in (True, False):
-        got = ImplicitPRMScorer(prm, tiny_tokenizer, include_prefix=False, pack=pack).score_candidates(prefix, cands)
+    for path in PATHS:
+        got = ImplicitPRMScorer(prm, tiny_tokenizer, include_prefix=False, path=path).score_candidates(prefix, cands)
         torch.testing.assert_close(got, expect, atol=ATOL, rtol=0)
     # the default ranks by Q_t = the prefix's step rewards plus the candidate's (comparable across beams)
     for pack in (True, False):
@@ -130,8 +131,9 @@ def test_prm_lora_reference_packed(tiny_tokenizer):
     )
     prefix = make_trajectory("p", 2)
     expect = _alone(prm, tiny_tokenizer, prefix, CANDS5)[:, -1]
-    got = ImplicitPRMScorer(prm, tiny_tokenizer, include_prefix=False, pack=True).score_candidates(prefix, CANDS5)
-    torch.testing.assert_close(got, expect, atol=ATOL, rtol=0)
+    for path in ("packed", "cached"):
+        got = ImplicitPRMScorer(prm, tiny_tokenizer, include_prefix=False, path=path).score_candidates(prefix, CANDS5)
+        torch.testing.assert_close(got, expect, atol=ATOL, rtol=0)
 
 
 def test_counters(tiny_tokenizer):
@@ -149,7 +151,19 @@ def test_counters(tiny_tokenizer):
         "forward_passes": 1,
         "forward_tokens": P + sum(lens),
         "padded_tokens": P + sum(lens),
+        "cached_tokens": 0,
+        "cached_calls": 0,
+        "packed_calls": 1,
+        "plain_calls": 0,
     }
+    s = ValueRMScorer(model, tiny_tokenizer, path="cached")  # prefix once (less its last token), then K rows
+    s.score_candidates(prefix, STEPS5)
+    c = s.counters
+    assert (c.forward_passes, c.cached_calls, c.cached_tokens) == (2, 1, 0)
+    assert c.forward_tokens == (P - 1) + sum(1 + n for n in lens)
+    s.score_candidates(prefix, STEPS5)  # the same prefix again: read from the cache, only the rows forwarded
+    assert (c.forward_passes, c.cached_tokens) == (3, P - 1)
+    assert c.forward_tokens == (P - 1) + 2 * sum(1 + n for n in lens)
     s = ValueRMScorer(model, tiny_tokenizer, pack=False, batch_size=2)  # rows of 2, 2, 1 candidates
     s.score_candidates(prefix, STEPS5)
     c = s.counters
@@ -157,7 +171,7 @@ def test_counters(tiny_tokenizer):
     assert c.padded_tokens == sum(len(g) * (P + max(g)) for g in (lens[0:2], lens[2:4], lens[4:]))
     toks = tokenize_candidates(tiny_tokenizer, prefix, CANDS5)  # the PRM scores actions only
     P, lens = len(toks.prefix_ids), [len(c) for c in toks.cand_ids]
-    p = ImplicitPRMScorer(prm, tiny_tokenizer, pack=True, batch_size=3)  # policy + reference per chunk
+    p = ImplicitPRMScorer(prm, tiny_tokenizer, path="packed", batch_size=3)  # policy + reference per chunk
     p.score_candidates(prefix, STEPS5)
     assert (p.counters.forward_passes, p.counters.candidates) == (4, 5)
     assert p.counters.forward_tokens == 2 * (2 * P + sum(lens))
@@ -218,8 +232,8 @@ def test_truncation_keeps_instruction_and_recent_whole_steps_as_training_does(ti
             "step_end_idx": torch.tensor([[ids.shape[1] - 1]]),
         }
         expect.append(model.score(batch)[0, 0])
-    for pack in (True, False):
-        got = ValueRMScorer(model, tiny_tokenizer, max_length=max_length, pack=pack).score_candidates(
+    for path in PATHS:
+        got = ValueRMScorer(model, tiny_tokenizer, max_length=max_length, path=path).score_candidates(
             prefix, STEPS5
         )
         torch.testing.assert_close(got, torch.stack(expect), atol=ATOL, rtol=0)
@@ -230,7 +244,7 @@ def test_truncation_keeps_instruction_and_recent_whole_steps_as_training_does(ti
 def test_auto_falls_back_without_custom_mask_support(tiny_tokenizer, monkeypatch):
     model = _value_rm(tiny_tokenizer, "sdpa", "sigmoid")
     prefix = make_trajectory("p", 1)
-    packed = ValueRMScorer(model, tiny_tokenizer, pack="auto").score_candidates(prefix, STEPS5)
+    packed = ValueRMScorer(model, tiny_tokenizer, path="packed").score_candidates(prefix, STEPS5)
     torch.testing.assert_close(
         packed, _alone(model, tiny_tokenizer, prefix, STEPS5)[:, -1], atol=ATOL, rtol=0
     )
@@ -238,12 +252,19 @@ def test_auto_falls_back_without_custom_mask_support(tiny_tokenizer, monkeypatch
     cfg._attn_implementation = "flash_attention_2"
     assert "flash_attention_2" in packing_unsupported_reason(cfg)
     assert packing_unsupported_reason(model.backbone.config) is None
+    auto = ValueRMScorer(model, tiny_tokenizer, pack="auto")  # auto prefers the prefix cache
+    torch.testing.assert_close(auto.score_candidates(prefix, STEPS5), packed, atol=ATOL, rtol=0)
+    assert auto.last_path == "cached"
     monkeypatch.setattr("agentrm.models.packing.PACKABLE_MODEL_TYPES", ())  # e.g. an architecture not vetted
+    no_cache = "agentrm.scoring.driver.caching_unsupported_reason"
+    monkeypatch.setattr(no_cache, lambda cfg, ctx=None: "no cache here")
     auto = ValueRMScorer(model, tiny_tokenizer, pack="auto")
     torch.testing.assert_close(auto.score_candidates(prefix, STEPS5), packed, atol=ATOL, rtol=0)
-    assert auto.last_packed is False and auto.counters.forward_passes == 1
+    assert auto.last_path == "plain" and auto.last_packed is False and auto.counters.forward_passes == 1
     with pytest.raises(ValueError, match="custom 4D mask"):
         ValueRMScorer(model, tiny_tokenizer, pack=True).score_candidates(prefix, STEPS5)
+    with pytest.raises(ValueError, match="no cache here"):
+        ValueRMScorer(model, tiny_tokenizer, path="cached").score_candidates(prefix, STEPS5)
 
 
 def test_invalid_template_raises(tiny_tokenizer):

@@ -73,8 +73,37 @@ def _hash63(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
 
 
-def _render(tokenizer, messages: list[dict[str, str]]) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+def render(tokenizer, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+    """The chat template's rendering of ``messages`` (text, not tokens)."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+
+def require_chat_tokenizer(tokenizer) -> None:
+    """Raise :class:`ChatTemplateError` unless ``tokenizer`` is fast (offsets) and has a chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateError(
+            f"tokenizer {type(tokenizer).__name__} has no chat_template; set one (see agentrm/assets/tiny_tokenizer)"
+        )
+    if not getattr(tokenizer, "is_fast", False):
+        raise ChatTemplateError("a fast tokenizer (with offset mapping) is required for exact step ends")
+
+
+def last_token_before(token_starts: list[int], char: int, what: str = "boundary") -> int:
+    """Index of the last token starting before character ``char`` (the token that closes a turn ending there).
+
+    Args:
+        token_starts: ``[T]`` character offset where each token starts (from ``return_offsets_mapping``).
+    """
+    j = bisect.bisect_left(token_starts, char) - 1
+    if j < 0:
+        raise ChatTemplateError(f"{what} at char {char} maps to no token")
+    return j
+
+
+def head_tokens(tokenizer, messages: list[dict[str, str]], token_starts: list[int]) -> int:
+    """Length in tokens of the *head* (BOS, system prompt, the instruction turn) of a rendering."""
+    return last_token_before(token_starts, len(render(tokenizer, messages[:1]).rstrip()), "head end") + 1
 
 
 def step_char_spans(tokenizer, traj: Trajectory) -> tuple[str, list[int], list[int], list[int]]:
@@ -90,17 +119,14 @@ def step_char_spans(tokenizer, traj: Trajectory) -> tuple[str, list[int], list[i
         ChatTemplateError: when the tokenizer has no chat template or its rendering of a
             shorter conversation is not a prefix of the full rendering.
     """
-    if not getattr(tokenizer, "chat_template", None):
-        raise ChatTemplateError(
-            f"tokenizer {type(tokenizer).__name__} has no chat_template; set one (see agentrm/assets/tiny_tokenizer)"
-        )
+    require_chat_tokenizer(tokenizer)
     messages = traj.to_messages()
-    full = _render(tokenizer, messages)
+    full = render(tokenizer, messages)
     starts, action_ends, ends = [], [], []
     for i in range(len(traj.steps)):
         head = tokenizer.apply_chat_template(messages[: 1 + 2 * i], tokenize=False, add_generation_prompt=True)
-        action = _render(tokenizer, messages[: 2 + 2 * i])  # user, (assistant, user)*i, assistant
-        step = _render(tokenizer, messages[: 3 + 2 * i])  # ... assistant, user (observation)
+        action = render(tokenizer, messages[: 2 + 2 * i])  # user, (assistant, user)*i, assistant
+        step = render(tokenizer, messages[: 3 + 2 * i])  # ... assistant, user (observation)
         for what, text in (("before", head), ("up to the action of", action), ("up to", step)):
             if not full.startswith(text):
                 raise ChatTemplateError(
@@ -139,21 +165,15 @@ def tokenize_trajectory(tokenizer, traj: Trajectory, max_length: int | None = No
     state.  When not even the last step fits next to the head, the sequence is cut on the right
     with zero steps.  A trajectory with zero steps yields empty step lists.
     """
-    if not getattr(tokenizer, "is_fast", False):
-        raise ChatTemplateError("a fast tokenizer (with offset mapping) is required for exact step ends")
+    require_chat_tokenizer(tokenizer)
     text, char_starts, char_action_ends, char_ends = step_char_spans(tokenizer, traj)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = enc["input_ids"]
     starts = [s for s, _ in enc["offset_mapping"]]
 
-    def last_token_before(c: int) -> int:
-        j = bisect.bisect_left(starts, c) - 1
-        if j < 0:
-            raise ChatTemplateError(f"trajectory {traj.id}: boundary at char {c} maps to no token")
-        return j
-
-    ends_tok = [last_token_before(c) for c in char_ends]
-    action_ends_tok = [last_token_before(c) for c in char_action_ends]
+    what = f"trajectory {traj.id}: step boundary"
+    ends_tok = [last_token_before(starts, c, what) for c in char_ends]
+    action_ends_tok = [last_token_before(starts, c, what) for c in char_action_ends]
     starts_tok = [min(bisect.bisect_left(starts, c), e) for c, e in zip(char_starts, action_ends_tok)]
 
     parents, actions = [], []
@@ -168,7 +188,7 @@ def tokenize_trajectory(tokenizer, traj: Trajectory, max_length: int | None = No
     if max_length is not None and len(ids) > max_length and ends_tok:
         ids = ids[: ends_tok[-1] + 1]  # the template's trailing tokens carry no label: cut them first
     if max_length is not None and len(ids) > max_length:
-        head_len = last_token_before(len(_render(tokenizer, traj.to_messages()[:1]).rstrip())) + 1
+        head_len = head_tokens(tokenizer, traj.to_messages(), starts)
         blocks = [head_len] + [e + 1 for e in ends_tok[:-1]]
         first = oldest_steps_to_drop(len(ids), head_len, blocks, max_length)
         if first < len(blocks):

@@ -16,6 +16,7 @@ seed and the sequence of calls.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from agentrm.data.schema import Trajectory
@@ -42,3 +43,21 @@ class Policy(Protocol):
 def start_history(task: str, instruction: str, episode_id: str = "") -> Trajectory:
     """An empty partial trajectory to grow step by step while acting."""
     return Trajectory(id=episode_id, task=task, instruction=instruction, steps=[], reward=0.0, success=False)
+
+
+def propose_many(policy: Policy, requests: Sequence[tuple[Env | None, Trajectory, int]]) -> list[list[str]]:
+    """``policy.propose(env, history, k)`` for each request, in order; batched/concurrent where the policy can.
+
+    A policy with its own ``propose_many`` (the OpenAI-compatible policy: bounded concurrent requests)
+    gets all requests at once and must return what the calls one after another would (given its
+    seed, for the same order of requests); others are called one request at a time, in order.
+    """
+    many = getattr(policy, "propose_many", None)
+    if many is not None:
+        return many(list(requests))
+    return [policy.propose(env, history, k) for env, history, k in requests]
+
+
+def batches_requests(policy: Policy) -> bool:
+    """Whether ``policy`` gains from receiving many requests at once (has its own ``propose_many``)."""
+    return callable(getattr(policy, "propose_many", None))

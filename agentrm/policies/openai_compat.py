@@ -1,30 +1,49 @@
-"""A policy backed by an OpenAI-compatible chat-completions endpoint (e.g. a vLLM server).
+"""A policy backed by an OpenAI-compatible chat-completions endpoint (e.g. a vLLM or llama.cpp server).
 
 Uses only the standard library (``urllib``), so no client package is needed.  The
-server must implement ``POST {base_url}/chat/completions`` with the ``n`` parameter, as
-vLLM's OpenAI-compatible server does::
+server must implement ``POST {base_url}/chat/completions``; ``n`` is used where the server
+honours it (vLLM does; llama.cpp's Python server returns one choice, and the rest are requested)::
 
     vllm serve meta-llama/Llama-3.1-8B-Instruct --port 8000
     OpenAIChatPolicy("http://localhost:8000/v1", "meta-llama/Llama-3.1-8B-Instruct")
+
+Concurrency: :meth:`OpenAIChatPolicy.propose_many` / :meth:`~OpenAIChatPolicy.chat_many` send up to
+``max_concurrency`` requests at once from a thread pool (a server with continuous batching, or several
+server replicas given as a list of base URLs, then works on them together). Results do not depend on
+the concurrency: every logical call gets its index when it is submitted, in request order, and the
+``seed`` it sends and the replica it goes to derive from that index, not from timing.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from agentrm.data.schema import Trajectory
 from agentrm.envs.base import Env
-from agentrm.policies.prompt import AgentPrompt, ReplyStats, propose_validated
+from agentrm.policies.prompt import (
+    AgentPrompt,
+    ReplyStats,
+    agent_messages,
+    propose_validated,
+    resample_invalid,
+)
 
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
 class EndpointError(RuntimeError):
     """The endpoint could not be reached, or answered with an error or a malformed body."""
+
+
+_HOMES = itertools.count()  # spreads policy objects (e.g. one per episode) over replicas
 
 
 class OpenAIChatPolicy:
@@ -39,7 +58,10 @@ class OpenAIChatPolicy:
     are made until ``n`` replies are collected.
 
     Args:
-        base_url: e.g. ``http://localhost:8000/v1`` (``/chat/completions`` is appended).
+        base_url: e.g. ``http://localhost:8000/v1`` (``/chat/completions`` is appended), or a list of
+            replicas serving the same model. Each policy object sticks to a home replica (objects are
+            spread round-robin), so a server's prompt cache keeps matching one episode's growing history;
+            the ``j``-th request of a :meth:`chat_many` batch goes to the ``j``-th replica after it.
         model: model name as the server knows it.
         api_key: sent as a bearer token when given (vLLM accepts any with ``--api-key``).
         temperature, max_tokens, top_p: sampling parameters.
@@ -51,14 +73,18 @@ class OpenAIChatPolicy:
         seed: sent as ``seed`` (vLLM honours it per request) when not None.
         prompt, max_resample: the paper-style prompt and redraws of invalid replies (as
             :class:`~agentrm.policies.hf.HFPolicy`); :attr:`reply_stats` counts them.
+        seed: sent as ``seed + call index`` (vLLM and llama.cpp honour it per request) when not None.
+        max_concurrency: requests in flight at once in :meth:`propose_many` / :meth:`chat_many` (``1``:
+            one after another).
 
     Attributes:
         usage: cumulative ``requests``, ``retries``, ``prompt_tokens``, ``completion_tokens``.
+        calls: logical chat calls made so far (each may take several requests).
     """
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         model: str,
         api_key: str | None = None,
         temperature: float = 1.0,
@@ -72,8 +98,19 @@ class OpenAIChatPolicy:
         seed: int | None = None,
         prompt: AgentPrompt | None = None,
         max_resample: int = 2,
+        max_concurrency: int = 4,
     ):
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        bases = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not bases:
+            raise ValueError("base_url: give at least one endpoint")
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1; got {max_concurrency}")
+        self.urls = [b.rstrip("/") + "/chat/completions" for b in bases]
+        self.url = self.urls[0]
+        self.max_concurrency = max_concurrency
+        self.calls = 0
+        self._home = next(_HOMES) % len(self.urls)
+        self._lock = threading.Lock()
         self.model = model
         self.api_key = api_key
         self.temperature = temperature
@@ -95,11 +132,50 @@ class OpenAIChatPolicy:
         return propose_validated(self, self.prompt, self.reply_stats, env, history, k, self.max_resample,
                                  greedy=self.temperature == 0)
 
+    def propose_many(self, requests: Sequence[tuple[Env | None, Trajectory, int]]) -> list[list[str]]:
+        """``propose`` for each ``(env, history, k)``: the first replies concurrently (up to
+        ``max_concurrency`` requests in flight), then redraws of invalid replies in request order, so
+        the result does not depend on timing."""
+        msgs = [agent_messages(self.prompt, h, env) for env, h, _ in requests]
+        first = self.chat_many([(m, k) for m, (_, _, k) in zip(msgs, requests)])
+        greedy = self.temperature == 0
+        return [
+            resample_invalid(self, m, replies, env, self.reply_stats, self.max_resample, greedy)
+            for m, replies, (env, _, _) in zip(msgs, first, requests)
+        ]
+
+    def chat_many(
+        self, prompts: Sequence[tuple[list[dict[str, str]], int]], temperature: float | None = None
+    ) -> list[list[str]]:
+        """``chat(messages, n)`` for each ``(messages, n)``, concurrently; results in prompt order.
+
+        Call indices (hence seeds and replicas) are assigned in prompt order before any request is sent.
+        """
+        with self._lock:
+            first = self.calls
+            self.calls += len(prompts)
+        jobs = [(m, n, first + i, i) for i, (m, n) in enumerate(prompts)]
+        if self.max_concurrency == 1 or len(jobs) <= 1:
+            return [self._chat(m, n, temperature, i, j) for m, n, i, j in jobs]
+        with ThreadPoolExecutor(min(self.max_concurrency, len(jobs))) as pool:
+            return list(pool.map(lambda job: self._chat(*job[:2], temperature, *job[2:]), jobs))
+
     def chat(self, messages: list[dict[str, str]], n: int = 1, temperature: float | None = None) -> list[str]:
         """``n`` sampled replies to ``messages``."""
+        with self._lock:
+            index = self.calls
+            self.calls += 1
+        return self._chat(messages, n, temperature, index)
+
+    def _chat(
+        self, messages: list[dict[str, str]], n: int, temperature: float | None, index: int, slot: int = 0
+    ) -> list[str]:
+        """One logical call (index ``index``, ``slot``-th of its batch): requests until ``n`` replies."""
         if self.system_prompt:
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
         out: list[str] = []
+        url = self.urls[(self._home + slot) % len(self.urls)]
+        part = 0
         while len(out) < n:
             body: dict[str, Any] = {
                 "model": self.model,
@@ -109,22 +185,29 @@ class OpenAIChatPolicy:
                 "top_p": self.top_p,
                 "max_tokens": self.max_tokens,
             }
-            if self.seed is not None:
-                body["seed"] = self.seed + self.usage["requests"]
-            reply = self._post(body)
+            if self.seed is not None:  # a pure function of the call (and of the part of it), not of timing
+                body["seed"] = self.seed + index * 1009 + part
+            part += 1
+            reply = self._post(body, url)
             choices = reply.get("choices")
             if not isinstance(choices, list) or not choices:
-                raise EndpointError(f"{self.url}: response has no 'choices': {json.dumps(reply)[:200]}")
+                raise EndpointError(f"{url}: response has no 'choices': {json.dumps(reply)[:200]}")
             for c in choices:
                 content = (c.get("message") or {}).get("content")
                 out.append(content if isinstance(content, str) else "")
             usage = reply.get("usage") or {}
-            self.usage["prompt_tokens"] += int(usage.get("prompt_tokens") or 0)
-            self.usage["completion_tokens"] += int(usage.get("completion_tokens") or 0)
+            with self._lock:
+                self.usage["prompt_tokens"] += int(usage.get("prompt_tokens") or 0)
+                self.usage["completion_tokens"] += int(usage.get("completion_tokens") or 0)
         return out[:n]
 
-    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        """POST ``body`` as JSON with retries; return the decoded JSON reply."""
+    def _bump(self, key: str) -> None:
+        with self._lock:
+            self.usage[key] += 1
+
+    def _post(self, body: dict[str, Any], url: str | None = None) -> dict[str, Any]:
+        """POST ``body`` as JSON to ``url`` (default: the first replica) with retries; return the JSON reply."""
+        url = url or self.url
         data = json.dumps(body).encode()
         headers = {"Content-Type": "application/json"}
         if self.api_key:
@@ -132,10 +215,10 @@ class OpenAIChatPolicy:
         last = "no attempt made"
         for attempt in range(self.max_retries + 1):
             if attempt:
-                self.usage["retries"] += 1
-            self.usage["requests"] += 1
+                self._bump("retries")
+            self._bump("requests")
             wait = min(self.max_backoff, self.backoff * 2**attempt)
-            req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+            req = urllib.request.Request(url, data=data, headers=headers, method="POST")
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                     raw = resp.read()
@@ -143,13 +226,13 @@ class OpenAIChatPolicy:
                     return json.loads(raw)
                 except json.JSONDecodeError as e:
                     raise EndpointError(
-                        f"{self.url}: response is not JSON ({e.msg}): {raw[:200]!r}"
+                        f"{url}: response is not JSON ({e.msg}): {raw[:200]!r}"
                     ) from None
             except urllib.error.HTTPError as e:
                 detail = e.read()[:300].decode(errors="replace")
                 last = f"HTTP {e.code}: {detail}"
                 if e.code not in RETRY_STATUS:
-                    raise EndpointError(f"{self.url}: {last}") from None
+                    raise EndpointError(f"{url}: {last}") from None
                 retry_after = e.headers.get("Retry-After") if e.headers else None
                 if retry_after and retry_after.replace(".", "", 1).isdigit():
                     wait = min(self.max_backoff, float(retry_after))
@@ -158,5 +241,5 @@ class OpenAIChatPolicy:
             if attempt < self.max_retries:
                 time.sleep(wait)
         raise EndpointError(
-            f"chat-completions endpoint {self.url} failed after {self.max_retries + 1} attempts; last error: {last}"
+            f"chat-completions endpoint {url} failed after {self.max_retries + 1} attempts; last error: {last}"
         )

@@ -142,11 +142,23 @@ def propose_validated(client, prompt: AgentPrompt | None, stats: ReplyStats, env
     invalid one is redrawn up to ``max_resample`` times.  A proposal still invalid is counted in
     ``stats.unresolved`` and returned as parsed (the environment answers it with its feedback).
     """
-    messages = prompt.messages(history, env) if prompt is not None else history.to_messages()
-    out: list[str | None] = [None] * k
-    pending = list(range(k))
-    for _ in range(1 + (0 if greedy else max_resample)):
-        replies = client.chat(messages, n=len(pending))
+    messages = agent_messages(prompt, history, env)
+    return resample_invalid(client, messages, client.chat(messages, n=k), env, stats, max_resample, greedy)
+
+
+def agent_messages(prompt: AgentPrompt | None, history: Trajectory, env: Any | None) -> list[dict[str, str]]:
+    """The chat a policy sends: the paper-style prompt, or the episode as rendered in training."""
+    return prompt.messages(history, env) if prompt is not None else history.to_messages()
+
+
+def resample_invalid(client, messages: list[dict[str, str]], replies: list[str], env: Any | None,
+                     stats: ReplyStats, max_resample: int, greedy: bool) -> list[str]:
+    """Validate a first round of ``replies`` to ``messages``; redraw the invalid ones (see :func:`propose_validated`)."""
+    out: list[str | None] = [None] * len(replies)
+    pending = list(range(len(replies)))
+    for round_ in range(1 + (0 if greedy else max_resample)):
+        if round_:
+            replies = client.chat(messages, n=len(pending))
         still = []
         for i, reply in zip(pending, replies):
             action, ok = validate_reply(reply, env)

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 from agentrm.data.schema import Step, Trajectory
 from agentrm.envs.base import Env
-from agentrm.policies.base import Policy
-from agentrm.scoring import Scorer
+from agentrm.policies.base import Policy, propose_many
+from agentrm.scoring import Scorer, path_calls
 from agentrm.search.episode import SearchResult, begin_episode, extend, finish
 
 
@@ -79,7 +79,9 @@ def beam_search(
     Returns:
         A :class:`SearchResult` whose ``candidates``/``scores`` are the final live beams and the
         failed fallbacks; ``stats`` counts ``env_steps``, ``policy_calls``, ``candidates_scored``,
-        ``tokens_scored``, ``forward_passes``, ``depth`` and ``stop`` (``finished``: the best-scored
+        ``tokens_scored`` (tokens forwarded), ``cached_tokens`` (prefix tokens read from the scorer's
+        cache), ``forward_passes``, ``scoring_paths`` (scoring calls per path: cached/packed/plain),
+        ``depth`` and ``stop`` (``finished``: the best-scored
         candidate had finished; ``all_done``; or ``budget``).
     """
     if width < 1 or k < 1:
@@ -92,8 +94,11 @@ def beam_search(
     stats = {"env_steps": 0, "policy_calls": 0, "candidates_scored": 0, "depth": 0, "stop": "budget"}
     for depth in range(max_depth):
         children: list[_Node] = []
-        for beam in beams:
-            children.extend(_expand(beam, policy, scorer, k, dedupe, stats, hide_terminal_observation))
+        # all beams' proposals at once (concurrent requests for a served policy), in beam order
+        proposals = propose_many(policy, [(b.env, b.history, k) for b in beams])
+        stats["policy_calls"] += len(beams)
+        for beam, cands in zip(beams, proposals):
+            children.extend(_expand(beam, cands, scorer, dedupe, stats, hide_terminal_observation))
             if beam is not root:
                 beam.env.close()
         stats["depth"] = depth + 1
@@ -114,6 +119,8 @@ def beam_search(
     after = scorer.counters.as_dict()
     stats["tokens_scored"] = after["forward_tokens"] - before["forward_tokens"]
     stats["forward_passes"] = after["forward_passes"] - before["forward_passes"]
+    stats["cached_tokens"] = after.get("cached_tokens", 0) - before.get("cached_tokens", 0)
+    stats["scoring_paths"] = path_calls(before, after)
     pool = finished + [b for b in beams if b is not root] or [root]
     chosen = max(range(len(pool)), key=lambda i: (_key(pool[i]), -i))
     for b in beams:
@@ -133,12 +140,10 @@ def beam_search(
 
 
 def _expand(
-    beam: _Node, policy: Policy, scorer: Scorer, k: int, dedupe: Callable[[str], str] | None, stats: dict,
+    beam: _Node, cands: list[str], scorer: Scorer, dedupe: Callable[[str], str] | None, stats: dict,
     hide_terminal: bool = False,
 ) -> list[_Node]:
-    """Sample ``k`` actions for ``beam``, execute each on a clone, score them in one call."""
-    cands = policy.propose(beam.env, beam.history, k)
-    stats["policy_calls"] += 1
+    """Execute each of ``beam``'s proposed actions on a clone, score them in one call."""
     if dedupe is not None:
         seen: dict[str, str] = {}
         for c in cands:

@@ -18,11 +18,18 @@ expected success of one sample) come from the same pool without a scorer.
 
 Outputs in ``out_dir``: ``episodes.jsonl`` (one row per episode and method),
 ``summary.csv``, ``summary.md``, ``scaling.png`` and ``config.json``.
+
+Serving scale and resumption (:mod:`agentrm.search.runner`): ``concurrency`` episodes run at
+once on threads (each with its own environments; scorers shared under a lock; a served policy sees
+the requests of all of them). Each finished episode is appended to ``episodes.jsonl`` at once, and
+a rerun with the same configuration skips the episodes already there, so a killed evaluation
+resumes where it stopped and ends with the summary of an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -40,6 +47,7 @@ from agentrm.search.episode import SearchResult
 from agentrm.search.greedy import greedy as run_greedy
 from agentrm.search.greedy import sample_trajectories
 from agentrm.search.report import plot_scaling, print_table, summarize, to_markdown, write_csv
+from agentrm.search.runner import EpisodeLog, SharedScorer, run_jobs
 from agentrm.search.specs import PolicySpec, ScorerSpec, build_scorer, policy_factory
 
 
@@ -188,6 +196,8 @@ def _episode_rows(
                     method="beam",
                     wall_s=time.perf_counter() - t0,
                     stop=res.stats["stop"],
+                    cached_tokens=int(res.stats.get("cached_tokens", 0)),
+                    scoring_path="+".join(sorted(res.stats.get("scoring_paths", {}))) or None,
                     **common,
                 )
             )
@@ -212,6 +222,8 @@ def evaluate(
     beam_episodes: int | None = None,
     tie_break: TieBreak = "first",
     num_threads: int | None = None,
+    concurrency: int = 1,
+    resume: bool = True,
     progress: bool = True,
     show: bool = True,
 ) -> list[dict[str, Any]]:
@@ -238,6 +250,10 @@ def evaluate(
             all); beam search is the costly method when clones replay (ScienceWorld).
         tie_break: Best-of-N ties: ``first``, ``random`` (seeded per episode) or ``shortest``.
         num_threads: torch CPU threads (None: torch's default).
+        concurrency: episodes run at once (threads; each its own environments; the summary does not
+            depend on it).
+        resume: skip the episodes ``out_dir/episodes.jsonl`` already holds (a run with the same
+            configuration that was interrupted); ``False`` starts the file anew.
         progress: show a tqdm progress bar.
         show: print the summary table with rich.
 
@@ -274,6 +290,8 @@ def _evaluate(
     beam_max_depth: int,
     beam_episodes: int | None,
     tie_break: TieBreak,
+    concurrency: int,
+    resume: bool,
     progress: bool,
     show: bool,
 ) -> list[dict[str, Any]]:
@@ -321,31 +339,46 @@ def _evaluate(
         "beam_episodes": beam_episodes,
         "tie_break": tie_break,
     }
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    jobs = [(name, spec, i) for name, specs in sets.items() for spec in specs for i in range(episodes)]
-    rows: list[dict[str, Any]] = []
-    with open(out / "episodes.jsonl", "w", encoding="utf-8") as f:
-        for name, spec, i in tqdm(jobs, desc="episodes", unit="ep", disable=not progress):
-            new = _episode_rows(
-                envs[str(spec)],
-                spec,
-                name,
-                i,
-                seed,
-                make_policy,
-                built,
-                greedy,
-                best_of_n,
-                beam if beam_episodes is None or i < beam_episodes else [],
-                beam_max_depth,
-                tie_break,
+    cfg_path = out / "config.json"
+    if resume and cfg_path.exists() and (out / "episodes.jsonl").exists():
+        if json.loads(cfg_path.read_text()) != json.loads(json.dumps(config)):
+            raise ValueError(
+                f"{out} holds episodes of another configuration; pick another out_dir or pass --resume false"
             )
-            for r in new:
-                f.write(json.dumps(r) + "\n")
-            f.flush()
-            rows.extend(new)
-    for env in envs.values():
-        close_quietly(env)
+    cfg_path.write_text(json.dumps(config, indent=2))
+    jobs = [(name, spec, i) for name, specs in sets.items() for spec in specs for i in range(episodes)]
+    log = EpisodeLog(out / "episodes.jsonl", lambda r: (r["env_set"], r["env"], r["episode"]), resume=resume)
+    todo = [j for j in jobs if not log.done((j[0], str(j[1]), j[2]))]
+    main_thread, local, extra_envs, lock = threading.get_ident(), threading.local(), [], threading.Lock()
+    scorer_lock = threading.Lock()
+
+    def env_for(spec: EnvSpec) -> Env:
+        if threading.get_ident() == main_thread:
+            return envs[str(spec)]
+        own = local.__dict__.setdefault("envs", {})
+        if str(spec) not in own:
+            own[str(spec)] = make_env(spec)
+            with lock:
+                extra_envs.append(own[str(spec)])
+        return own[str(spec)]
+
+    def run(job) -> list[dict[str, Any]]:
+        name, spec, i = job
+        shared = {k: SharedScorer(v, scorer_lock) for k, v in built.items()}
+        beams = beam if beam_episodes is None or i < beam_episodes else []
+        return _episode_rows(
+            env_for(spec), spec, name, i, seed, make_policy, shared, greedy, best_of_n, beams, beam_max_depth, tie_break
+        )
+
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="episodes", unit="ep", disable=not progress)
+    try:
+        run_jobs(todo, run, log, concurrency, on_done=lambda: bar.update(1))
+    finally:
+        bar.close()
+        for env in [*envs.values(), *extra_envs]:
+            close_quietly(env)
+    order = {(name, str(spec), i): n for n, (name, spec, i) in enumerate(jobs)}
+    rows = [r for key in sorted(log.rows, key=lambda k: order.get(k, len(order))) for r in log.rows[key]]
     replies = _reply_report(made)
     if replies is not None:  # LM policies: how many replies held no valid action (never silent)
         (out / "policy_replies.json").write_text(json.dumps(replies, indent=2))

@@ -7,8 +7,9 @@ import time
 
 from agentrm.data.schema import Trajectory
 from agentrm.envs.base import Env
-from agentrm.policies.base import Policy
-from agentrm.search.episode import SearchResult, begin_episode, sample_trajectory
+from agentrm.policies.base import Policy, batches_requests
+from agentrm.policies.rollout import rollout_many
+from agentrm.search.episode import SearchResult, begin_episode, finish, sample_trajectory
 
 
 def greedy(env: Env, policy: Policy, seed: int, *, task: str = "", episode_id: str = "") -> SearchResult:
@@ -34,11 +35,30 @@ def sample_trajectories(
     """``n`` independent trajectories of the episode ``seed``, each from a clone of the reset env.
 
     ``env`` is left in the episode's initial state.  Each trajectory's ``meta`` has
-    ``sample`` (its index) and ``wall_s`` (seconds spent sampling it).
+    ``sample`` (its index) and ``wall_s`` (seconds spent sampling it; in lock-step, the mean).
+    A policy that batches requests (:func:`~agentrm.policies.base.batches_requests`) samples the ``n``
+    trajectories in lock-step, all live samples' proposals in one ``propose_many`` per step (in sample
+    order, so the result does not depend on its concurrency); others sample one trajectory after another.
     """
     if n < 1:
         raise ValueError(f"need n >= 1, got {n}")
     hist = begin_episode(env, seed, task, episode_id)
+    if batches_requests(policy):  # a served policy: the n samples advance together (lock-step)
+        t0 = time.perf_counter()
+        clones = [env.clone() for _ in range(n)]
+        try:
+            rolls = rollout_many(clones, policy, [hist] * n)
+        finally:
+            for c in clones:
+                c.close()
+        wall = (time.perf_counter() - t0) / n
+        out = []
+        for i, r in enumerate(rolls):
+            done = Trajectory(hist.id, hist.task, hist.instruction, [*hist.steps, *r.steps], 0.0, False, meta=dict(hist.meta))
+            traj = finish(done, r.reward, r.success)
+            traj.meta.update(sample=i, wall_s=wall)
+            out.append(traj)
+        return out
     out = []
     for i in range(n):
         t0 = time.perf_counter()

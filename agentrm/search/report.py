@@ -16,6 +16,7 @@ COLUMNS = (
     "avg_reward",
     "candidates_scored",
     "tokens_scored",
+    "scoring_path",
     "wall_s",
 )
 _METHOD_ORDER = {"greedy": 0, "sampling": 1, "pass@N": 2, "best_of_n": 3, "beam": 4}
@@ -37,6 +38,9 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "avg_reward": sum(float(r["reward"]) for r in rs) / n,
                 "candidates_scored": sum(r.get("candidates_scored", 0) for r in rs) / n,
                 "tokens_scored": sum(r.get("tokens_scored", 0) for r in rs) / n,
+                # which scoring path the RM took (cached / packed / plain), as the scorer reported it
+                "scoring_path": "+".join(sorted({p for r in rs for p in (r.get("scoring_path") or "").split("+") if p}))
+                or None,
                 "wall_s": sum(r.get("wall_s", 0.0) for r in rs),
             }
         )

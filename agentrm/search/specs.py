@@ -26,18 +26,21 @@ class PolicySpec:
             (:class:`~agentrm.policies.prompt.AgentPrompt`: rules, valid actions, the environment's
             in-context example, ``Thought:``/``Action:`` replies) for instruct models used zero-shot.
         max_resample: LM policies: redraws of a reply without a valid action when sampling.
+        base_url: ``openai``: the server's base URL, or a list of replicas serving the same model.
+        max_concurrency: ``openai``: requests in flight at once per policy (beams, samples).
     """
 
     kind: Literal["expert", "scripted", "random", "hf", "openai"] = "expert"
     error_rate: float = 0.7
     model: str | None = None
-    base_url: str | None = None
+    base_url: str | list[str] | None = None
     api_key: str | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 32
     prompt: Literal["plain", "react"] = "plain"
     max_resample: int = 2
+    max_concurrency: int = 4
 
 
 @dataclass
@@ -128,6 +131,7 @@ def policy_factory(spec: PolicySpec) -> Callable[[int, bool], Policy]:
             seed=seed,
             prompt=prompt,
             max_resample=spec.max_resample,
+            max_concurrency=spec.max_concurrency,
         )
     raise ValueError(f"unknown policy kind {spec.kind!r}")
 

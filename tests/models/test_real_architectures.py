@@ -82,14 +82,16 @@ def test_packed_equals_alone_on_the_real_architecture(name_tok, kind, monkeypatc
     if kind == "value_rm":
         model = ValueRewardModel(_backbone(name, tok, False)).eval()
         torch.nn.init.normal_(model.value_head.weight, std=1.0)
-        make = lambda pack: ValueRMScorer(model, tok, pack=pack)  # noqa: E731
+        make = lambda pack, path=None: ValueRMScorer(model, tok, pack=pack, path=path)  # noqa: E731
         cands = CANDS
     else:
         model = ImplicitPRM(_backbone(name, tok, True), beta=1.0)
         with torch.no_grad():
             for p in model.policy.parameters():
                 p.add_(0.05 * torch.randn_like(p))
-        make = lambda pack: ImplicitPRMScorer(model, tok, include_prefix=False, pack=pack)  # noqa: E731
+        make = lambda pack, path=None: ImplicitPRMScorer(  # noqa: E731
+            model, tok, include_prefix=False, pack=pack, path=path
+        )
         cands = [c.action for c in CANDS]
     expect = _alone(model, tok, prefix, CANDS)[:, -1]
     for pack in (True, False):
@@ -98,12 +100,16 @@ def test_packed_equals_alone_on_the_real_architecture(name_tok, kind, monkeypatc
         assert scorer.last_packed is pack
     auto = make("auto")
     auto.score_candidates(prefix, cands)
-    assert auto.last_packed is True  # both architectures pack (Gemma 3 with its sliding-window mask)
+    # LLaMA scores against the prefix cache; Gemma 3's sliding window is shorter than this context, so
+    # its cache would evict keys and auto packs instead (with a mask per layer type)
+    assert auto.last_path == ("packed" if name == "gemma3-270m" else "cached")
+    if name != "gemma3-270m":
+        torch.testing.assert_close(make(True, "cached").score_candidates(prefix, cands), expect, atol=ATOL, rtol=0)
     if name == "gemma3-270m":
         # the context is longer than the 16-token window, so the window matters: one mask for all layers is wrong
         ctx = len(tokenize_trajectory(tok, prefix).input_ids)
         assert ctx > tiny_config(name)["sliding_window"]
-        monkeypatch.setattr("agentrm.scoring.packed_attention_mask", lambda allowed, pos, cfg, dt: allowed)
+        monkeypatch.setattr("agentrm.scoring.layouts.packed_attention_mask", lambda allowed, pos, cfg, dt: allowed)
         wrong = make(True).score_candidates(prefix, cands)
         assert (wrong - expect).abs().max() > 1e-3
 

@@ -93,7 +93,9 @@ def test_beam_with_real_tiny_value_rm():
     env = BabyAITextEnv("GoToRedBall", max_steps=6)
     res = beam_search(env, ScriptedBabyAIPolicy(0.5, seed=1), scorer, 2, 3, seed=7)
     assert res.stats["candidates_scored"] > 0 and res.stats["tokens_scored"] > 0
-    assert res.stats["forward_passes"] <= 2 * res.stats["depth"]
+    # cached path: per beam and depth one forward of the new prefix tokens (if any) and one of the rows
+    assert res.stats["forward_passes"] <= 2 * 2 * res.stats["depth"]
+    assert set(res.stats["scoring_paths"]) == {"cached"}
     assert 1 <= len(res.trajectory.steps) <= 6
 
 

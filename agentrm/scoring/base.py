@@ -1,0 +1,71 @@
+"""The scorer protocol and the work counters every scorer (RMs, judge, oracle) keeps."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor
+
+from agentrm.data.schema import Trajectory
+from agentrm.scoring.tokens import Candidate
+
+SCORING_PATHS = ("cached", "packed", "plain")
+
+
+@dataclass
+class ScoringCounters:
+    """Work done by a scorer since construction or :meth:`reset`.
+
+    Attributes:
+        forward_passes: model forward calls (the implicit PRM makes two per batch: policy and reference;
+            the cached path one more per model when the prefix is extended).
+        forward_tokens: non-padding tokens fed through them.
+        padded_tokens: ``B * T`` summed over forward passes (``== forward_tokens`` when packed).
+        cached_tokens: prefix tokens read from a KV cache instead of being forwarded (per model).
+        cached_calls / packed_calls / plain_calls: candidate-scoring calls by the path they took.
+    """
+
+    candidates: int = 0
+    trajectories: int = 0
+    forward_passes: int = 0
+    forward_tokens: int = 0
+    padded_tokens: int = 0
+    cached_tokens: int = 0
+    cached_calls: int = 0
+    packed_calls: int = 0
+    plain_calls: int = 0
+
+    def reset(self) -> None:
+        for k in asdict(self):
+            setattr(self, k, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def path_calls(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """Candidate-scoring calls per path between two :meth:`ScoringCounters.as_dict` snapshots (non-zero only)."""
+    out = {p: after.get(f"{p}_calls", 0) - before.get(f"{p}_calls", 0) for p in SCORING_PATHS}
+    return {p: n for p, n in out.items() if n}
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """Scores candidate next steps and whole trajectories (higher is better)."""
+
+    counters: ScoringCounters
+
+    def score_candidates(self, prefix: Trajectory, candidates: Sequence[Candidate]) -> Tensor:
+        """``[K]`` scores of appending each candidate as the step after ``prefix.steps``.
+
+        A candidate is an action string or a :class:`~agentrm.data.schema.Step` (action and the
+        observation the environment returned for it).  The value RM needs the observation: it scores the
+        state a step reaches, read at the end of that observation, as in training.
+        """
+        ...
+
+    def score_trajectories(self, trajs: Sequence[Trajectory]) -> Tensor:
+        """``[N]`` whole-trajectory scores (``nan`` for a trajectory without a scored step)."""
+        ...

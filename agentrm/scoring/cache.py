@@ -1,0 +1,167 @@
+"""Prefix KV caches reused across candidates and beam depths.
+
+Beam search scores, at every depth, K candidates after each beam's history; the history of a beam
+at depth ``d+1`` is its parent's history plus the chosen candidate (and the next generation prompt).
+:class:`PrefixCache` keeps the per-layer keys/values of token sequences already forwarded, keyed by
+their token ids, so a scoring call forwards only the tokens no cached sequence covers:
+
+* the prefix ``prefix_ids[:-1]``: looked up as the longest cached sequence that is a prefix of it
+  (at depth ``d+1`` that is the chosen candidate's row of the previous depth), extended by one
+  forward of the missing tokens (usually the generation prompt), and stored;
+* the K candidates: one batched forward of ``[prefix_ids[-1], cand_k]`` rows against the prefix's
+  cache expanded to K rows; each row's keys/values are stored as ``prefix_ids + cand_ids[k]``.
+
+Keys are exact token sequences with positions ``0..n-1``, so a hit is always correct (a truncated
+prefix, whose middle steps were dropped, simply matches less). Entries are views into the batched
+cache tensors of the forward that produced them (no copy); the least recently used entries are
+evicted beyond ``max_entries`` per model. Tensors are ``[1, kv_heads, n, head_dim]`` per layer.
+
+Cache objects are transformers' ``DynamicCache``, built with ``update(k, v, layer)`` (4.x and 5.x) and
+read through ``cache.layers[i].keys`` (5.x) or ``cache.key_cache[i]`` (4.x).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import Tensor
+
+KV = list[tuple[Tensor, Tensor]]  # per layer: keys, values [1, kv_heads, n, head_dim]
+
+
+@functools.cache
+def _cache_kwarg_of(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def cache_kwarg(model) -> str:
+    """The keyword a model's forward takes its cache by: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _cache_kwarg_of(type(base))
+
+
+def new_cache(kv: KV | None, batch: int) -> Any:
+    """A ``DynamicCache`` holding ``kv`` expanded to ``batch`` rows (empty when ``kv`` is ``None``)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for layer, (k, v) in enumerate(kv or []):
+        cache.update(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1), layer)
+    return cache
+
+
+def cache_row(cache: Any, row: int, length: int) -> KV:
+    """Row ``row``'s first ``length`` positions of every layer of ``cache`` (views)."""
+    if hasattr(cache, "layers"):  # transformers 5.x
+        pairs = [(layer.keys, layer.values) for layer in cache.layers]
+    else:  # transformers 4.x
+        pairs = list(zip(cache.key_cache, cache.value_cache))
+    return [(k[row : row + 1, :, :length], v[row : row + 1, :, :length]) for k, v in pairs]
+
+
+def crop(kv: KV, n: int) -> KV:
+    """The first ``n`` positions of ``kv`` (views)."""
+    return [(k[:, :, :n], v[:, :, :n]) for k, v in kv]
+
+
+class PrefixCache:
+    """LRU store of the keys/values of token sequences, per model (``"backbone"``, ``"policy"``, ``"reference"``).
+
+    Args:
+        max_entries: entries kept per model (``0`` disables storing).
+
+    Attributes:
+        hits / misses: lookups that found / did not find a cached sequence.
+    """
+
+    def __init__(self, max_entries: int = 64):
+        if max_entries < 0:
+            raise ValueError(f"max_entries must be >= 0; got {max_entries}")
+        self.max_entries = max_entries
+        self._entries: dict[str, OrderedDict[tuple[int, ...], KV]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return sum(len(e) for e in self._entries.values())
+
+    def clear(self) -> None:
+        """Drop every entry (frees the tensors they view)."""
+        self._entries.clear()
+
+    def lookup(self, model: str, ids: tuple[int, ...]) -> tuple[KV | None, int]:
+        """The cached keys/values of the longest stored prefix of ``ids`` and its length ``n``.
+
+        A stored sequence longer than ``ids`` that starts with ``ids`` is cropped to ``len(ids)``.
+        Returns ``(None, 0)`` on a miss.
+        """
+        store = self._entries.get(model)
+        best_key, best_n = None, 0
+        for key in store or ():
+            n = min(len(key), len(ids))
+            if n > best_n and key[:n] == ids[:n]:
+                best_key, best_n = key, n
+        if best_key is None:
+            self.misses += 1
+            return None, 0
+        self.hits += 1
+        store.move_to_end(best_key)
+        kv = store[best_key]
+        return (kv if best_n == len(best_key) else crop(kv, best_n)), best_n
+
+    def store(self, model: str, ids: tuple[int, ...], kv: KV) -> None:
+        """Keep ``kv`` (``len(ids)`` positions) for ``ids``; evict the least recently used beyond the limit."""
+        if self.max_entries == 0 or not ids:
+            return
+        store = self._entries.setdefault(model, OrderedDict())
+        store[ids] = kv
+        store.move_to_end(ids)
+        while len(store) > self.max_entries:
+            store.popitem(last=False)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the distinct tensors the entries view (an entry shares its forward's batched tensor)."""
+        seen: dict[int, int] = {}
+        for store in self._entries.values():
+            for kv in store.values():
+                for k, v in kv:
+                    for t in (k, v):
+                        base = t._base if t._base is not None else t
+                        seen[id(base)] = base.numel() * base.element_size()
+        return sum(seen.values())
+
+
+def extend_prefix(
+    cache: PrefixCache, key: str, ids: list[int], forward, device: torch.device,
+    found: tuple[KV | None, int] | None = None,
+) -> tuple[KV | None, int, int]:
+    """Keys/values of ``ids``: the longest cached prefix plus one forward of the rest.
+
+    Args:
+        cache: the store (the extended sequence is stored under ``key``).
+        ids: ``[n]`` token ids (the scoring prefix without its last token).
+        forward: ``forward(input_ids[1, m], attention_mask[1, n], past)`` runs the model with ``use_cache``.
+        device: where the input ids go.
+        found: the result of ``cache.lookup(key, tuple(ids))`` when already done.
+
+    Returns:
+        ``(kv, reused, forwarded)``: ``kv`` for all of ``ids`` (``None`` when ``ids`` is empty), tokens
+        taken from the cache, tokens forwarded.
+    """
+    if not ids:
+        return None, 0, 0
+    t_ids = tuple(ids)
+    kv, n = found if found is not None else cache.lookup(key, t_ids)
+    if n == len(ids):
+        return kv, n, 0
+    past = new_cache(kv, 1)
+    new = torch.tensor([ids[n:]], dtype=torch.long, device=device)
+    forward(new, torch.ones((1, len(ids)), dtype=torch.long, device=device), past)
+    kv = cache_row(past, 0, len(ids))
+    cache.store(key, t_ids, kv)
+    return kv, n, len(ids) - n

@@ -1,0 +1,120 @@
+"""The cached path: prefix keys/values reused across calls and beam depths, scores equal to scoring alone."""
+
+from __future__ import annotations
+
+import torch
+
+from agentrm.data.schema import Step, Trajectory
+from agentrm.scoring import ImplicitPRMScorer, PrefixCache, ValueRMScorer, tokenize_candidates
+from tests.conftest import make_trajectory
+from tests.test_scoring import ATOL, STEPS5, _alone, _prm, _value_rm
+
+
+def _extend(t: Trajectory, step: Step) -> Trajectory:
+    return Trajectory(t.id, t.task, t.instruction, [*t.steps, step], 0.0, False)
+
+
+def _walk(scorer_cached, scorer_ref, model, tok, depths: int = 3):
+    """Score STEPS5 at each depth of a beam-like walk (choosing a different candidate each depth)."""
+    hist = make_trajectory("p", 0)
+    for d in range(depths):
+        got = scorer_cached.score_candidates(hist, STEPS5)
+        ref = scorer_ref.score_candidates(hist, STEPS5)
+        torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+        if model is not None:
+            torch.testing.assert_close(got, _alone(model, tok, hist, STEPS5)[:, -1], atol=ATOL, rtol=0)
+        hist = _extend(hist, STEPS5[(2 * d + 1) % len(STEPS5)])
+    return hist
+
+
+def test_value_rm_cache_across_depths_forwards_only_new_tokens(tiny_tokenizer):
+    model = _value_rm(tiny_tokenizer, "sdpa")
+    cached = ValueRMScorer(model, tiny_tokenizer, path="cached")
+    packed = ValueRMScorer(model, tiny_tokenizer, path="packed")
+    hist = _walk(cached, packed, model, tiny_tokenizer)
+    # one more depth: the chosen candidate's keys/values were stored, so only the generation prompt
+    # (and the K candidate rows) are forwarded, never the history again
+    toks = tokenize_candidates(tiny_tokenizer, hist, STEPS5)
+    before = cached.counters.as_dict()
+    cached.score_candidates(hist, STEPS5)
+    after = cached.counters.as_dict()
+    K, P, L = len(toks.cand_ids), len(toks.prefix_ids), sum(len(c) for c in toks.cand_ids)
+    fwd = after["forward_tokens"] - before["forward_tokens"]
+    held, rest = divmod(fwd - L, K)  # prefix tokens forwarded in each candidate row
+    assert rest == 0 and 1 <= held <= 5, (fwd, held)  # the last token and the generation prompt
+    assert after["cached_tokens"] - before["cached_tokens"] == P - held
+    assert after["forward_passes"] - before["forward_passes"] == 1  # no forward of the prefix alone
+    assert cached.counters.cached_calls == 4 and packed.counters.packed_calls == 3
+    assert cached.counters.forward_tokens < packed.counters.forward_tokens + len(toks.prefix_ids)
+
+
+def test_prm_cache_across_depths_policy_and_reference(tiny_tokenizer):
+    prm = _prm(tiny_tokenizer, "eager")
+    cached = ImplicitPRMScorer(prm, tiny_tokenizer, include_prefix=False, path="cached")
+    _walk(cached, ImplicitPRMScorer(prm, tiny_tokenizer, include_prefix=False, path="packed"), prm, tiny_tokenizer)
+    keys = set(cached.prefix_cache._entries)
+    assert keys == {"policy", "reference"}  # both models' prefixes are cached
+    assert cached.counters.cached_tokens > 0
+
+
+def test_small_batches_and_evicting_cache_stay_exact(tiny_tokenizer):
+    model = _value_rm(tiny_tokenizer, "eager")
+    tiny = ValueRMScorer(model, tiny_tokenizer, path="cached", batch_size=2, cache_entries=1)
+    _walk(tiny, ValueRMScorer(model, tiny_tokenizer, path="plain"), None, tiny_tokenizer)
+    assert len(tiny.prefix_cache) == 1
+    none = ValueRMScorer(model, tiny_tokenizer, path="cached", cache_entries=0)
+    _walk(none, ValueRMScorer(model, tiny_tokenizer, path="packed"), None, tiny_tokenizer, depths=2)
+    assert none.counters.cached_tokens == 0 and len(none.prefix_cache) == 0
+
+
+def test_truncated_prefixes_hit_only_matching_tokens(tiny_tokenizer):
+    model = _value_rm(tiny_tokenizer, "sdpa")
+    prefix = make_trajectory("p", 4)
+    full = tokenize_candidates(tiny_tokenizer, prefix, STEPS5)
+    max_length = len(full.prefix_ids) + max(len(c) for c in full.cand_ids) - 5
+    cached = ValueRMScorer(model, tiny_tokenizer, max_length=max_length, path="cached")
+    ref = ValueRMScorer(model, tiny_tokenizer, max_length=max_length, path="packed")
+    cached.score_candidates(make_trajectory("p", 3), STEPS5)  # untruncated shorter history first
+    torch.testing.assert_close(cached.score_candidates(prefix, STEPS5), ref.score_candidates(prefix, STEPS5),
+                               atol=ATOL, rtol=0)
+
+
+def test_flash_like_attention_does_not_repeat_the_prefix(tiny_tokenizer, monkeypatch):
+    """Without custom-mask support (flash-attention), auto scoring used to repeat the prefix K times."""
+    model = _value_rm(tiny_tokenizer, "sdpa")
+    monkeypatch.setattr(
+        "agentrm.scoring.driver.packing_unsupported_reason", lambda cfg, ctx=None: "flash_attention_2: no 4D mask"
+    )
+    prefix = make_trajectory("p", 3)
+    toks = tokenize_candidates(tiny_tokenizer, prefix, STEPS5)
+    P, K = len(toks.prefix_ids), len(STEPS5)
+    auto = ValueRMScorer(model, tiny_tokenizer)  # what a flash-attention model gets
+    plain = ValueRMScorer(model, tiny_tokenizer, path="plain")  # what it got before the cache
+    torch.testing.assert_close(auto.score_candidates(prefix, STEPS5), plain.score_candidates(prefix, STEPS5),
+                               atol=ATOL, rtol=0)
+    assert auto.last_path == "cached" and plain.last_path == "plain"
+    # plain: K (P + L_k); cached: (P - 1) + K (1 + L_k): the prefix once
+    assert plain.counters.forward_tokens - auto.counters.forward_tokens == (K - 1) * (P - 1)
+    auto.score_candidates(prefix, STEPS5)  # and a rescore forwards the candidates only
+    assert auto.counters.cached_tokens == P - 1
+    # a new prefix longer than fold_tokens is forwarded once on its own; a short one in every row
+    folded = ValueRMScorer(model, tiny_tokenizer, fold_tokens=P)
+    folded.score_candidates(prefix, STEPS5)
+    assert folded.counters.forward_passes == 1 and folded.counters.forward_tokens == plain.counters.forward_tokens
+
+
+def test_prefix_cache_lookup_and_lru():
+    c = PrefixCache(max_entries=2)
+    kv = [(torch.zeros(1, 2, 5, 4), torch.ones(1, 2, 5, 4))]
+    c.store("m", (1, 2, 3, 4, 5), kv)
+    got, n = c.lookup("m", (1, 2, 3, 9))
+    assert got is None and n == 0 and c.misses == 1
+    got, n = c.lookup("m", (1, 2, 3, 4, 5, 6, 7))
+    assert n == 5 and got[0][0].shape[2] == 5
+    got, n = c.lookup("m", (1, 2, 3))  # a longer entry is cropped
+    assert n == 3 and got[0][1].shape[2] == 3
+    assert c.lookup("other", (1, 2))[1] == 0  # per model
+    c.store("m", (7,), kv)
+    c.store("m", (8,), kv)
+    assert len(c) == 2 and c.lookup("m", (1, 2, 3, 4, 5))[1] == 0  # evicted (least recently used)
+    assert c.nbytes == 2 * 2 * 5 * 4 * 4
