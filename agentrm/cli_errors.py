@@ -52,14 +52,17 @@ def root_cause(exc: BaseException) -> BaseException:
 
 
 @contextmanager
-def building(what: str) -> Iterator[None]:
-    """Re-raise any exception of the block as :class:`BuildError` ``"<what>: <message>"`` (chained)."""
+def building(what: str | None = None) -> Iterator[None]:
+    """Re-raise any exception of the block as :class:`BuildError` ``"<what>: <message>"`` (chained).
+
+    ``what=None`` keeps the message as it is (for checks whose messages already name the field).
+    """
     try:
         yield
     except BuildError:
         raise
     except Exception as e:
-        raise BuildError(f"{what}: {one_line(e)}") from e
+        raise BuildError(f"{what}: {one_line(e)}" if what else one_line(e)) from e
 
 
 def run_cli(prog: str, main: Callable[..., Any], argv: list[str] | None = None) -> Any:

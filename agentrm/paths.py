@@ -30,7 +30,8 @@ def resolve_path(path: str | Path, must_exist: bool = True) -> Path:
         if (base / p).exists():
             return base / p
     if must_exist:
-        raise FileNotFoundError(f"not found: {path} (looked in {Path.cwd()} and {PROJECT_ROOT})")
+        where = " and ".join(dict.fromkeys(str(b) for b in (Path.cwd(), PROJECT_ROOT)))
+        raise FileNotFoundError(f"not found: {path} (looked in {where})")
     return p
 
 

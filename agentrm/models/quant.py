@@ -45,7 +45,7 @@ def check_quantization(quantization: str | None) -> None:
     if not torch.cuda.is_available():
         raise QuantizationUnavailable(
             f"quantization={quantization!r} needs a CUDA GPU (bitsandbytes 4-bit/8-bit kernels); "
-            "none is visible. Drop the `quantization` option (e.g. use the *_lora.yaml config) "
+            "none is visible. Drop the `quantization` option (to train, use the *_lora.yaml config) "
             "or run on a GPU machine."
         )
     if importlib.util.find_spec("bitsandbytes") is None:
