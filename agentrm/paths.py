@@ -1,7 +1,14 @@
-"""Resolve data/tokenizer paths given relative to the working directory or the project root."""
+"""Resolve data/tokenizer paths given relative to the working directory or the project root.
+
+:func:`check_model_reachable` says, before anything is fetched, whether a model name can be loaded:
+a local directory, a known imported model, a hub id already in the Hugging Face cache, or a hub id
+with the hub reachable (one short request instead of transformers' ~45 s of download retries).
+"""
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -23,7 +30,8 @@ def resolve_path(path: str | Path, must_exist: bool = True) -> Path:
         if (base / p).exists():
             return base / p
     if must_exist:
-        raise FileNotFoundError(f"not found: {path} (looked in {Path.cwd()} and {PROJECT_ROOT})")
+        where = " and ".join(dict.fromkeys(str(b) for b in (Path.cwd(), PROJECT_ROOT)))
+        raise FileNotFoundError(f"not found: {path} (looked in {where})")
     return p
 
 
@@ -38,6 +46,7 @@ def load_tokenizer(name_or_path: str):
 
     from agentrm.models.import_gguf import resolve_model
 
+    check_model_reachable(str(name_or_path), "tokenizer")
     name_or_path = resolve_model(str(name_or_path), tokenizer_only=True)
     try:
         local = resolve_path(name_or_path)
@@ -47,3 +56,82 @@ def load_tokenizer(name_or_path: str):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+class ModelUnreachable(FileNotFoundError):
+    """A model name that is neither local, known, cached nor fetchable now."""
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set in the environment."""
+    return _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(os.environ.get("TRANSFORMERS_OFFLINE"))
+
+
+def _is_repo_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return not name.startswith((".", "~", "/"))
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(repo_id, f), str)
+               for f in ("config.json", "tokenizer_config.json", "adapter_config.json"))
+
+
+@functools.lru_cache(maxsize=8)
+def _hub_error(endpoint: str, repo_id: str, timeout: float) -> str | None:
+    """``None`` if ``endpoint`` answers (any HTTP status: access rights are transformers' business), else why not."""
+    import httpx
+
+    try:
+        httpx.head(f"{endpoint}/api/models/{repo_id}", timeout=timeout, follow_redirects=True)
+    except httpx.HTTPError as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def check_model_reachable(name_or_path: str | Path, field: str = "model", timeout: float = 5.0) -> None:
+    """Raise :class:`ModelUnreachable` at once if ``name_or_path`` cannot be loaded from here.
+
+    Passes for an existing local path (as given or under the project root), a known model
+    (:data:`agentrm.models.import_gguf.KNOWN_MODELS`, imported on first use), a hub id in the local
+    Hugging Face cache, and a hub id when ``HF_HUB_OFFLINE`` is unset and the hub answers one request
+    within ``timeout`` seconds. ``field`` names the config field in the message.
+    """
+    from agentrm.models.import_gguf import KNOWN_MODELS
+
+    name = str(name_or_path)
+    if name in KNOWN_MODELS:
+        return
+    try:
+        resolve_path(name)
+        return
+    except FileNotFoundError:
+        pass
+    where = "looked in " + " and ".join(dict.fromkeys(str(p) for p in (Path.cwd(), PROJECT_ROOT)))
+    if not _is_repo_id(name):
+        raise ModelUnreachable(f"{field} {name!r}: no such file or directory ({where})")
+    if _in_hub_cache(name):
+        return
+    known = ", ".join(KNOWN_MODELS)
+    lead = (f"{field} {name!r} is not a local directory ({where}), a known model ({known}) or a hub id "
+            "in the Hugging Face cache")
+    if hub_offline():
+        raise ModelUnreachable(f"{lead}, and HF_HUB_OFFLINE is set; download it where the hub is reachable "
+                               "(huggingface-cli download) or point at a local directory")
+    from huggingface_hub import constants
+
+    err = _hub_error(constants.ENDPOINT, name, timeout)
+    if err is not None:
+        raise ModelUnreachable(f"{lead}, and {constants.ENDPOINT} cannot be reached ({err}); download it where "
+                               "the hub is reachable (huggingface-cli download) or point at a local directory")

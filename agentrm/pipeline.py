@@ -10,7 +10,9 @@ Stages, each writing under ``<run_dir>/<stage>/`` and finishing with a ``DONE`` 
 5. ``eval``: greedy, sampling and Best-of-N of the SFT policy guided by the RM (``agentrm.search``).
 
 An interrupted stage restarts from scratch on rerun, except ``expert`` and ``trees``,
-which resume their JSONL files.
+which resume their JSONL files.  The files the config names (demonstrations, fit configs) are checked
+before any stage runs; a model a stage cannot build ends the command with one line naming the stage
+(:mod:`agentrm.cli_errors`; ``AGENTRM_DEBUG=1`` for the traceback).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
+from agentrm.cli_errors import BuildError, building, run_cli
 from agentrm.paths import resolve_path
 
 STAGES = ("expert", "sft", "trees", "rm", "eval")
@@ -153,6 +156,13 @@ def run_pipeline(
     force = set(force or [])
     if force - set(STAGES):
         raise ValueError(f"unknown stage(s) {sorted(force - set(STAGES))}; stages: {STAGES}")
+    with building():  # the files the config names exist, before any stage runs
+        for field_name, value in (("expert.path", expert.path), ("sft.config", sft.config), ("rm.config", rm.config)):
+            if value:
+                try:
+                    resolve_path(value)
+                except FileNotFoundError as e:
+                    raise FileNotFoundError(f"{field_name}: {e}") from None
     if num_threads:
         import torch
 
@@ -246,7 +256,10 @@ def run_pipeline(
         bar.set_postfix_str(stage)
         d[stage].mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        result = actions[stage]()
+        try:
+            result = actions[stage]()
+        except BuildError as e:
+            raise BuildError(f"{stage} stage: {e}") from e
         result["stage_seconds"] = round(time.perf_counter() - t0, 1)
         marker.write_text(json.dumps(result, indent=2, default=str))
         summary[stage] = result
@@ -273,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Command-line entry point (``python -m agentrm.pipeline --help``)."""
     from jsonargparse import auto_cli
 
-    summary = auto_cli(run_pipeline, args=argv)
+    summary = run_cli("agentrm.pipeline", lambda a: auto_cli(run_pipeline, args=a), argv)
     for stage, s in summary.items():
         brief = {k: v for k, v in s.items() if k not in ("rows",) and not isinstance(v, (list, dict))}
         print(f"{stage:7s}: {brief}")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agentrm.cli_errors import building, run_cli
 from agentrm.data.jobs import Job, plan_jobs
 from agentrm.data.resumable import run_resumable
 from agentrm.data.workers import Backend, make_pool
@@ -42,9 +43,13 @@ class TreeSettings:
     error_rate: float
     temperature: float
     seed: int
+    device: str | None = None
+    dtype: str | None = None
+    quantization: str | None = None
+    attn_implementation: str = "auto"
 
 
-_POLICY_CACHE: dict[str, Any] = {}
+_POLICY_CACHE: dict[tuple, Any] = {}
 
 
 def _make_policy(s: TreeSettings, seed: int) -> Policy:
@@ -55,9 +60,11 @@ def _make_policy(s: TreeSettings, seed: int) -> Policy:
         return EnvExpertPolicy(s.error_rate, seed=seed)
     from agentrm.policies.hf import HFPolicy, load_hf_policy
 
-    if s.policy not in _POLICY_CACHE:  # load the LM once per process, fresh sampler state per tree
-        _POLICY_CACHE[s.policy] = load_hf_policy(s.policy)
-    base = _POLICY_CACHE[s.policy]
+    key = (s.policy, s.device, s.dtype, s.quantization, s.attn_implementation)
+    if key not in _POLICY_CACHE:  # load the LM once per process, fresh sampler state per tree
+        _POLICY_CACHE[key] = load_hf_policy(s.policy, device=s.device, dtype=s.dtype, quantization=s.quantization,
+                                            attn_implementation=s.attn_implementation)
+    base = _POLICY_CACHE[key]
     return HFPolicy(
         base.model, base.tokenizer, temperature=s.temperature, seed=seed, max_new_tokens=base.max_new_tokens
     )
@@ -118,6 +125,10 @@ def build_trees(
     flat_out: str | None = None,
     min_visits: int = 1,
     progress: bool = True,
+    device: str | None = None,
+    dtype: str | None = None,
+    quantization: str | None = None,
+    attn_implementation: str = "auto",
 ) -> dict[str, Any]:
     """Build one MCTS tree per task instance into a resumable JSONL file (one tree a line).
 
@@ -135,6 +146,9 @@ def build_trees(
         flat_out: also write :func:`~agentrm.targets.mcts.flatten_tree` records of all trees to this JSONL.
         min_visits: with ``flat_out``, nodes visited fewer times are not targets.
         progress: show a progress bar.
+        device, dtype, quantization, attn_implementation: how an LM ``policy`` is loaded (default:
+            CUDA in bf16 when available, else CPU in fp32; ``nf4``/``int8`` need CUDA and bitsandbytes;
+            see :mod:`agentrm.models.placement`); checked before anything is built.
 
     Returns:
         ``trees``, ``nodes``, ``env_steps``, ``simulations``, ``seconds`` (this run) and
@@ -144,11 +158,20 @@ def build_trees(
     check_specs(specs)
     if simulations < 1 or k < 1 or max_depth < 1:
         raise ValueError("need simulations >= 1, k >= 1, max_depth >= 1")
+    load = dict(device=device, dtype=dtype, quantization=quantization, attn_implementation=attn_implementation)
     if policy not in ("expert", "scripted"):
+        from agentrm.models.placement import resolve_placement
         from agentrm.paths import resolve_path
 
-        policy = str(resolve_path(policy))
-    settings = TreeSettings(simulations, k, c, max_depth, policy, error_rate, temperature, seed)
+        with building():
+            resolve_placement(**load, what="trees")
+            try:
+                policy = str(resolve_path(policy))
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"trees.policy: {e}") from None
+    elif any(v is not None for k, v in load.items() if k != "attn_implementation"):
+        raise ValueError("device, dtype and quantization apply to an LM policy (a path), not policy='expert'")
+    settings = TreeSettings(simulations, k, c, max_depth, policy, error_rate, temperature, seed, **load)
     jobs = plan_jobs(specs, episodes)
     path = Path(out)
     t0 = time.perf_counter()
@@ -185,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """``python -m agentrm.trees --help``."""
     from jsonargparse import auto_cli
 
-    summary = auto_cli(build_trees, args=argv)
+    summary = run_cli("agentrm.trees", lambda a: auto_cli(build_trees, args=a), argv)
     print(", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
     return summary
 

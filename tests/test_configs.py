@@ -126,3 +126,18 @@ def test_search_and_pipeline_configs_parse(path, capsys):
         main(["--config", str(path), "--print_config"])
     assert e.value.code == 0
     assert "seed" in capsys.readouterr().out
+
+
+def test_single_gpu_nf4_search_example(capsys):
+    """The 8B nf4 search example keeps its loading fields through the search CLI's parser."""
+    import yaml
+
+    from agentrm.search import evaluate
+
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--config", str(CONFIGS / "search" / "llama3-8b_nf4.yaml"), "--print_config"])
+    assert e.value.code == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    (rm,) = cfg["scorers"]
+    assert (rm["kind"], rm["device"], rm["dtype"], rm["quantization"]) == ("value_rm", "cuda:0", "bfloat16", "nf4")
+    assert rm["path"].startswith("runs/llama3-8b/value_rm_lora") and cfg["policy"]["kind"] == "openai"

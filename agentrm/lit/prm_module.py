@@ -17,7 +17,7 @@ from agentrm.lit.trainable import ModelBuiltInConfigure, build_trainable_backbon
 from agentrm.models.implicit_prm import ImplicitPRM
 from agentrm.models.quant import check_quantization, validate_training_setup
 from agentrm.models.value_rm import aggregate_steps
-from agentrm.paths import load_tokenizer
+from agentrm.paths import check_model_reachable, load_tokenizer
 
 
 class ImplicitPRMModule(ModelBuiltInConfigure, L.LightningModule):
@@ -68,6 +68,8 @@ class ImplicitPRMModule(ModelBuiltInConfigure, L.LightningModule):
         self.save_hyperparameters()
         validate_training_setup(quantization, lora)  # early errors, before anything loads
         check_quantization(quantization)
+        if backbone is not None:
+            check_model_reachable(backbone, "backbone")
         self.tokenizer = load_tokenizer(tokenizer)
         self.val_auroc = AUROCOrNaN("val/auroc")
         self.val_step_auroc = AUROCOrNaN("val/step_auroc")

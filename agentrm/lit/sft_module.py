@@ -26,7 +26,7 @@ from torchmetrics import MeanMetric
 from agentrm.lit.optim import adamw_with_warmup_cosine
 from agentrm.lit.trainable import apply_lora
 from agentrm.models.backbone import build_backbone
-from agentrm.paths import load_tokenizer
+from agentrm.paths import check_model_reachable, load_tokenizer
 
 IGNORE = -100
 
@@ -93,6 +93,8 @@ class PolicySFTModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        if backbone is not None:
+            check_model_reachable(backbone, "backbone")  # before anything is fetched
         self.tokenizer = load_tokenizer(tokenizer)
         model = build_backbone(
             backbone,

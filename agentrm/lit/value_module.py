@@ -17,7 +17,7 @@ from agentrm.lit.optim import adamw_with_warmup_cosine
 from agentrm.lit.trainable import ModelBuiltInConfigure, build_trainable_backbone
 from agentrm.models.quant import check_quantization, validate_training_setup
 from agentrm.models.value_rm import ValueRewardModel
-from agentrm.paths import load_tokenizer
+from agentrm.paths import check_model_reachable, load_tokenizer
 
 
 class ValueRMModule(ModelBuiltInConfigure, L.LightningModule):
@@ -61,6 +61,8 @@ class ValueRMModule(ModelBuiltInConfigure, L.LightningModule):
         self.save_hyperparameters()
         validate_training_setup(quantization, lora)  # early errors, before anything loads
         check_quantization(quantization)
+        if backbone is not None:
+            check_model_reachable(backbone, "backbone")
         self.tokenizer = load_tokenizer(tokenizer)
         self.val_mse = MeanSquaredError()
         self.val_auroc = AUROCOrNaN("val/auroc")

@@ -23,15 +23,17 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def pick_attn_implementation(requested: str = "auto") -> str:
-    """``flash_attention_2`` when flash-attn is installed and CUDA is present, else ``sdpa``.
+def pick_attn_implementation(requested: str = "auto", device: str | torch.device | None = None) -> str:
+    """``flash_attention_2`` when flash-attn is installed and the model goes to CUDA, else ``sdpa``.
 
-    An explicit value (``"eager"``, ``"sdpa"``, ``"flash_attention_2"``) is returned as
-    is, after checking that flash-attn is importable when asked for.
+    ``device`` is where the model will run (``None``: CUDA when available); ``auto`` never picks
+    flash-attention for a CPU model on a GPU host. An explicit value (``"eager"``, ``"sdpa"``,
+    ``"flash_attention_2"``) is returned as is, after checking that flash-attn is importable when asked for.
     """
     has_fa = importlib.util.find_spec("flash_attn") is not None
     if requested == "auto":
-        return "flash_attention_2" if (has_fa and torch.cuda.is_available()) else "sdpa"
+        on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+        return "flash_attention_2" if (has_fa and on_cuda) else "sdpa"
     if requested == "flash_attention_2" and not has_fa:
         raise ImportError("attn_implementation='flash_attention_2' needs flash-attn: pip install 'agentrm[gpu]'")
     return requested
@@ -46,6 +48,7 @@ def build_backbone(
     dtype: str | torch.dtype | None = None,
     attn_implementation: str = "auto",
     quantization: str | None = None,
+    device: str | torch.device | None = None,
     **from_pretrained_kwargs: Any,
 ) -> PreTrainedModel:
     """Load ``name_or_path`` (hub id, local dir or known model name) or build a random model from ``config``.
@@ -61,6 +64,10 @@ def build_backbone(
         quantization: ``"nf4"`` (4-bit, double quant, bf16 compute) or ``"int8"`` through
             bitsandbytes, ``lm_head`` kept unquantised; checked before anything is loaded
             (:class:`agentrm.models.quant.QuantizationUnavailable` without CUDA/bitsandbytes).
+        device: where the model goes (``None``: left where it was built, CPU). A quantised load is
+            placed on that GPU by ``device_map`` (``None``: ``cuda:<LOCAL_RANK>``); any other is moved there.
+    A name or path is checked to be reachable (:func:`agentrm.paths.check_model_reachable`) before
+    anything is fetched.
     """
     if quantization is not None:
         from agentrm.models.quant import check_quantization
@@ -70,7 +77,7 @@ def build_backbone(
             raise ValueError("quantization needs a pretrained checkpoint: save the config-built model "
                              "(save_pretrained) and load it by path")
     auto = AutoModelForCausalLM if causal_lm else AutoModel
-    attn = pick_attn_implementation(attn_implementation)
+    attn = pick_attn_implementation(attn_implementation, device)
     torch_dtype = resolve_dtype(dtype)
     if config is not None:
         if name_or_path:
@@ -84,17 +91,23 @@ def build_backbone(
         hf_config = AutoConfig.for_model(model_type, **cfg)
         hf_config._attn_implementation = attn
         model = auto.from_config(hf_config, attn_implementation=attn)
-        return model.to(torch_dtype) if torch_dtype is not None else model
+        model = model.to(torch_dtype) if torch_dtype is not None else model
+        return model.to(device) if device is not None else model
     if not name_or_path:
         raise ValueError("a backbone name/path or a backbone_config is required")
+    from agentrm.paths import check_model_reachable
+
+    check_model_reachable(name_or_path)
     kwargs = dict(from_pretrained_kwargs)
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     if quantization is not None:
         from agentrm.models.quant import quantized_load_kwargs
 
-        kwargs = {**quantized_load_kwargs(quantization, torch_dtype), **kwargs}
+        kwargs = {**quantized_load_kwargs(quantization, torch_dtype, device), **kwargs}
     model = auto.from_pretrained(resolve_model(name_or_path), attn_implementation=attn, **kwargs)
     if name_or_path in KNOWN_MODELS:
         model.name_or_path = model.config._name_or_path = name_or_path
+    if device is not None and quantization is None and "device_map" not in kwargs:
+        model = model.to(device)
     return model

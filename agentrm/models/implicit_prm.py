@@ -167,7 +167,7 @@ class ImplicitPRM(nn.Module):
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype | None = None,
                         attn_implementation: str = "auto", quantization: str | None = None,
                         adapter: str | Path | None = None, base: str | None = None,
-                        **kwargs: Any) -> ImplicitPRM:
+                        device: str | torch.device | None = None, **kwargs: Any) -> ImplicitPRM:
         """Load a directory written by :meth:`save_pretrained` (a LoRA policy loads through peft).
 
         Args:
@@ -176,6 +176,7 @@ class ImplicitPRM(nn.Module):
             adapter: a peft adapter directory to put on a full (non-LoRA) policy; the
                 saved (separate) reference stays the reference.
             base: override the base recorded for a LoRA policy.
+            device: where policy and reference go (quantised ones by ``device_map``); ``None``: CPU.
         """
         d = Path(path)
         cfg_file = d / AGENTRM_CONFIG
@@ -185,7 +186,7 @@ class ImplicitPRM(nn.Module):
         if cfg.get("model_class") != "ImplicitPRM":
             raise ValueError(f"{cfg_file}: model_class is {cfg.get('model_class')!r}, expected 'ImplicitPRM'")
         load = dict(causal_lm=True, dtype=dtype, attn_implementation=attn_implementation,
-                    quantization=quantization, **kwargs)
+                    quantization=quantization, device=device, **kwargs)
         if (d / "policy" / "adapter_config.json").exists():
             base_path = base or resolve_adapter_base(d / "policy", cfg)
             policy = load_adapter(d / "policy", base_path, **load)

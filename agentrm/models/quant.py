@@ -45,7 +45,7 @@ def check_quantization(quantization: str | None) -> None:
     if not torch.cuda.is_available():
         raise QuantizationUnavailable(
             f"quantization={quantization!r} needs a CUDA GPU (bitsandbytes 4-bit/8-bit kernels); "
-            "none is visible. Drop the `quantization` option (e.g. use the *_lora.yaml config) "
+            "none is visible. Drop the `quantization` option (to train, use the *_lora.yaml config) "
             "or run on a GPU machine."
         )
     if importlib.util.find_spec("bitsandbytes") is None:
@@ -75,15 +75,23 @@ def bnb_config(quantization: str, compute_dtype: torch.dtype = torch.bfloat16) -
     raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
 
 
-def quantized_load_kwargs(quantization: str, compute_dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """``from_pretrained`` kwargs for a quantised load, on this process's GPU (``LOCAL_RANK``)."""
+def quantized_load_kwargs(
+    quantization: str, compute_dtype: torch.dtype | None = None, device: str | torch.device | None = None
+) -> dict[str, Any]:
+    """``from_pretrained`` kwargs for a quantised load on ``device`` (``None``: this process's GPU, ``LOCAL_RANK``)."""
     import os
 
     check_quantization(quantization)
-    device = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        index = int(os.environ.get("LOCAL_RANK", "0"))
+    else:
+        dev = torch.device(device)
+        if dev.type != "cuda":
+            raise ValueError(f"quantization={quantization!r} loads onto a CUDA device, got device={str(dev)!r}")
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
     return {
         "quantization_config": bnb_config(quantization, compute_dtype or torch.bfloat16),
-        "device_map": {"": device},
+        "device_map": {"": index},
     }
 
 

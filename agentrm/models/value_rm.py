@@ -106,7 +106,7 @@ class ValueRewardModel(nn.Module):
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype | None = None,
                         attn_implementation: str = "auto", quantization: str | None = None,
                         adapter: str | Path | None = None, base: str | None = None,
-                        **kwargs: Any) -> ValueRewardModel:
+                        device: str | torch.device | None = None, **kwargs: Any) -> ValueRewardModel:
         """Load a directory written by :meth:`save_pretrained`.
 
         Args:
@@ -115,6 +115,8 @@ class ValueRewardModel(nn.Module):
             adapter: a peft adapter directory to put on top of the loaded backbone; if it
                 holds a ``value_head.safetensors`` (an agentrm LoRA directory) that head is used.
             base: override the base model recorded for an adapter-only directory.
+            device: where the model goes (a quantised backbone is placed there by ``device_map``);
+                ``None`` leaves it on the CPU.  The value head follows the backbone.
         """
         d = Path(path)
         cfg_file = d / AGENTRM_CONFIG
@@ -123,7 +125,8 @@ class ValueRewardModel(nn.Module):
         cfg = json.loads(cfg_file.read_text())
         if cfg.get("model_class") != "ValueRewardModel":
             raise ValueError(f"{cfg_file}: model_class is {cfg.get('model_class')!r}, expected 'ValueRewardModel'")
-        load = dict(dtype=dtype, attn_implementation=attn_implementation, quantization=quantization, **kwargs)
+        load = dict(dtype=dtype, attn_implementation=attn_implementation, quantization=quantization,
+                    device=device, **kwargs)
         if (d / "adapter_config.json").exists():
             backbone = load_adapter(d, base or resolve_adapter_base(d, cfg), causal_lm=False, **load)
         else:
@@ -135,8 +138,7 @@ class ValueRewardModel(nn.Module):
                 head_file = Path(adapter) / VALUE_HEAD_FILE
         model = cls(backbone, value_activation=cfg.get("value_activation", "none"))
         model.value_head.load_state_dict(load_file(str(head_file)))
-        if quantization is not None:
-            model.value_head.to(next(backbone.parameters()).device)
+        model.value_head.to(next(backbone.parameters()).device)
         return model
 
 

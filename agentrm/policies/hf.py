@@ -121,14 +121,29 @@ class HFPolicy:
 
 
 def load_hf_policy(
-    path: str | Path, temperature: float = 1.0, seed: int = 0, max_new_tokens: int = 16, **kw: Any
+    path: str | Path,
+    temperature: float = 1.0,
+    seed: int = 0,
+    max_new_tokens: int = 16,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    quantization: str | None = None,
+    attn_implementation: str = "auto",
+    **kw: Any,
 ) -> HFPolicy:
-    """An :class:`HFPolicy` on an exported causal-LM directory (e.g. the SFT policy of ``python -m agentrm.fit``)."""
+    """An :class:`HFPolicy` on an exported causal-LM directory (e.g. the SFT policy of ``python -m agentrm.fit``).
+
+    ``device``, ``dtype``, ``quantization`` and ``attn_implementation`` are checked before anything
+    is loaded (:func:`agentrm.models.placement.resolve_placement`: CUDA in bf16 when available, else
+    CPU in fp32; ``nf4``/``int8`` need CUDA and bitsandbytes).
+    """
     from agentrm.models.backbone import build_backbone
+    from agentrm.models.placement import resolve_placement
     from agentrm.paths import load_tokenizer, resolve_path
 
+    placement = resolve_placement(device, dtype, quantization, attn_implementation, "policy")
     d = resolve_path(path)
-    model = build_backbone(str(d), causal_lm=True)
+    model = build_backbone(str(d), causal_lm=True, **placement.load_kwargs())
     return HFPolicy(
         model, load_tokenizer(str(d)), temperature=temperature, seed=seed, max_new_tokens=max_new_tokens, **kw
     )

@@ -10,7 +10,7 @@ See :func:`agentrm.search.evaluate.evaluate` for all options (``--help``).
 
 from __future__ import annotations
 
-from agentrm.search.evaluate import main
+from agentrm.search.evaluate import cli
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -37,6 +37,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from agentrm.cli_errors import building, run_cli
 from agentrm.data.jobs import Job
 from agentrm.envs.base import Env, close_quietly
 from agentrm.envs.registry import EnvSpec, check_disjoint, make_env, parse_specs
@@ -48,7 +49,14 @@ from agentrm.search.greedy import greedy as run_greedy
 from agentrm.search.greedy import sample_trajectories
 from agentrm.search.report import plot_scaling, print_table, summarize, to_markdown, write_csv
 from agentrm.search.runner import EpisodeLog, SharedScorer, run_jobs
-from agentrm.search.specs import PolicySpec, ScorerSpec, build_scorer, policy_factory
+from agentrm.search.specs import (
+    PolicySpec,
+    ScorerSpec,
+    build_scorer,
+    check_policy_spec,
+    check_scorer_spec,
+    policy_factory,
+)
 
 
 def instance_keys(env: Env, spec: EnvSpec, episodes: int, seed: int) -> set[str]:
@@ -309,12 +317,20 @@ def _evaluate(
     names = [s.label for s in scorers]
     if len(set(names)) != len(names):
         raise ValueError(f"scorer labels must be unique, got {names}; set 'name'")
+    with building():  # every model is checked (placement, reachable) before anything is built or loaded
+        check_policy_spec(policy)
+        for i, s in enumerate(scorers):
+            check_scorer_spec(s, f"scorers[{i}]")
     envs: dict[str, Env] = {str(s): make_env(s) for specs in sets.values() for s in specs}
     check_disjoint_instances(
         envs, [s for specs in sets.values() for s in specs], episodes, seed, train_specs, train_seed, train_episodes
     )
-    built = {s.label: build_scorer(s, seed) for s in scorers}
-    make_lm_policy = policy_factory(policy)
+    built = {}
+    for i, s in enumerate(scorers):
+        with building(f"scorers[{i}] ({s.label})"):
+            built[s.label] = build_scorer(s, seed)
+    with building(f"policy ({policy.kind})"):
+        make_lm_policy = policy_factory(policy)
     made: list[Any] = []
 
     def make_policy(policy_seed: int, greedy_: bool):
@@ -399,3 +415,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     from jsonargparse import auto_cli
 
     return auto_cli(evaluate, args=argv)
+
+
+def cli(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """``python -m agentrm.search``: :func:`main`, with a config that cannot be built reported in one line (exit 2)."""
+    return run_cli("agentrm.search", main, argv)

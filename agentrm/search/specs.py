@@ -1,14 +1,25 @@
-"""Config dataclasses for the evaluation harness and the factories that build policies and scorers from them."""
+"""Config dataclasses for the evaluation harness and the factories that build policies and scorers from them.
+
+Every local model (value RM, implicit PRM, local judge, ``hf`` policy) takes ``device``, ``dtype``,
+``quantization`` and ``attn_implementation`` (:func:`agentrm.models.placement.resolve_placement`:
+CUDA and bf16 when available, else CPU and fp32). :func:`check_policy_spec` and
+:func:`check_scorer_spec` check them, and that the model is there, before anything is loaded.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
-from agentrm.paths import load_tokenizer, resolve_path
+from agentrm.models.placement import Placement, resolve_placement
+from agentrm.paths import check_model_reachable, load_tokenizer, resolve_path
 from agentrm.policies.base import Policy
 from agentrm.scoring import Scorer
+
+LOAD_FIELDS = ("device", "dtype", "quantization")
 
 
 @dataclass
@@ -28,6 +39,9 @@ class PolicySpec:
         max_resample: LM policies: redraws of a reply without a valid action when sampling.
         base_url: ``openai``: the server's base URL, or a list of replicas serving the same model.
         max_concurrency: ``openai``: requests in flight at once per policy (beams, samples).
+        device, dtype, quantization, attn_implementation: ``hf``: where and how the LM is loaded
+            (default: CUDA in bf16 when available, else CPU in fp32; ``quantization`` ``nf4``/``int8``
+            needs CUDA and bitsandbytes); see :mod:`agentrm.models.placement`.
     """
 
     kind: Literal["expert", "scripted", "random", "hf", "openai"] = "expert"
@@ -41,6 +55,10 @@ class PolicySpec:
     prompt: Literal["plain", "react"] = "plain"
     max_resample: int = 2
     max_concurrency: int = 4
+    device: str | None = None
+    dtype: str | None = None
+    quantization: str | None = None
+    attn_implementation: str = "auto"
 
 
 @dataclass
@@ -61,6 +79,12 @@ class ScorerSpec:
         judge_mode, judge_samples, judge_temperature: see :class:`agentrm.judge.JudgeScorer`.
         oracle_rollouts, oracle_error_rate: rollouts per candidate and the error rate of the rollout
             policy (the environment's expert).
+        base: value RM / implicit PRM saved as a LoRA adapter: load the adapter on this base model
+            (a local copy of the recorded base, say) instead of the one recorded in the directory.
+        device, dtype, quantization, attn_implementation: value RM, implicit PRM and local judge:
+            where and how the model is loaded (default: CUDA in bf16 when available, else CPU in fp32;
+            ``quantization`` ``nf4``/``int8`` needs CUDA and bitsandbytes; the value head and the
+            LM head stay unquantised); see :mod:`agentrm.models.placement`.
     """
 
     kind: Literal["value_rm", "implicit_prm", "judge", "oracle"] = "value_rm"
@@ -77,14 +101,98 @@ class ScorerSpec:
     judge_model: str | None = None
     oracle_rollouts: int = 1
     oracle_error_rate: float = 0.0
+    base: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    quantization: str | None = None
+    attn_implementation: str = "auto"
 
     @property
     def label(self) -> str:
         return self.name or self.kind
 
 
+def _placement(spec: PolicySpec | ScorerSpec, what: str, local: bool) -> Placement | None:
+    """The checked placement of a local model; ``None`` (after refusing loading options) for other kinds."""
+    if local:
+        return resolve_placement(spec.device, spec.dtype, spec.quantization, spec.attn_implementation, what)
+    given = [f for f in LOAD_FIELDS if getattr(spec, f) is not None]
+    if given or spec.attn_implementation != "auto":
+        names = ", ".join(given or ["attn_implementation"])
+        raise ValueError(f"{what}: {names} applies to a locally loaded model; kind {spec.kind!r} loads none")
+    return None
+
+
+def check_policy_spec(spec: PolicySpec, what: str = "policy") -> Placement | None:
+    """Check ``spec`` without loading anything: fields, the local model's placement and reachability.
+
+    Returns:
+        The placement of an ``hf`` policy's LM (``None`` for other kinds).
+    """
+    if spec.kind not in ("expert", "scripted", "random", "hf", "openai"):
+        raise ValueError(f"{what}.kind: unknown policy kind {spec.kind!r}")
+    placement = _placement(spec, what, spec.kind == "hf")
+    if spec.kind in ("expert", "scripted", "random"):
+        return placement
+    if not spec.model:
+        raise ValueError(f"{what}: policy kind {spec.kind!r} needs 'model'")
+    if spec.prompt not in ("plain", "react"):
+        raise ValueError(f"{what}.prompt must be 'plain' or 'react', got {spec.prompt!r}")
+    if spec.kind == "openai" and not spec.base_url:
+        raise ValueError(f"{what}: policy kind 'openai' needs 'base_url'")
+    if spec.kind == "hf":
+        check_model_reachable(spec.model, f"{what}.model")
+    return placement
+
+
+def _reward_model_dir(spec: ScorerSpec, what: str) -> Path:
+    """The RM directory of ``spec``, checked: its ``agentrm_config.json`` and, for an adapter, its base."""
+    if not spec.path:
+        raise ValueError(f"{what}: scorer kind {spec.kind!r} needs 'path' (an exported HF directory)")
+    try:
+        d = resolve_path(spec.path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{what}.path: {e}") from None
+    cfg_file = d / "agentrm_config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{what}.path {str(d)!r} is not an exported agentrm reward model: "
+                                "agentrm_config.json missing")
+    cfg = json.loads(cfg_file.read_text())
+    want = "ValueRewardModel" if spec.kind == "value_rm" else "ImplicitPRM"
+    if cfg.get("model_class") != want:
+        raise ValueError(f"{what}: {cfg_file} holds a {cfg.get('model_class')!r}, kind {spec.kind!r} needs a {want!r}")
+    adapter_dir = d if spec.kind == "value_rm" else d / "policy"
+    if (adapter_dir / "adapter_config.json").exists():
+        from agentrm.models.adapters import resolve_adapter_base
+
+        base = spec.base or resolve_adapter_base(adapter_dir, cfg)
+        check_model_reachable(base, f"{what}.base" if spec.base else f"{what}: the LoRA base model")
+    return d
+
+
+def check_scorer_spec(spec: ScorerSpec, what: str = "scorer") -> Placement | None:
+    """Check ``spec`` without loading anything: fields, the model's placement and that it is there.
+
+    Returns:
+        The placement of a local model (value RM, implicit PRM, local judge), else ``None``.
+    """
+    if spec.kind not in ("value_rm", "implicit_prm", "judge", "oracle"):
+        raise ValueError(f"{what}.kind: unknown scorer kind {spec.kind!r}")
+    local = spec.kind in ("value_rm", "implicit_prm") or (spec.kind == "judge" and not spec.judge_base_url)
+    placement = _placement(spec, what, local)
+    if spec.kind in ("value_rm", "implicit_prm"):
+        _reward_model_dir(spec, what)
+    elif spec.kind == "judge":
+        if not spec.judge_base_url and not spec.judge_model:
+            raise ValueError(f"{what}: scorer kind 'judge' needs 'judge_base_url' or a local 'judge_model'")
+        if local:
+            check_model_reachable(spec.judge_model, f"{what}.judge_model")
+    return placement
+
+
 def policy_factory(spec: PolicySpec) -> Callable[[int, bool], Policy]:
     """``make(seed, greedy) -> Policy``; an LM is loaded once and shared by the policies it makes."""
+    placement = check_policy_spec(spec)
     if spec.kind in ("expert", "scripted"):
         from agentrm.policies.expert import EnvExpertPolicy
 
@@ -93,10 +201,6 @@ def policy_factory(spec: PolicySpec) -> Callable[[int, bool], Policy]:
         from agentrm.policies.random_policy import RandomPolicy
 
         return lambda seed, greedy: RandomPolicy(seed=seed)
-    if not spec.model:
-        raise ValueError(f"policy kind {spec.kind!r} needs 'model'")
-    if spec.prompt not in ("plain", "react"):
-        raise ValueError(f"policy.prompt must be 'plain' or 'react', got {spec.prompt!r}")
     from agentrm.policies.prompt import AgentPrompt
 
     prompt = AgentPrompt() if spec.prompt == "react" else None
@@ -104,7 +208,8 @@ def policy_factory(spec: PolicySpec) -> Callable[[int, bool], Policy]:
         from agentrm.models.backbone import build_backbone
         from agentrm.policies.hf import HFPolicy
 
-        model = build_backbone(str(resolve_path(spec.model, must_exist=False)), causal_lm=True)
+        model = build_backbone(str(resolve_path(spec.model, must_exist=False)), causal_lm=True,
+                               **placement.load_kwargs())
         tok = load_tokenizer(spec.model)
         return lambda seed, greedy: HFPolicy(
             model,
@@ -119,8 +224,6 @@ def policy_factory(spec: PolicySpec) -> Callable[[int, bool], Policy]:
     if spec.kind == "openai":
         from agentrm.policies.openai_compat import OpenAIChatPolicy
 
-        if not spec.base_url:
-            raise ValueError("policy kind 'openai' needs 'base_url'")
         return lambda seed, greedy: OpenAIChatPolicy(
             spec.base_url,
             spec.model,
@@ -137,18 +240,18 @@ def policy_factory(spec: PolicySpec) -> Callable[[int, bool], Policy]:
 
 
 def build_scorer(spec: ScorerSpec, seed: int = 0) -> Scorer:
-    """Load the model (if any) and build the scorer ``spec`` describes."""
+    """Check ``spec`` (:func:`check_scorer_spec`), then load the model (if any) and build the scorer it describes."""
+    placement = check_scorer_spec(spec, f"scorer {spec.label!r}")
     if spec.kind in ("value_rm", "implicit_prm"):
-        if not spec.path:
-            raise ValueError(f"scorer kind {spec.kind!r} needs 'path' (an exported HF directory)")
         path = resolve_path(spec.path)
+        load = {**placement.load_kwargs(), "base": spec.base}
         tok = load_tokenizer(str(path))
         if spec.kind == "value_rm":
             from agentrm.models.value_rm import ValueRewardModel
             from agentrm.scoring import ValueRMScorer
 
             return ValueRMScorer(
-                ValueRewardModel.from_pretrained(path),
+                ValueRewardModel.from_pretrained(path, **load),
                 tok,
                 max_length=spec.max_length,
                 batch_size=spec.batch_size,
@@ -159,7 +262,7 @@ def build_scorer(spec: ScorerSpec, seed: int = 0) -> Scorer:
         from agentrm.scoring import ImplicitPRMScorer
 
         return ImplicitPRMScorer(
-            ImplicitPRM.from_pretrained(path),
+            ImplicitPRM.from_pretrained(path, **load),
             tok,
             aggregate=spec.aggregate or "min",
             max_length=spec.max_length,
@@ -178,10 +281,9 @@ def build_scorer(spec: ScorerSpec, seed: int = 0) -> Scorer:
             from agentrm.models.backbone import build_backbone
             from agentrm.policies.hf import HFPolicy
 
-            model = build_backbone(str(resolve_path(spec.judge_model, must_exist=False)), causal_lm=True)
+            model = build_backbone(str(resolve_path(spec.judge_model, must_exist=False)), causal_lm=True,
+                                   **placement.load_kwargs())
             client = HFPolicy(model, load_tokenizer(spec.judge_model), max_new_tokens=256, seed=seed)
-        else:
-            raise ValueError("scorer kind 'judge' needs 'judge_base_url' or a local 'judge_model'")
         return JudgeScorer(client, spec.judge_mode, spec.judge_samples, spec.judge_temperature)
     if spec.kind == "oracle":
         from agentrm.policies.expert import EnvExpertPolicy
