@@ -10,7 +10,9 @@ order while later jobs run, so a resumable writer can flush each result as it ar
 and a killed run keeps what it wrote.
 
 * ``local``: a :class:`concurrent.futures.ProcessPoolExecutor` with the ``spawn`` start
-  method and at most ``2 * workers`` jobs in flight.
+  method and at most ``8 * workers`` jobs in flight (results are written in job order, so a
+  wide window keeps the workers busy behind a slow job; a killed run recomputes what was
+  finished but not yet written).
 * ``ray``: Ray tasks (``pip install 'agentrm[ray]'``) on an existing cluster
   (``address="auto"``) or a local one started here; the user who outgrows one machine
   points ``address`` at a cluster and changes nothing else.
@@ -61,12 +63,13 @@ def _die_with_parent() -> None:
 
 
 class LocalProcessPool:
-    """``workers`` spawned processes; up to ``2 * workers`` jobs in flight, results in order."""
+    """``workers`` spawned processes; up to ``8 * workers`` jobs in flight, results in order."""
 
     def __init__(self, workers: int, start_method: str = "spawn"):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.workers = workers
+        self.window = 8 * workers
         self.start_method = start_method
 
     def imap(self, fn: Callable[[J], Any], jobs: Sequence[J]) -> Iterator[Any]:
@@ -77,7 +80,7 @@ class LocalProcessPool:
             try:
                 for job in it:
                     pending.append(pool.submit(fn, job))
-                    if len(pending) >= 2 * self.workers:
+                    if len(pending) >= self.window:
                         yield pending.popleft().result()
                 while pending:
                     yield pending.popleft().result()
@@ -87,7 +90,7 @@ class LocalProcessPool:
 
 
 class RayPool:
-    """Ray tasks, ``workers`` in flight, results in job order.
+    """Ray tasks, up to ``8 * workers`` in flight, results in job order.
 
     Args:
         workers: tasks in flight (each task takes one CPU).
@@ -101,6 +104,7 @@ class RayPool:
             raise ImportError("the ray worker backend needs Ray: pip install 'agentrm[ray]'") from e
         self.ray = ray
         self.workers = workers
+        self.window = 8 * workers
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"address": address, "include_dashboard": False, "log_to_driver": False}
             if address is None:
@@ -112,7 +116,7 @@ class RayPool:
         pending: deque = deque()
         for job in jobs:
             pending.append(remote.remote(fn, job))
-            if len(pending) >= 2 * self.workers:
+            if len(pending) >= self.window:
                 yield self.ray.get(pending.popleft())
         while pending:
             yield self.ray.get(pending.popleft())
