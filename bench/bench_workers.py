@@ -7,7 +7,7 @@ started inside every worker, and that start-up is part of the measured time).  E
 from the trees' own counters, so both runs do identical work (checked: the files must be
 byte-identical).  A table goes to stdout and rows are appended to ``bench/results/workers.csv``.
 
-    python bench/bench_workers.py                                  # ScienceWorld, 8 trees
+    python bench/bench_workers.py                                  # ScienceWorld, 32 trees
     python bench/bench_workers.py --envs babyai:GoToLocal?max_steps=24 --trees 16
     python bench/bench_workers.py --backend ray                    # the same through Ray
 """
@@ -55,7 +55,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--envs", nargs="+", default=["sciworld:find-living-thing?max_steps=30",
                                                  "sciworld:find-plant?max_steps=30"])
-    p.add_argument("--trees", type=int, default=8)
+    p.add_argument("--trees", type=int, default=32)
     p.add_argument("--simulations", type=int, default=8)
     p.add_argument("--k", type=int, default=2)
     p.add_argument("--max_depth", type=int, default=30)
