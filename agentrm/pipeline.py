@@ -143,7 +143,7 @@ def run_pipeline(
     Returns:
         Each stage's summary (also in ``<run_dir>/<stage>/DONE`` and ``<run_dir>/summary.json``).
     """
-    from agentrm.envs.registry import parse_specs
+    from agentrm.envs.registry import parse_spec, parse_specs
 
     specs = [str(s) for s in parse_specs(envs)]
     if not specs:
@@ -217,7 +217,10 @@ def run_pipeline(
 
         rows = evaluate(
             out_dir=str(d["eval"]),
-            held_in=specs,
+            # the training task types on their evaluation instances: the test split where a family has
+            # official splits (ScienceWorld variations, TextWorld games), other seeds for BabyAI
+            held_in=[str(parse_spec(sp).with_split("test")) for sp in specs],
+            train_envs=specs,
             held_out=ev.held_out,
             episodes=ev.episodes,
             seed=ev.seed,
