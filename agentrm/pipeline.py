@@ -17,12 +17,13 @@ before any stage runs; a model a stage cannot build ends the command with one li
 
 from __future__ import annotations
 
+import csv
 import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from tqdm import tqdm
@@ -50,14 +51,34 @@ class FitStage:
 
 
 @dataclass
+class PolicyChoice:
+    """The policy whose trees train the RM and which the RM then guides.
+
+    ``sft``: the LM behaviour-cloned in the ``sft`` stage (the paper's pipeline); ``expert``: each
+    environment's scripted expert acting with ``error_rate`` (no ``expert``/``sft`` stages; the fast
+    laptop-scale path).
+    """
+
+    kind: Literal["sft", "expert"] = "sft"
+    error_rate: float = 0.6
+
+
+@dataclass
 class TreeStage:
-    """MCTS budget per tree (see :func:`agentrm.targets.mcts.build_trees`)."""
+    """MCTS budget per tree (see :func:`agentrm.trees.build_trees`).
+
+    ``commit``: search while acting (``simulations`` per committed step, so the targets cover whole
+    episodes); ``min_visits``: states visited fewer times are not targets (the stage reports how many
+    visited states were kept).
+    """
 
     episodes: int = 20
     simulations: int = 30
     k: int = 3
     c: float = 1.0
     max_depth: int = 24
+    commit: bool = True
+    min_visits: int = 2
     temperature: float = 1.0
     workers: int = 1
 
@@ -67,10 +88,10 @@ class EvalStage:
     """Search evaluation (see :func:`agentrm.search.evaluate.evaluate`); ``enabled: false`` skips it."""
 
     enabled: bool = True
-    episodes: int = 5
+    episodes: int = 25
     seed: int = 1000
     held_out: list[str] = field(default_factory=list)
-    best_of_n: list[int] = field(default_factory=lambda: [1, 4])
+    best_of_n: list[int] = field(default_factory=lambda: [1, 5])
     beam: list[list[int]] = field(default_factory=list)
     temperature: float = 1.0
     max_new_tokens: int = 8
@@ -119,6 +140,7 @@ def run_pipeline(
     run_dir: str = "runs/pipeline_tiny",
     envs: list[str] | None = None,
     seed: int = 0,
+    policy: PolicyChoice | None = None,
     expert: ExpertStage | None = None,
     sft: FitStage | None = None,
     trees: TreeStage | None = None,
@@ -135,6 +157,7 @@ def run_pipeline(
         envs: training env specs (held-in task types), e.g. ``babyai:GoToLocal?max_steps=24``;
             required (the shipped tiny config lists four BabyAI levels).
         seed: base seed of the expert episodes and the trees (evaluation uses ``eval.seed``).
+        policy: the SFT LM (``sft``, default) or the environments' scripted expert with an error rate.
         expert, sft, trees, rm, eval: stage settings.
         force: stages to redo even if finished.
         num_threads: torch CPU threads for the whole run (1 is much faster on a busy machine).
@@ -148,6 +171,7 @@ def run_pipeline(
     specs = [str(s) for s in parse_specs(envs)]
     if not specs:
         raise ValueError("pipeline: give the training env specs with --envs (e.g. '[babyai:GoToLocal?max_steps=24]')")
+    policy = policy or PolicyChoice()
     expert = expert or ExpertStage()
     sft = sft or FitStage("configs/tiny/policy_sft.yaml")
     trees = trees or TreeStage()
@@ -171,7 +195,11 @@ def run_pipeline(
     root.mkdir(parents=True, exist_ok=True)
     d = {s: root / s for s in STAGES}
 
+    scripted = policy.kind == "expert"
+
     def do_expert() -> dict[str, Any]:
+        if scripted:
+            return {"skipped": "policy.kind is expert: no demonstrations needed"}
         if expert.path:
             return {"path": str(resolve_path(expert.path))}
         from agentrm.collect import collect
@@ -200,11 +228,14 @@ def run_pipeline(
             k=trees.k,
             c=trees.c,
             max_depth=trees.max_depth,
-            policy=summary["sft"]["hf_model"],
+            commit=trees.commit,
+            policy="expert" if scripted else summary["sft"]["hf_model"],
+            error_rate=policy.error_rate,
             temperature=trees.temperature,
             seed=seed,
             workers=trees.workers,
             flat_out=str(d["trees"] / "targets.jsonl"),
+            min_visits=trees.min_visits,
             progress=progress,
         )
         return {"targets": str(d["trees"] / "targets.jsonl"), **s}
@@ -225,7 +256,9 @@ def run_pipeline(
             episodes=ev.episodes,
             seed=ev.seed,
             train_seed=seed,
-            policy=PolicySpec(
+            policy=PolicySpec(kind="expert", error_rate=policy.error_rate)
+            if scripted
+            else PolicySpec(
                 kind="hf",
                 model=summary["sft"]["hf_model"],
                 temperature=ev.temperature,
@@ -239,11 +272,19 @@ def run_pipeline(
             show=progress,
         )
         keep = ("env_set", "method", "scorer", "n", "success_rate", "avg_reward")
-        return {"out_dir": str(d["eval"]), "rows": [{k: r.get(k) for k in keep} for r in rows]}
+        comp_path = d["eval"] / "comparisons.csv"  # written by evaluate: Best-of-N vs greedy / Best-of-1, with CIs
+        comparisons = list(csv.DictReader(comp_path.open())) if comp_path.exists() else []
+        return {
+            "out_dir": str(d["eval"]),
+            "rows": [{k: r.get(k) for k in keep} for r in rows],
+            "comparisons": comparisons,
+        }
 
     actions: dict[str, Callable[[], dict[str, Any]]] = {
         "expert": do_expert,
-        "sft": lambda: _fit(sft, d["sft"], Path(summary["expert"]["path"])),
+        "sft": lambda: {"skipped": "policy.kind is expert"}
+        if scripted
+        else _fit(sft, d["sft"], Path(summary["expert"]["path"])),
         "trees": do_trees,
         "rm": lambda: _fit(rm, d["rm"], Path(summary["trees"]["targets"])),
         "eval": do_eval,
@@ -273,6 +314,7 @@ def run_pipeline(
             {
                 "envs": specs,
                 "seed": seed,
+                "policy": asdict(policy),
                 "expert": asdict(expert),
                 "sft": asdict(sft),
                 "trees": asdict(trees),
@@ -297,6 +339,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         print(
             f"  {r['env_set']:8s} {r['method']:10s} {r['scorer'] or '':9s} n={r['n'] or '':<3} "
             f"success {r['success_rate']:.3f}"
+        )
+    for c in summary.get("eval", {}).get("comparisons", []):
+        print(
+            f"  {c['env_set']:8s} {c['method']} - {c['baseline']}: {float(c['difference']):+.3f} "
+            f"[95% CI {float(c['ci_low']):+.3f}, {float(c['ci_high']):+.3f}] over {c['episodes']} episodes"
         )
     return summary
 

@@ -47,6 +47,7 @@ class TreeSettings:
     dtype: str | None = None
     quantization: str | None = None
     attn_implementation: str = "auto"
+    commit: bool = False
 
 
 _POLICY_CACHE: dict[tuple, Any] = {}
@@ -74,7 +75,7 @@ def run_tree_job(job: Job, settings: TreeSettings) -> list[str]:
     """Build one tree; return it as a JSON line."""
     env = env_for(job.spec)
     env_seed, policy_seed, search_seed = job.seeds(settings.seed)
-    cfg = MCTSConfig(settings.simulations, settings.k, settings.c, settings.max_depth)
+    cfg = MCTSConfig(settings.simulations, settings.k, settings.c, settings.max_depth, commit=settings.commit)
     search = MCTS(_make_policy(settings, policy_seed), cfg, seed=search_seed)
     meta = {"env": str(job.spec), "env_seed": env_seed, "instance": env.instance_key(env_seed), **_settings_meta(settings)}
     tree = search.search(env, env_seed, tree_id=job.episode_id(settings.seed), task=job.spec.name, meta=meta)
@@ -90,6 +91,7 @@ def _settings_meta(s: TreeSettings) -> dict[str, Any]:
         "policy": s.policy,
         "error_rate": s.error_rate,
         "temperature": s.temperature,
+        **({"commit": True} if s.commit else {}),  # absent when off: files written before it existed still resume
     }
 
 
@@ -113,6 +115,7 @@ def build_trees(
     k: int = 3,
     c: float = 1.0,
     max_depth: int = 24,
+    commit: bool = False,
     policy: str = "expert",
     error_rate: float = 0.3,
     temperature: float = 1.0,
@@ -136,7 +139,8 @@ def build_trees(
         out: output JSONL of trees.
         envs: env specs (default ``[babyai:GoToRedBall?max_steps=24]``).
         episodes: trees per spec.
-        simulations, k, c, max_depth: see :class:`~agentrm.targets.mcts.MCTSConfig`.
+        simulations, k, c, max_depth, commit: see :class:`~agentrm.targets.mcts.MCTSConfig`
+            (``commit``: search while acting, ``simulations`` per committed step).
         policy: ``expert`` (each environment's expert with ``error_rate``) or the path of an
             exported SFT policy (HF causal LM dir, sampled with ``temperature``).
         seed: base seed.
@@ -152,7 +156,8 @@ def build_trees(
 
     Returns:
         ``trees``, ``nodes``, ``env_steps``, ``simulations``, ``seconds`` (this run) and
-        ``records`` (when ``flat_out`` is given).
+        with ``flat_out``: ``records``, ``states_visited`` (non-root nodes with a visit) and
+        ``states_kept`` (the labelled states left after the ``min_visits`` filter).
     """
     specs = parse_specs(envs or ["babyai:GoToRedBall?max_steps=24"])
     check_specs(specs)
@@ -171,7 +176,7 @@ def build_trees(
                 raise FileNotFoundError(f"trees.policy: {e}") from None
     elif any(v is not None for k, v in load.items() if k != "attn_implementation"):
         raise ValueError("device, dtype and quantization apply to an LM policy (a path), not policy='expert'")
-    settings = TreeSettings(simulations, k, c, max_depth, policy, error_rate, temperature, seed, **load)
+    settings = TreeSettings(simulations, k, c, max_depth, policy, error_rate, temperature, seed, **load, commit=commit)
     jobs = plan_jobs(specs, episodes)
     path = Path(out)
     t0 = time.perf_counter()
@@ -198,9 +203,11 @@ def build_trees(
     if flat_out:
         from agentrm.data.schema import write_jsonl
 
-        summary["records"] = write_jsonl(
-            flat_out, (r for t in trees for r in flatten_tree(t, min_visits=min_visits))
-        )
+        records = [r for t in trees for r in flatten_tree(t, min_visits=min_visits)]
+        summary["records"] = write_jsonl(flat_out, records)
+        # the low-visit filter: visited states (non-root nodes) and those kept as targets
+        summary["states_visited"] = sum(1 for t in trees for nd in t.nodes[1:] if nd.n >= 1)
+        summary["states_kept"] = sum(1 for r in records for s in r.steps if s.value is not None)
     return summary
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 import agentrm.pipeline as pipeline
-from agentrm.pipeline import EvalStage, ExpertStage, FitStage, TreeStage, run_pipeline
+from agentrm.pipeline import EvalStage, ExpertStage, FitStage, PolicyChoice, TreeStage, run_pipeline
 from tests.lit.conftest import TINY_BACKBONE
 
 FIT = {
@@ -24,7 +24,7 @@ def _run(tmp_path, **kw):
         seed=0,
         expert=ExpertStage(episodes=3),
         sft=FitStage("configs/tiny/policy_sft.yaml", FIT),
-        trees=TreeStage(episodes=1, simulations=3, k=2, max_depth=8),
+        trees=kw.pop("trees", None) or TreeStage(episodes=1, simulations=3, k=2, max_depth=8, commit=False, min_visits=1),
         rm=FitStage("configs/tiny/value_rm.yaml", FIT),
         eval=EvalStage(episodes=1, best_of_n=[2], max_new_tokens=4),
         num_threads=1,
@@ -68,3 +68,24 @@ def test_pipeline_runs_all_stages_then_skips_them(tmp_path, monkeypatch):
     assert calls == ["rm", "eval"] and forced["trees"]["skipped"] and not forced["rm"].get("skipped")
     with pytest.raises(ValueError, match="unknown stage"):
         _run(tmp_path, force=["nope"])
+
+
+def test_pipeline_with_the_scripted_policy_skips_sft_and_reports_paired_differences(tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("no demonstrations are needed for the scripted policy")
+
+    monkeypatch.setattr("agentrm.collect.collect", boom)
+    s = _run(
+        tmp_path,
+        policy=PolicyChoice(kind="expert", error_rate=0.5),
+        trees=TreeStage(episodes=2, simulations=3, k=2, max_depth=8, commit=True, min_visits=2),
+    )
+    assert "skipped" in s["expert"] and "skipped" in s["sft"]
+    assert not (tmp_path / "run" / "sft" / "hf_model").exists()
+    t = s["trees"]
+    assert t["trees"] == 4 and t["simulations"] > 4 * 3  # a budget per committed step
+    assert 0 < t["states_kept"] < t["states_visited"]
+    comps = {(c["env_set"], c["method"], c["baseline"]) for c in s["eval"]["comparisons"]}
+    assert ("held_in", "best_of_n[value_rm]@2", "greedy") in comps
+    assert ("held_in", "best_of_n[value_rm]@2", "best_of_n[value_rm]@1") not in comps  # no N=1 run
+    assert (tmp_path / "run" / "eval" / "comparisons.md").exists()

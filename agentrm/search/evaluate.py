@@ -17,7 +17,9 @@ the first N samples succeeds) and ``sampling`` (mean success of the samples: the
 expected success of one sample) come from the same pool without a scorer.
 
 Outputs in ``out_dir``: ``episodes.jsonl`` (one row per episode and method),
-``summary.csv``, ``summary.md``, ``scaling.png`` and ``config.json``.
+``summary.csv``, ``summary.md``, ``scaling.png``, ``config.json`` and ``comparisons.csv``/``.md``:
+every Best-of-N and beam method against greedy and against Best-of-1, as the mean per-episode
+difference in success with a paired bootstrap 95% interval (:mod:`agentrm.search.compare`).
 
 Serving scale and resumption (:mod:`agentrm.search.runner`): ``concurrency`` episodes run at
 once on threads (each with its own environments; scorers shared under a lock; a served policy sees
@@ -44,6 +46,7 @@ from agentrm.envs.registry import EnvSpec, check_disjoint, make_env, parse_specs
 from agentrm.scoring import Scorer
 from agentrm.search.beam import beam_search
 from agentrm.search.best_of_n import TieBreak, rank_samples
+from agentrm.search.compare import comparisons_markdown, paired_comparisons, write_comparisons
 from agentrm.search.episode import SearchResult
 from agentrm.search.greedy import greedy as run_greedy
 from agentrm.search.greedy import sample_trajectories
@@ -405,8 +408,13 @@ def _evaluate(
     write_csv(summary, out / "summary.csv")
     (out / "summary.md").write_text(to_markdown(summary))
     plot_scaling(summary, out / "scaling.png")
+    comparisons = paired_comparisons(rows, seed=seed)
+    write_comparisons(comparisons, out)
     if show:
         print_table(summary, title=f"search evaluation ({out})")
+        if comparisons:
+            print("paired differences in success (same episodes; 95% bootstrap CI):")
+            print(comparisons_markdown(comparisons))
     return summary
 
 

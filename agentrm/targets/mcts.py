@@ -203,6 +203,13 @@ class MCTSConfig:
         max_depth: nodes deeper than this are not expanded (their rollout still runs to the end).
         clone_mode: ``clone`` (``env.clone()``) or ``replay`` (reset a fresh env from ``env_factory``
             and re-apply the actions, for envs that cannot be copied).
+        commit: ``False``: all ``simulations`` start at the root, so the tree covers the first few
+            steps of the episode only (with 32 simulations and k=3 on BabyAI, depth ~5 of 10-24).
+            ``True`` (search while acting, as AlphaZero self-play): after ``simulations``
+            simulations from the current search root, commit to its most-visited child and run
+            ``simulations`` more from there, until a terminal node or ``max_depth``; every state
+            along the committed episode then gets a well-visited value and visited siblings.  The
+            statistics of nodes above the search root are frozen when the root moves on.
     """
 
     simulations: int = 50
@@ -210,6 +217,7 @@ class MCTSConfig:
     c: float = 1.0
     max_depth: int = 24
     clone_mode: Literal["clone", "replay"] = "clone"
+    commit: bool = False
 
 
 class MCTS:
@@ -247,14 +255,25 @@ class MCTS:
         )
         self._steps = 0
         self._key = _canonical(env)
-        for _ in range(self.config.simulations):
-            self.simulate(tree, env)
+        cfg, nodes = self.config, tree.nodes
+        root, sims = 0, 0
+        while True:
+            for _ in range(cfg.simulations):
+                self.simulate(tree, env, root)
+            sims += cfg.simulations
+            if not cfg.commit or not nodes[root].children:
+                break
+            root = max(nodes[root].children, key=lambda j: (nodes[j].n, nodes[j].q, -j))  # most visited
+            if nodes[root].terminal or nodes[root].depth >= cfg.max_depth:
+                break
         # deterministic work counts only (no wall time), so resumed files equal uninterrupted ones
         tree.stats = {
-            "simulations": self.config.simulations,
+            "simulations": sims,
             "nodes": len(tree.nodes),
             "env_steps": self._steps,
         }
+        if cfg.commit:
+            tree.stats["committed_depth"] = nodes[root].depth
         return tree
 
     def _root_env(self, env: Env, seed: int) -> Env:
@@ -266,21 +285,24 @@ class MCTS:
         self._steps += 1
         return env.step(action)
 
-    def simulate(self, tree: Tree, env: Env) -> float:
-        """One selection-expansion-rollout-backup pass; returns the backed-up reward.
+    def simulate(self, tree: Tree, env: Env, start: int = 0) -> float:
+        """One selection-expansion-rollout-backup pass from node ``start``; returns the backed-up reward.
 
-        ``env`` must be in the tree root's state; it is not modified.
+        ``env`` must be in the tree root's state; it is not modified.  Backup stops at ``start``
+        (the nodes above a committed search root keep their statistics).
         """
         cfg, nodes = self.config, tree.nodes
         sim = self._root_env(env, tree.seed)
-        path, i = [0], 0
+        for j in tree.path(start):  # down to the search root
+            self._step(sim, nodes[j].action)
+        path, i = [start], start
         while nodes[i].expanded and nodes[i].children:  # selection
             i = select_child(tree, i, cfg.c)
             self._step(sim, nodes[i].action)
             path.append(i)
         node = nodes[i]
         expandable = not node.terminal and not node.expanded and node.depth < cfg.max_depth
-        if expandable and (node.n > 0 or i == 0):  # expansion (a new child is first rolled out from)
+        if expandable and (node.n > 0 or i == start):  # expansion (a new child is first rolled out from)
             child_envs = self.expand(tree, i, sim)
             if node.children:
                 j = node.children[0]  # first (unvisited) child: UCT order

@@ -159,6 +159,48 @@ def test_replay_mode_matches_clone_mode():
     assert [(n.action, n.n, n.w) for n in a.nodes] == [(n.action, n.n, n.w) for n in b.nodes]
 
 
+def test_commit_mode_searches_from_each_committed_state_down_to_the_end():
+    depth, sims = 6, 8
+    m = MCTS(ListPolicy(["a", "b"]), MCTSConfig(simulations=sims, k=2, c=1.0, max_depth=10, commit=True), seed=0)
+    tree = m.search(ChainEnv(depth), 0, tree_id="T", task="chain")
+    nodes = tree.nodes
+    # the committed path: most-visited child from the root down to a terminal node
+    path, i = [], 0
+    while nodes[i].children:
+        i = max(nodes[i].children, key=lambda j: nodes[j].n)
+        path.append(i)
+    assert nodes[path[-1]].terminal and len(path) == depth
+    assert tree.stats["committed_depth"] == depth and tree.stats["simulations"] == sims * depth
+    # every committed state got its own budget: at least `sims` visits, and a visited sibling where one exists
+    for j in path[:-1]:
+        assert nodes[j].n >= sims, j
+    # a root-only search with the same total budget stays shallow, so its deep states have few visits
+    flat = _tree(sims=sims * depth, depth=depth)
+    deepest = max(nd.depth for nd in flat.nodes if nd.n >= sims)
+    assert deepest < depth - 1
+    # statistics above the search root stay frozen after it moves on: the root saw only its own sims
+    assert nodes[0].n == sims
+    before = ChainEnv.live
+    root = ChainEnv(depth)
+    MCTS(ListPolicy(["a", "b"]), MCTSConfig(5, 2, 1.0, 10, commit=True)).search(root, 0)
+    assert ChainEnv.live == before + 1  # clones closed in commit mode too
+    root.close()
+
+
+def test_min_visits_filter_is_reported(tmp_path):
+    args = {**ARGS, "simulations": 10}
+    a = build_trees(out=str(tmp_path / "a.jsonl"), flat_out=str(tmp_path / "fa.jsonl"), **args)
+    b = build_trees(out=str(tmp_path / "b.jsonl"), flat_out=str(tmp_path / "fb.jsonl"), min_visits=3, **args)
+    assert a["states_kept"] == a["states_visited"]  # min_visits 1: every visited state is a target
+    assert b["states_visited"] == a["states_visited"] and 0 < b["states_kept"] < a["states_kept"]
+    kept = [s for r in read_jsonl(tmp_path / "fb.jsonl") for s in r.steps if s.value is not None]
+    assert len(kept) == b["states_kept"]
+    c = build_trees(out=str(tmp_path / "c.jsonl"), commit=True, **args)
+    assert c["env_steps"] > a["env_steps"]  # a budget per committed step
+    with pytest.raises(ValueError, match="other arguments"):  # commit changes the trees: no silent resume
+        build_trees(out=str(tmp_path / "a.jsonl"), commit=True, **args)
+
+
 ARGS = dict(
     envs=["babyai:GoToRedBall?max_steps=12", "babyai:PickupLoc?max_steps=12"],
     episodes=2,
