@@ -1,22 +1,21 @@
-"""Value targets at an equal environment-step budget: Monte-Carlo vs MCTS vs TD(λ).
+"""Value targets at an equal environment-step budget: Monte-Carlo vs MCTS (root-only) vs MCTS (commit).
 
-For the same budget of environment steps (every ``env.step`` counted, including rollouts
-and tree descents), with the same noisy scripted BabyAI policy:
+For the same budget of environment steps (every ``env.step`` counted, rollouts and replays
+included), with the same noisy scripted BabyAI policy on the four training levels:
 
-* **MC**: the collector's episodes with ``mc_rollouts`` rollouts per step value and one
-  sibling branch per episode, until the budget is spent;
-* **MCTS**: one tree per task instance (``simulations`` each), flattened with
-  :func:`agentrm.targets.mcts.flatten_tree`, until the budget is spent;
-* **TD(λ)**: the MC records relabelled with λ-returns bootstrapped from the RM trained on
-  MC (no extra env steps; it costs one more training run).
+* **mc**: the collector's episodes, every step valued by ``mc_rollouts`` rollouts, one sibling
+  branch per episode (what ``python -m agentrm.collect`` writes), until the budget is spent;
+* **mcts_root**: one tree per task instance, all ``simulations`` from the first state, flattened
+  with :func:`agentrm.targets.mcts.flatten_tree` (``min_visits``), until the budget is spent;
+* **mcts_commit**: the same, searching while acting (``simulations`` per committed step).
 
-A tiny value RM is trained on each (same backbone, seed and number of optimiser steps)
-and scored on the same held-out episodes (other seeds; real outcomes): step AUROC
-(every step's value vs the episode's success) and last-step AUROC.  If
-:mod:`agentrm.search` is importable, Best-of-N with each RM is evaluated too (gain =
-Best-of-N success minus mean sample success).
+The tiny value RM (``configs/tiny/value_rm.yaml``: same backbone, seed and number of optimiser
+steps) is trained on each, then all three guide the same policy on the same evaluation: Best-of-5
+on 25 episodes per held-in level (other seeds) and per held-out level, outcome-blind, with the
+paired difference to greedy and its bootstrap 95% interval.  Writes ``results.md``,
+``results.json`` and ``targets.png`` under ``--out``.
 
-    python bench/study_targets.py --budget 20000 --steps 150
+    python bench/study_targets.py                       # ~25 min on 2 cores
 """
 
 from __future__ import annotations
@@ -38,15 +37,9 @@ from agentrm.envs.registry import EnvSpec  # noqa: E402
 from agentrm.targets.mcts import MCTS, MCTSConfig, flatten_tree  # noqa: E402
 from agentrm.targets.monte_carlo import run_episode  # noqa: E402
 
-BACKBONE = {
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 172,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-    "max_position_embeddings": 2048,
-}
+LEVELS = ["GoToRedBall", "GoToObj", "GoToLocal", "PickupLoc"]
+HELD_OUT = ["GoToRedBallGrey", "GoToRedBlueBall", "GoToObjS6", "GoToLocalS6N3", "PickupDist"]
+TARGETS = ("mc", "mcts_root", "mcts_commit")
 
 
 class CountingEnv(BabyAITextEnv):
@@ -69,199 +62,161 @@ def _jobs(levels: list[str]):
         i += 1
 
 
-def collect_mc(levels, budget, error_rate, rollouts, max_steps, seed) -> tuple[list[Trajectory], int]:
+def collect(kind: str, args: argparse.Namespace) -> tuple[list[Trajectory], dict]:
+    """Records of one target type until ``args.budget`` env steps are spent."""
     counter = [0]
-    envs = {lv: CountingEnv(lv, max_steps=max_steps, counter=counter) for lv in levels}
+    envs = {lv: CountingEnv(lv, max_steps=args.max_steps, counter=counter) for lv in LEVELS}
     out: list[Trajectory] = []
-    for job in _jobs(levels):
-        if counter[0] >= budget:
+    units = 0
+    for job in _jobs(LEVELS):
+        if counter[0] >= args.budget:
             break
-        env_seed, pol_seed, br_seed = job.seeds(seed)
-        out += run_episode(
-            envs[job.spec.task],
-            ScriptedBabyAIPolicy(error_rate, seed=pol_seed),
-            env_seed,
-            episode_id=job.episode_id(seed),
-            task=f"babyai/{job.spec.task}",
-            rollouts=rollouts,
-            siblings=1,
-            branch_seed=br_seed,
-        )
-    return out, counter[0]
-
-
-def collect_mcts(
-    levels, budget, error_rate, sims, k, c, max_steps, seed
-) -> tuple[list[Trajectory], int, int]:
-    counter = [0]
-    envs = {lv: CountingEnv(lv, max_steps=max_steps, counter=counter) for lv in levels}
-    out: list[Trajectory] = []
-    trees = 0
-    for job in _jobs(levels):
-        if counter[0] >= budget:
-            break
-        env_seed, pol_seed, s_seed = job.seeds(seed)
-        m = MCTS(
-            ScriptedBabyAIPolicy(error_rate, seed=pol_seed),
-            MCTSConfig(sims, k, c, max_steps or 64),
-            seed=s_seed,
-        )
-        tree = m.search(envs[job.spec.task], env_seed, tree_id=job.episode_id(seed), task=f"babyai/{job.spec.task}")
-        out += flatten_tree(tree)
-        trees += 1
-    return out, counter[0], trees
-
-
-def held_out(levels, episodes, error_rate, max_steps, seed) -> list[Trajectory]:
-    out = []
-    for lv in levels:
-        env = BabyAITextEnv(lv, max_steps=max_steps)
-        for i in range(episodes):
-            env_seed, pol_seed, _ = Job(EnvSpec("babyai", lv), i).seeds(seed)
+        env_seed, pol_seed, other_seed = job.seeds(args.seed)
+        policy = ScriptedBabyAIPolicy(args.error_rate, seed=pol_seed)
+        task = f"babyai/{job.spec.task}"
+        if kind == "mc":
             out += run_episode(
-                env,
-                ScriptedBabyAIPolicy(error_rate, seed=pol_seed),
-                env_seed,
-                episode_id=Job(EnvSpec("babyai", lv), i).episode_id(seed),
-                task=f"babyai/{lv}",
-                rollouts=0,
+                envs[job.spec.task], policy, env_seed, episode_id=job.episode_id(args.seed), task=task,
+                rollouts=args.mc_rollouts, siblings=1, branch_seed=other_seed,
             )
-    return out
+        else:
+            commit = kind == "mcts_commit"
+            sims = args.simulations_commit if commit else args.simulations
+            m = MCTS(policy, MCTSConfig(sims, args.k, args.c, args.max_steps, commit=commit), seed=other_seed)
+            tree = m.search(envs[job.spec.task], env_seed, tree_id=job.episode_id(args.seed), task=task)
+            out += flatten_tree(tree, min_visits=args.min_visits)
+        units += 1
+    labelled = sum(s.value is not None for r in out for s in r.steps)
+    return out, {"env_steps": counter[0], "episodes_or_trees": units, "records": len(out), "states": labelled}
 
 
-def train_rm(train: Path, val: Path, out: Path, steps: int, seed: int = 0) -> dict[str, float]:
-    """A short value-RM run; returns the final validation metrics and the export dir."""
-    import lightning as L
+def train(kind: str, data: Path, out: Path, steps: int) -> dict:
+    """The tiny value RM on ``data`` for ``steps`` optimiser steps; returns its validation metrics."""
+    import yaml
 
-    from agentrm.lit.datamodule import TrajectoryDataModule
-    from agentrm.lit.value_module import ValueRMModule
+    from agentrm.fit import main as fit_main
+    from agentrm.pipeline import fit_config
 
-    L.seed_everything(seed, verbose=False)
-    dm = TrajectoryDataModule(str(train), str(val), max_length=512, batch_size=8)
-    model = ValueRMModule(backbone_config=BACKBONE, learning_rate=2e-3, warmup_steps=20)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        val_check_interval=None,
-        check_val_every_n_epoch=10**6,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(model, datamodule=dm)
-    trainer.validate(model, datamodule=dm, verbose=False)
-    model.export(out)
-    return {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    over = {"trainer": {"max_epochs": -1, "max_steps": steps, "enable_progress_bar": False}}
+    cfg = fit_config("configs/tiny/value_rm.yaml", over, out, data)
+    (out / "fit_config.yaml").parent.mkdir(parents=True, exist_ok=True)
+    (out / "fit_config.yaml").write_text(yaml.safe_dump(cfg))
+    cli = fit_main(["--config", str(out / "fit_config.yaml"), "--overwrite", "true"])
+    return {k: round(float(v), 4) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
+
+
+def plot(comparisons: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    sets = ["held_in", "held_out"]
+    for i, kind in enumerate(TARGETS):
+        rows = [next(c for c in comparisons if c["env_set"] == s and c["method"] == f"best_of_n[{kind}]@5"
+                     and c["baseline"] == "greedy") for s in sets]
+        xs = [j + (i - 1) * 0.25 for j in range(len(sets))]
+        ys = [r["difference"] for r in rows]
+        err = [[y - r["ci_low"] for y, r in zip(ys, rows)], [r["ci_high"] - y for y, r in zip(ys, rows)]]
+        ax.bar(xs, ys, width=0.25, yerr=err, capsize=4, label=kind)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(range(len(sets)), sets)
+    ax.set_ylabel("Best-of-5 success - greedy (95% CI)")
+    ax.set_title("value targets at an equal env-step budget")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--levels", nargs="+", default=["GoToRedBall", "GoToLocal"])
-    ap.add_argument("--budget", type=int, default=20000, help="env steps per target type")
-    ap.add_argument("--error_rate", type=float, default=0.5)
+    ap.add_argument("--budget", type=int, default=110_000, help="env steps per target type")
+    ap.add_argument("--error_rate", type=float, default=0.6)
     ap.add_argument("--max_steps", type=int, default=24)
     ap.add_argument("--mc_rollouts", type=int, default=4)
-    ap.add_argument("--simulations", type=int, default=40)
+    ap.add_argument("--simulations", type=int, default=32, help="root-only MCTS: simulations per tree")
+    ap.add_argument("--simulations_commit", type=int, default=16, help="commit MCTS: per committed step")
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--c", type=float, default=1.0)
-    ap.add_argument("--lam", type=float, default=0.8)
-    ap.add_argument("--held_out", type=int, default=30, help="held-out episodes per level")
-    ap.add_argument("--steps", type=int, default=150, help="optimiser steps per RM")
-    ap.add_argument("--bon_episodes", type=int, default=5, help="Best-of-N episodes per level (0 skips)")
+    ap.add_argument("--min_visits", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=600, help="optimiser steps per RM")
+    ap.add_argument("--episodes", type=int, default=25, help="evaluation episodes per level")
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/study_targets")
-    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     import torch
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    mc, mc_steps = collect_mc(args.levels, args.budget, args.error_rate, args.mc_rollouts, args.max_steps, 0)
-    t_mc = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    mcts, mcts_steps, n_trees = collect_mcts(
-        args.levels, args.budget, args.error_rate, args.simulations, args.k, args.c, args.max_steps, 0
+    info: dict = {}
+    for kind in TARGETS:
+        t0 = time.perf_counter()
+        data, stats = collect(kind, args)
+        write_jsonl(out / f"{kind}.jsonl", data)
+        stats["collect_s"] = round(time.perf_counter() - t0, 1)
+        t0 = time.perf_counter()
+        stats.update(train(kind, out / f"{kind}.jsonl", out / f"rm_{kind}", args.steps))
+        stats["fit_s"] = round(time.perf_counter() - t0, 1)
+        info[kind] = stats
+        print(kind, stats, flush=True)
+
+    from agentrm.search.evaluate import evaluate
+    from agentrm.search.specs import PolicySpec, ScorerSpec
+
+    spec = "babyai:{}?max_steps=" + str(args.max_steps)
+    evaluate(
+        out_dir=str(out / "eval"),
+        held_in=[spec.format(lv) for lv in LEVELS],
+        held_out=[spec.format(lv) for lv in HELD_OUT],
+        episodes=args.episodes,
+        seed=1000,
+        train_seed=args.seed,
+        train_episodes=200,
+        policy=PolicySpec(kind="expert", error_rate=args.error_rate),
+        scorers=[ScorerSpec(path=str(out / f"rm_{k}" / "hf_model"), name=k, max_length=1024) for k in TARGETS],
+        greedy=True,
+        best_of_n=[1, 5],
+        beam=[],
+        num_threads=1,
+        progress=False,
+        show=False,
     )
-    t_mcts = time.perf_counter() - t0
-    held = held_out(args.levels, args.held_out, args.error_rate, args.max_steps, 777)
-    for name, data in (("mc", mc), ("mcts", mcts), ("held", held)):
-        write_jsonl(out / f"{name}.jsonl", data)
-    info = {
-        "mc": {
-            "env_steps": mc_steps,
-            "records": len(mc),
-            "episodes": sum("branch_at" not in t.meta for t in mc),
-            "collect_s": round(t_mc, 1),
-        },
-        "mcts": {
-            "env_steps": mcts_steps,
-            "records": len(mcts),
-            "trees": n_trees,
-            "collect_s": round(t_mcts, 1),
-        },
-    }
-    info["mc"].update(train_rm(out / "mc.jsonl", out / "held.jsonl", out / "rm_mc", args.steps))
-    info["mcts"].update(train_rm(out / "mcts.jsonl", out / "held.jsonl", out / "rm_mcts", args.steps))
-
-    from agentrm.models.value_rm import ValueRewardModel
-    from agentrm.paths import load_tokenizer
-    from agentrm.targets.td_lambda import td_lambda_targets, value_model_fn
-
-    tok = load_tokenizer(str(out / "rm_mc"))
-    vfn = value_model_fn(ValueRewardModel.from_pretrained(out / "rm_mc"), tok, max_length=512)
-    write_jsonl(out / "td.jsonl", td_lambda_targets(mc, vfn, lam=args.lam))
-    info["td"] = {"env_steps": mc_steps, "records": len(mc), "lambda": args.lam}
-    info["td"].update(train_rm(out / "td.jsonl", out / "held.jsonl", out / "rm_td", args.steps))
-
-    try:
-        from agentrm.search.evaluate import evaluate
-        from agentrm.search.specs import PolicySpec, ScorerSpec
-    except ImportError:
-        evaluate = None
-        print("agentrm.search not available: AUROC only")
-    if evaluate is not None and args.bon_episodes:
-        rows = evaluate(
-            out_dir=str(out / "bon"),
-            held_in=args.levels,
-            held_out=[],
-            episodes=args.bon_episodes,
-            seed=1000,
-            max_steps=args.max_steps,
-            policy=PolicySpec(kind="scripted", error_rate=0.7),
-            scorers=[ScorerSpec(path=str(out / f"rm_{n}"), name=n) for n in ("mc", "mcts", "td")],
-            greedy=False,
-            best_of_n=[4],
-            beam=[],
-            num_threads=args.threads,
-            progress=False,
-            show=False,
+    comparisons = [
+        {**c, **{k: float(c[k]) for k in ("difference", "ci_low", "ci_high", "method_success", "baseline_success")}}
+        for c in __import__("csv").DictReader((out / "eval" / "comparisons.csv").open())
+    ]
+    lines = [
+        f"Equal budget of {args.budget:,} env steps per target type; scripted agent, error rate {args.error_rate}; "
+        f"tiny value RM, {args.steps} optimiser steps each; Best-of-5 vs greedy on {args.episodes} episodes per level "
+        f"(`python bench/study_targets.py`).",
+        "",
+        "| targets | env steps | episodes / trees | labelled states | val/auroc | val/rank_acc | held-in BoN5 - greedy [95% CI] "
+        "| held-out BoN5 - greedy [95% CI] |",
+        "|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for kind in TARGETS:
+        s = info[kind]
+        cells = []
+        for env_set in ("held_in", "held_out"):
+            c = next(c for c in comparisons if c["env_set"] == env_set and c["method"] == f"best_of_n[{kind}]@5"
+                     and c["baseline"] == "greedy")
+            s[f"{env_set}_bon5"] = c["method_success"]
+            s[f"{env_set}_greedy"] = c["baseline_success"]
+            s[f"{env_set}_diff"] = [c["difference"], c["ci_low"], c["ci_high"]]
+            cells.append(f"{c['method_success']:.3f} - {c['baseline_success']:.3f} = **{c['difference']:+.3f}** "
+                         f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]")
+        lines.append(
+            f"| {kind} | {s['env_steps']:,} | {s['episodes_or_trees']} | {s['states']:,} | {s.get('val/auroc', float('nan')):.3f} "
+            f"| {s.get('val/rank_acc', float('nan')):.3f} | {cells[0]} | {cells[1]} |"
         )
-        base = next(r["success_rate"] for r in rows if r["method"] == "sampling")
-        for r in rows:
-            if r["method"] == "best_of_n":
-                info[r["scorer"]]["bo4_success"] = round(r["success_rate"], 3)
-                info[r["scorer"]]["bo4_gain"] = round(r["success_rate"] - base, 3)
-        info["sampling_success"] = round(base, 3)
-
-    print(
-        f"\nheld-out: {len(held)} episodes ({args.held_out}/level, error rate {args.error_rate}); "
-        f"budget {args.budget} env steps per target type; {args.steps} optimiser steps per RM"
-    )
-    print(
-        f"{'target':6s} {'env_steps':>9s} {'records':>7s} {'val/auroc':>9s} {'traj_auroc':>10s} "
-        f"{'rank_acc':>8s} {'Bo4 gain':>8s}"
-    )
-    for name in ("mc", "mcts", "td"):
-        r = info[name]
-        print(
-            f"{name:6s} {r['env_steps']:9d} {r['records']:7d} {r.get('val/auroc', float('nan')):9.4f} "
-            f"{r.get('val/traj_auroc', float('nan')):10.4f} {r.get('val/rank_acc', float('nan')):8.4f} "
-            f"{r.get('bo4_gain', float('nan')):8.3f}"
-        )
+    table = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(table)
     (out / "results.json").write_text(json.dumps({"args": vars(args), **info}, indent=2))
+    plot(comparisons, out / "targets.png")
+    print(table)
     return info
 
 

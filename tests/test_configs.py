@@ -1,6 +1,6 @@
 """Every YAML under configs/ parses against the fit CLI's parser, without building any model.
 
-``configs/search/`` and ``configs/pipeline/`` belong to other CLIs and parse against those; ``configs/strategies/`` holds
+``configs/search/``, ``configs/paper/`` (search configs) and ``configs/pipeline/`` belong to other CLIs and parse against those; ``configs/strategies/`` holds
 trainer fragments, parsed composed after a model config (as the docs tell users to run them).
 """
 
@@ -16,7 +16,7 @@ from agentrm.lit.datamodule import TrajectoryDataModule
 from agentrm.paths import PROJECT_ROOT
 
 CONFIGS = PROJECT_ROOT / "configs"
-SKIP_DIRS = {"search", "pipeline"}
+SKIP_DIRS = {"search", "pipeline", "paper"}
 STRATEGY_DIR = CONFIGS / "strategies"
 
 
@@ -113,7 +113,7 @@ def test_fsdp_policy_wraps_decoder_layers_of_any_family():
 
 @pytest.mark.parametrize(
     "path",
-    sorted(CONFIGS.glob("search/*.yaml")) + sorted(CONFIGS.glob("pipeline/*.yaml")),
+    sorted(CONFIGS.glob("search/*.yaml")) + sorted(CONFIGS.glob("paper/*.yaml")) + sorted(CONFIGS.glob("pipeline/*.yaml")),
     ids=lambda p: f"{p.parent.name}/{p.name}",
 )
 def test_search_and_pipeline_configs_parse(path, capsys):

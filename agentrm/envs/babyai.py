@@ -131,8 +131,13 @@ class BabyAITextEnv:
 
     clone_mode = "copy"
 
-    def __init__(self, level: str = "GoToRedBall", max_steps: int | None = None, max_objects: int = 4):
+    def __init__(
+        self, level: str = "GoToRedBall", max_steps: int | None = None, max_objects: int = 4, rephrase: int = 0
+    ):
         env_id = check_levels([level])[level]
+        if not 0 <= rephrase <= len(REPHRASINGS):
+            raise ValueError(f"babyai: rephrase must be 0..{len(REPHRASINGS)}, got {rephrase}")
+        self.rephrase = rephrase
         kwargs: dict[str, Any] = {} if max_steps is None else {"max_steps": max_steps}
         self.level = level
         self.max_objects = max_objects
@@ -143,6 +148,8 @@ class BabyAITextEnv:
         opts: dict[str, Any] = {} if max_steps is None else {"max_steps": int(max_steps)}
         if max_objects != 4:
             opts["max_objects"] = max_objects
+        if rephrase:
+            opts["rephrase"] = rephrase
         self.spec: EnvSpec = EnvSpec("babyai", level, "train", opts)
         self.closed = False
         self.seed: int | None = None
@@ -190,8 +197,8 @@ class BabyAITextEnv:
 
     @property
     def instruction(self) -> str:
-        """Mission plus the action list."""
-        return f"Mission: {self.mission}. Actions: {', '.join(ACTIONS)}."
+        """Mission (rewritten when the spec asks for ``rephrase``) plus the action list."""
+        return f"Mission: {rephrase_mission(self.mission, self.rephrase)}. Actions: {', '.join(ACTIONS)}."
 
     def reset(self, seed: int) -> str:
         """Start the episode for ``seed`` and return the first observation."""
@@ -352,14 +359,39 @@ def _name(obj: Any) -> str:
     return f"{obj.color} {obj.type}"
 
 
+# Instruction perturbations (the paper's robustness study rephrases verbs and object naming): each is a
+# list of whole-word substitutions applied to minigrid's mission text; the episode itself is unchanged.
+REPHRASINGS: tuple[tuple[tuple[str, str], ...], ...] = (
+    (("go to", "navigate to"), ("pick up", "collect"), ("put", "place"), ("open", "swing open")),  # verbs
+    (("ball", "sphere"), ("box", "crate"), ("key", "small key"), ("door", "doorway")),  # object names
+    (("go to", "head over to"), ("pick up", "grab"), ("ball", "round toy"), ("box", "container")),  # both
+    (("go to the", "your goal is to reach the"), ("go to a", "your goal is to reach a"),
+     ("pick up the", "your goal is to lift the"), ("pick up a", "your goal is to lift a")),  # sentence form
+)
+
+
+def rephrase_mission(mission: str, variant: int) -> str:
+    """``mission`` rewritten by perturbation ``variant`` (0: unchanged; 1..4: :data:`REPHRASINGS`)."""
+    if not variant:
+        return mission
+    out = mission
+    for old, new in REPHRASINGS[variant - 1]:
+        out = re.sub(rf"\b{re.escape(old)}\b", new, out)
+    return out
+
+
 def make(spec: EnvSpec) -> BabyAITextEnv:
-    """Registry factory: ``babyai:<level>`` with options ``max_steps`` (int) and ``max_objects`` (int)."""
-    unknown = set(spec.options) - {"max_steps", "max_objects"}
+    """Registry factory: ``babyai:<level>`` with options ``max_steps`` (int), ``max_objects`` (int) and
+    ``rephrase`` (0..4: the instruction perturbations of :data:`REPHRASINGS`)."""
+    unknown = set(spec.options) - {"max_steps", "max_objects", "rephrase"}
     if unknown:
-        raise ValueError(f"env spec {str(spec)!r}: unknown BabyAI option(s) {sorted(unknown)}; use max_steps, max_objects")
+        raise ValueError(
+            f"env spec {str(spec)!r}: unknown BabyAI option(s) {sorted(unknown)}; use max_steps, max_objects, rephrase"
+        )
     max_steps = spec.option("max_steps")
     return BabyAITextEnv(
         spec.task,
         max_steps=None if max_steps is None else int(max_steps),
         max_objects=int(spec.option("max_objects", 4)),
+        rephrase=int(spec.option("rephrase", 0)),
     )

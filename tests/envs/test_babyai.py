@@ -146,3 +146,27 @@ def test_random_policy_mostly_fails():
             _, _, done, info = env.step(policy.propose(env, None, 1)[0])
         wins += info["success"]
     assert wins <= 6
+
+
+def test_rephrased_instructions_change_the_text_only():
+    from agentrm.data.jobs import Job
+    from agentrm.envs.babyai import REPHRASINGS, rephrase_mission
+    from agentrm.envs.registry import make_env, parse_spec
+
+    assert rephrase_mission("go to the red ball", 0) == "go to the red ball"
+    assert rephrase_mission("go to the red ball", 1) == "navigate to the red ball"
+    assert rephrase_mission("pick up a box", 2) == "pick up a crate"
+    assert rephrase_mission("pick up the blue box", 3) == "grab the blue container"
+    assert rephrase_mission("go to a ball", 4) == "your goal is to reach a ball"
+    assert rephrase_mission("go to the keyboard", 2) == "go to the keyboard"  # whole words only
+    texts, obs = [], []
+    for v in range(len(REPHRASINGS) + 1):
+        spec = parse_spec(f"babyai:GoToLocal?max_steps=12&rephrase={v}" if v else "babyai:GoToLocal?max_steps=12")
+        env = make_env(spec)
+        seed = Job(spec, 0).seeds(7)[0]  # the variants play the same episodes
+        obs.append((env.reset(seed), env.step("turn left")[0]))
+        texts.append(env.instruction)
+        assert env.spec == spec
+    assert len(set(texts)) == len(texts) and len(set(obs)) == 1
+    with pytest.raises(ValueError, match="rephrase"):
+        make_env(parse_spec("babyai:GoToLocal?rephrase=9"))
