@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # the repository (agentrm, and bench as a namespace package)
 
 from agentrm.data.jobs import Job  # noqa: E402
 from agentrm.data.schema import Trajectory, write_jsonl  # noqa: E402
@@ -36,9 +36,9 @@ from agentrm.envs.babyai_expert import ScriptedBabyAIPolicy  # noqa: E402
 from agentrm.envs.registry import EnvSpec  # noqa: E402
 from agentrm.targets.mcts import MCTS, MCTSConfig, flatten_tree  # noqa: E402
 from agentrm.targets.monte_carlo import run_episode  # noqa: E402
+from bench.paper_common import HELD_IN as LEVELS  # noqa: E402
+from bench.paper_common import HELD_OUT, best_of_n_eval, spec, train_value_rm, versus_greedy  # noqa: E402
 
-LEVELS = ["GoToRedBall", "GoToObj", "GoToLocal", "PickupLoc"]
-HELD_OUT = ["GoToRedBallGrey", "GoToRedBlueBall", "GoToObjS6", "GoToLocalS6N3", "PickupDist"]
 TARGETS = ("mc", "mcts_root", "mcts_commit")
 
 
@@ -90,21 +90,6 @@ def collect(kind: str, args: argparse.Namespace) -> tuple[list[Trajectory], dict
     return out, {"env_steps": counter[0], "episodes_or_trees": units, "records": len(out), "states": labelled}
 
 
-def train(kind: str, data: Path, out: Path, steps: int) -> dict:
-    """The tiny value RM on ``data`` for ``steps`` optimiser steps; returns its validation metrics."""
-    import yaml
-
-    from agentrm.fit import main as fit_main
-    from agentrm.pipeline import fit_config
-
-    over = {"trainer": {"max_epochs": -1, "max_steps": steps, "enable_progress_bar": False}}
-    cfg = fit_config("configs/tiny/value_rm.yaml", over, out, data)
-    (out / "fit_config.yaml").parent.mkdir(parents=True, exist_ok=True)
-    (out / "fit_config.yaml").write_text(yaml.safe_dump(cfg))
-    cli = fit_main(["--config", str(out / "fit_config.yaml"), "--overwrite", "true"])
-    return {k: round(float(v), 4) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
-
-
 def plot(comparisons: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -114,8 +99,7 @@ def plot(comparisons: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     sets = ["held_in", "held_out"]
     for i, kind in enumerate(TARGETS):
-        rows = [next(c for c in comparisons if c["env_set"] == s and c["method"] == f"best_of_n[{kind}]@5"
-                     and c["baseline"] == "greedy") for s in sets]
+        rows = [versus_greedy(comparisons, kind, s) for s in sets]
         xs = [j + (i - 1) * 0.25 for j in range(len(sets))]
         ys = [r["difference"] for r in rows]
         err = [[y - r["ci_low"] for y, r in zip(ys, rows)], [r["ci_high"] - y for y, r in zip(ys, rows)]]
@@ -158,36 +142,19 @@ def main(argv: list[str] | None = None) -> dict:
         write_jsonl(out / f"{kind}.jsonl", data)
         stats["collect_s"] = round(time.perf_counter() - t0, 1)
         t0 = time.perf_counter()
-        stats.update(train(kind, out / f"{kind}.jsonl", out / f"rm_{kind}", args.steps))
+        stats.update(train_value_rm(out / f"{kind}.jsonl", out / f"rm_{kind}", args.steps))
         stats["fit_s"] = round(time.perf_counter() - t0, 1)
         info[kind] = stats
         print(kind, stats, flush=True)
 
-    from agentrm.search.evaluate import evaluate
-    from agentrm.search.specs import PolicySpec, ScorerSpec
-
-    spec = "babyai:{}?max_steps=" + str(args.max_steps)
-    evaluate(
-        out_dir=str(out / "eval"),
-        held_in=[spec.format(lv) for lv in LEVELS],
-        held_out=[spec.format(lv) for lv in HELD_OUT],
+    comparisons = best_of_n_eval(
+        out / "eval",
+        {k: str(out / f"rm_{k}" / "hf_model") for k in TARGETS},
+        held_in=[spec(lv, args.max_steps) for lv in LEVELS],
+        held_out=[spec(lv, args.max_steps) for lv in HELD_OUT],
         episodes=args.episodes,
-        seed=1000,
-        train_seed=args.seed,
-        train_episodes=200,
-        policy=PolicySpec(kind="expert", error_rate=args.error_rate),
-        scorers=[ScorerSpec(path=str(out / f"rm_{k}" / "hf_model"), name=k, max_length=1024) for k in TARGETS],
-        greedy=True,
-        best_of_n=[1, 5],
-        beam=[],
-        num_threads=1,
-        progress=False,
-        show=False,
+        error_rate=args.error_rate,
     )
-    comparisons = [
-        {**c, **{k: float(c[k]) for k in ("difference", "ci_low", "ci_high", "method_success", "baseline_success")}}
-        for c in __import__("csv").DictReader((out / "eval" / "comparisons.csv").open())
-    ]
     lines = [
         f"Equal budget of {args.budget:,} env steps per target type; scripted agent, error rate {args.error_rate}; "
         f"tiny value RM, {args.steps} optimiser steps each; Best-of-5 vs greedy on {args.episodes} episodes per level "
@@ -201,8 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
         s = info[kind]
         cells = []
         for env_set in ("held_in", "held_out"):
-            c = next(c for c in comparisons if c["env_set"] == env_set and c["method"] == f"best_of_n[{kind}]@5"
-                     and c["baseline"] == "greedy")
+            c = versus_greedy(comparisons, kind, env_set)
             s[f"{env_set}_bon5"] = c["method_success"]
             s[f"{env_set}_greedy"] = c["baseline_success"]
             s[f"{env_set}_diff"] = [c["difference"], c["ci_low"], c["ci_high"]]

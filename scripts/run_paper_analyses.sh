@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The paper's analyses at laptop scale (docs/paper_comparison.md), each also runnable on its own:
+#   bash scripts/setup.sh --models && bash scripts/run_paper_analyses.sh         (~75 min on 2 cores)
+# Prerequisites are built when missing: the default pipeline (tree-target value RM) and the tiny implicit PRM.
+# Two lanes run side by side (one core each); every experiment writes its table and PNG under runs/paper/ or
+# runs/study_targets/, and is skipped when its table exists.  Wall times: runs/paper/times.tsv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+PY=.venv/bin/python
+mkdir -p runs/paper
+TIMES=runs/paper/times.tsv
+run() {  # run NAME DONE_PATH CMD...
+  local name=$1 done=$2; shift 2
+  if [ -e "$done" ]; then echo "== $name: done ($done)"; return; fi
+  echo "== $name: $*"
+  local t0=$SECONDS
+  "$@" > "runs/paper/$name.log" 2>&1 || { echo "!! $name failed: see runs/paper/$name.log"; return 1; }
+  printf '%s\t%s\n' "$name" "$((SECONDS - t0))" | tee -a "$TIMES"
+}
+run pipeline runs/pipeline_tiny/eval/DONE $PY -m agentrm.pipeline --config configs/pipeline/tiny.yaml --progress false
+run implicit_prm runs/tiny_implicit_prm/hf_model/agentrm_config.json \
+  $PY -m agentrm.fit --config configs/tiny/implicit_prm.yaml --trainer.enable_progress_bar false
+lane_a() {
+  run study_targets runs/study_targets/results.md $PY bench/study_targets.py
+  run main_table runs/paper/main_table/comparisons.md $PY -m agentrm.search --config configs/paper/main_table.yaml --progress false
+  run data_scaling runs/paper/data_scaling/results.md $PY bench/data_scaling.py
+  run judge runs/paper/judge/comparisons.md $PY -m agentrm.search --config configs/paper/judge.yaml --progress false
+}
+lane_b() {
+  run test_time_scaling runs/paper/test_time_scaling/comparisons.md \
+    $PY -m agentrm.search --config configs/paper/test_time_scaling.yaml --progress false
+  run weak_to_strong runs/paper/weak_to_strong/comparisons.md \
+    $PY -m agentrm.search --config configs/paper/weak_to_strong.yaml --progress false
+  run robustness runs/paper/robustness/results.md $PY bench/robustness.py
+  run task_specific runs/paper/task_specific/results.md $PY bench/task_specific.py
+}
+lane_a & a=$!
+lane_b & b=$!
+status=0
+wait $a || status=1
+wait $b || status=1
+for f in runs/study_targets/results.md runs/paper/*/results.md runs/paper/*/comparisons.md; do
+  [ -e "$f" ] && { echo "== $f"; cat "$f"; }
+done
+echo "== wall times (s)"; cat "$TIMES"
+exit $status
