@@ -21,9 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repository (agentrm, and bench as a namespace package)
 
-from agentrm.data.schema import write_jsonl  # noqa: E402
-from agentrm.targets.mcts import flatten_tree, read_trees  # noqa: E402
-from bench.paper_common import HELD_IN, HELD_OUT, best_of_n_eval, cell, spec, train_value_rm, versus_greedy  # noqa: E402
+from agentrm.targets.mcts import read_trees  # noqa: E402
+from bench.paper_common import HELD_IN, HELD_OUT, best_of_n_eval, cell, fit_on_trees, spec, versus_greedy  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -44,13 +43,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     info: dict[str, dict] = {}
     for size in sorted(args.sizes):
-        records = [r for t in trees[:size] for r in flatten_tree(t, min_visits=args.min_visits)]
-        data = out / f"targets_{size}.jsonl"
-        data.parent.mkdir(parents=True, exist_ok=True)
-        write_jsonl(data, records)
-        states = sum(s.value is not None for r in records for s in r.steps)
-        info[str(size)] = {"trees": size, "records": len(records), "states": states}
-        info[str(size)].update(train_value_rm(data, out / f"rm_{size}", args.steps))
+        info[str(size)] = fit_on_trees(trees[:size], out / f"targets_{size}.jsonl", out / f"rm_{size}",
+                                       args.min_visits, args.steps)
         print(size, info[str(size)], flush=True)
     comparisons = best_of_n_eval(
         out / "eval",

@@ -35,6 +35,22 @@ def train_value_rm(data: Path, out: Path, steps: int) -> dict[str, float]:
     return {k: round(float(v), 4) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
 
 
+def fit_on_trees(trees: list, data: Path, out: Path, min_visits: int, steps: int) -> dict[str, Any]:
+    """Flatten ``trees`` (``min_visits`` filter) into ``data`` and train the tiny value RM on it (``out``).
+
+    Returns ``trees``, ``records``, ``states`` (labelled states) and the RM's validation metrics.
+    """
+    from agentrm.data.schema import write_jsonl
+    from agentrm.targets.mcts import flatten_tree
+
+    records = [r for t in trees for r in flatten_tree(t, min_visits=min_visits)]
+    data.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(data, records)
+    info = {"trees": len(trees), "records": len(records), "states": sum(s.value is not None for r in records for s in r.steps)}
+    info.update(train_value_rm(data, out, steps))
+    return info
+
+
 def best_of_n_eval(
     out_dir: Path,
     scorers: dict[str, str],

@@ -21,9 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repository (agentrm, and bench as a namespace package)
 
-from agentrm.data.schema import write_jsonl  # noqa: E402
-from agentrm.targets.mcts import flatten_tree, read_trees  # noqa: E402
-from bench.paper_common import HELD_IN, HELD_OUT, spec, train_value_rm  # noqa: E402
+from agentrm.targets.mcts import read_trees  # noqa: E402
+from bench.paper_common import HELD_IN, HELD_OUT, fit_on_trees, spec  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -48,12 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
         trees = by_level.get(level) or by_level.get(f"babyai/{level}")
         if not trees:
             raise SystemExit(f"{args.trees}: no trees of level {level} (tasks: {sorted(by_level)})")
-        records = [r for t in trees for r in flatten_tree(t, min_visits=args.min_visits)]
-        data = out / f"targets_{level}.jsonl"
-        data.parent.mkdir(parents=True, exist_ok=True)
-        write_jsonl(data, records)
-        info[level] = {"trees": len(trees), "states": sum(s.value is not None for r in records for s in r.steps)}
-        info[level].update(train_value_rm(data, out / f"rm_{level}", args.steps))
+        info[level] = fit_on_trees(trees, out / f"targets_{level}.jsonl", out / f"rm_{level}", args.min_visits, args.steps)
         scorers[f"only_{level}"] = str(out / f"rm_{level}" / "hf_model")
         print(level, info[level], flush=True)
     scorers["all_levels"] = args.all_rm

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The paper's analyses at laptop scale (docs/paper_comparison.md), each also runnable on its own:
 #   bash scripts/setup.sh --models && bash scripts/run_paper_analyses.sh         (~75 min on 2 cores)
-# Prerequisites are built when missing: the default pipeline (tree-target value RM) and the tiny implicit PRM.
+# Prerequisites are built when missing: the default pipeline (tree-target value RM), the tiny implicit PRM and
+# the tiny SFT policy (the LM policy of the robustness study).
 # Two lanes run side by side (one core each); every experiment writes its table and PNG under runs/paper/ or
 # runs/study_targets/, and is skipped when its table exists.  Wall times: runs/paper/times.tsv.
 set -euo pipefail
@@ -23,7 +24,9 @@ run() {  # run NAME DONE_PATH CMD...
 run pipeline runs/pipeline_tiny/eval/DONE $PY -m agentrm.pipeline --config configs/pipeline/tiny.yaml --progress false
 run implicit_prm runs/tiny_implicit_prm/hf_model/agentrm_config.json \
   $PY -m agentrm.fit --config configs/tiny/implicit_prm.yaml --trainer.enable_progress_bar false
-[ -e runs/paper/failed ] && exit 1  # the experiments need both models
+run tiny_policy_sft runs/tiny_policy_sft/hf_model/config.json \
+  $PY -m agentrm.fit --config configs/tiny/policy_sft.yaml --trainer.enable_progress_bar false
+[ -e runs/paper/failed ] && exit 1  # the experiments need these models
 lane_a() {
   run study_targets runs/study_targets/results.md $PY bench/study_targets.py
   run main_table runs/paper/main_table/comparisons.md $PY -m agentrm.search --config configs/paper/main_table.yaml --progress false
@@ -37,6 +40,8 @@ lane_b() {
     $PY -m agentrm.search --config configs/paper/weak_to_strong.yaml --progress false
   run robustness runs/paper/robustness/results.md $PY bench/robustness.py
   run task_specific runs/paper/task_specific/results.md $PY bench/task_specific.py
+  run robustness_sft runs/paper/robustness_sft/results.md \
+    $PY bench/robustness.py --policy runs/tiny_policy_sft/hf_model --episodes 6 --out runs/paper/robustness_sft
 }
 lane_a & a=$!
 lane_b & b=$!
