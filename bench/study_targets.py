@@ -15,7 +15,7 @@ on 25 episodes per held-in level (other seeds) and per held-out level, outcome-b
 paired difference to greedy and its bootstrap 95% interval.  Writes ``results.md``,
 ``results.json`` and ``targets.png`` under ``--out``.
 
-    python bench/study_targets.py                       # ~25 min on 2 cores
+    python bench/study_targets.py                       # 22 min on 2 busy cores
 """
 
 from __future__ import annotations

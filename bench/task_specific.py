@@ -7,7 +7,7 @@ of optimiser steps.  Writes ``results.md`` (levels x RMs: Best-of-5 success minu
 and ``task_specific.png`` under ``--out``.
 
     python -m agentrm.pipeline --config configs/pipeline/tiny.yaml     # the trees and the all-level RM (once)
-    python bench/task_specific.py                                        # ~25 min on 2 cores
+    python bench/task_specific.py                                        # 24 min on 2 busy cores
 """
 
 from __future__ import annotations
