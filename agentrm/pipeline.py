@@ -5,9 +5,14 @@ Stages, each writing under ``<run_dir>/<stage>/`` and finishing with a ``DONE`` 
 
 1. ``expert``: BabyAI bot demonstrations (error rate 0, no value estimates), or a given file;
 2. ``sft``: behaviour cloning of the policy LM (``agentrm.fit`` with ``PolicySFTModule``);
-3. ``trees``: MCTS trees with the SFT policy on the training levels, flattened to value targets;
+3. ``trees``: MCTS trees with the policy on the training levels, flattened to value targets
+   (search while acting with ``trees.commit``; states visited fewer than ``trees.min_visits`` times dropped);
 4. ``rm``: the value RM trained on the tree targets (``agentrm.fit`` with ``ValueRMModule``);
-5. ``eval``: greedy, sampling and Best-of-N of the SFT policy guided by the RM (``agentrm.search``).
+5. ``eval``: greedy, sampling and Best-of-N of the policy guided by the RM (``agentrm.search``), with
+   paired differences and bootstrap intervals (``comparisons.md``).
+
+``policy.kind`` is ``sft`` (the LM of stage 2, the paper's pipeline) or ``expert`` (each environment's
+scripted expert with ``policy.error_rate``; stages 1-2 are then skipped).
 
 An interrupted stage restarts from scratch on rerun, except ``expert`` and ``trees``,
 which resume their JSONL files.  The files the config names (demonstrations, fit configs) are checked

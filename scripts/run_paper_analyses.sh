@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The paper's analyses at laptop scale (docs/paper_comparison.md), each also runnable on its own:
-#   bash scripts/setup.sh --models && bash scripts/run_paper_analyses.sh         (~75 min on 2 cores)
+#   bash scripts/setup.sh --models && bash scripts/run_paper_analyses.sh         (~1 h 45 min on 2 cores)
 # Prerequisites are built when missing: the default pipeline (tree-target value RM), the tiny implicit PRM and
 # the tiny SFT policy (the LM policy of the robustness study).
 # Two lanes run side by side (one core each); every experiment writes its table and PNG under runs/paper/ or
