@@ -74,7 +74,8 @@ class TreeStage:
 
     ``commit``: search while acting (``simulations`` per committed step, so the targets cover whole
     episodes); ``min_visits``: states visited fewer times are not targets (the stage reports how many
-    visited states were kept).
+    visited states were kept); ``parallel``: simulations in flight per tree with batched policy calls
+    (virtual loss; worth it for a served or GPU policy).
     """
 
     episodes: int = 20
@@ -83,6 +84,7 @@ class TreeStage:
     c: float = 1.0
     max_depth: int = 24
     commit: bool = True
+    parallel: int = 1
     min_visits: int = 2
     temperature: float = 1.0
     workers: int = 1
@@ -234,6 +236,7 @@ def run_pipeline(
             c=trees.c,
             max_depth=trees.max_depth,
             commit=trees.commit,
+            parallel=trees.parallel,
             policy="expert" if scripted else summary["sft"]["hf_model"],
             error_rate=policy.error_rate,
             temperature=trees.temperature,

@@ -48,6 +48,7 @@ class TreeSettings:
     quantization: str | None = None
     attn_implementation: str = "auto"
     commit: bool = False
+    parallel: int = 1
 
 
 _POLICY_CACHE: dict[tuple, Any] = {}
@@ -66,8 +67,9 @@ def _make_policy(s: TreeSettings, seed: int) -> Policy:
         _POLICY_CACHE[key] = load_hf_policy(s.policy, device=s.device, dtype=s.dtype, quantization=s.quantization,
                                             attn_implementation=s.attn_implementation)
     base = _POLICY_CACHE[key]
-    return HFPolicy(
-        base.model, base.tokenizer, temperature=s.temperature, seed=seed, max_new_tokens=base.max_new_tokens
+    return HFPolicy(  # parallel simulations batch their replies (per-reply sampling streams)
+        base.model, base.tokenizer, temperature=s.temperature, seed=seed, max_new_tokens=base.max_new_tokens,
+        batch_requests=s.parallel > 1,
     )
 
 
@@ -75,7 +77,8 @@ def run_tree_job(job: Job, settings: TreeSettings) -> list[str]:
     """Build one tree; return it as a JSON line."""
     env = env_for(job.spec)
     env_seed, policy_seed, search_seed = job.seeds(settings.seed)
-    cfg = MCTSConfig(settings.simulations, settings.k, settings.c, settings.max_depth, commit=settings.commit)
+    cfg = MCTSConfig(settings.simulations, settings.k, settings.c, settings.max_depth, commit=settings.commit,
+                     parallel=settings.parallel)
     search = MCTS(_make_policy(settings, policy_seed), cfg, seed=search_seed)
     meta = {"env": str(job.spec), "env_seed": env_seed, "instance": env.instance_key(env_seed), **_settings_meta(settings)}
     tree = search.search(env, env_seed, tree_id=job.episode_id(settings.seed), task=job.spec.name, meta=meta)
@@ -92,6 +95,7 @@ def _settings_meta(s: TreeSettings) -> dict[str, Any]:
         "error_rate": s.error_rate,
         "temperature": s.temperature,
         **({"commit": True} if s.commit else {}),  # absent when off: files written before it existed still resume
+        **({"parallel": s.parallel} if s.parallel != 1 else {}),
     }
 
 
@@ -116,6 +120,7 @@ def build_trees(
     c: float = 1.0,
     max_depth: int = 24,
     commit: bool = False,
+    parallel: int = 1,
     policy: str = "expert",
     error_rate: float = 0.3,
     temperature: float = 1.0,
@@ -140,7 +145,8 @@ def build_trees(
         envs: env specs (default ``[babyai:GoToRedBall?max_steps=24]``).
         episodes: trees per spec.
         simulations, k, c, max_depth, commit: see :class:`~agentrm.targets.mcts.MCTSConfig`
-            (``commit``: search while acting, ``simulations`` per committed step).
+            (``commit``: search while acting, ``simulations`` per committed step; ``parallel``:
+            simulations in flight per tree, their policy calls batched, see :mod:`agentrm.targets.mcts_parallel`).
         policy: ``expert`` (each environment's expert with ``error_rate``) or the path of an
             exported SFT policy (HF causal LM dir, sampled with ``temperature``).
         seed: base seed.
@@ -161,8 +167,8 @@ def build_trees(
     """
     specs = parse_specs(envs or ["babyai:GoToRedBall?max_steps=24"])
     check_specs(specs)
-    if simulations < 1 or k < 1 or max_depth < 1:
-        raise ValueError("need simulations >= 1, k >= 1, max_depth >= 1")
+    if simulations < 1 or k < 1 or max_depth < 1 or parallel < 1:
+        raise ValueError("need simulations >= 1, k >= 1, max_depth >= 1, parallel >= 1")
     load = dict(device=device, dtype=dtype, quantization=quantization, attn_implementation=attn_implementation)
     if policy not in ("expert", "scripted"):
         from agentrm.models.placement import resolve_placement
@@ -176,7 +182,8 @@ def build_trees(
                 raise FileNotFoundError(f"trees.policy: {e}") from None
     elif any(v is not None for k, v in load.items() if k != "attn_implementation"):
         raise ValueError("device, dtype and quantization apply to an LM policy (a path), not policy='expert'")
-    settings = TreeSettings(simulations, k, c, max_depth, policy, error_rate, temperature, seed, **load, commit=commit)
+    settings = TreeSettings(simulations, k, c, max_depth, policy, error_rate, temperature, seed, **load, commit=commit,
+                            parallel=parallel)
     jobs = plan_jobs(specs, episodes)
     path = Path(out)
     t0 = time.perf_counter()

@@ -61,6 +61,13 @@ class Recording:
         self.calls.append(out.clone())
         return out
 
+    def score_candidates_many(self, requests):
+        t0 = time.perf_counter()
+        out = self.scorer.score_candidates_many(requests)
+        self.wall += time.perf_counter() - t0
+        self.calls.extend(o.clone() for o in out)
+        return out
+
     def score_trajectories(self, trajs):
         return self.scorer.score_trajectories(trajs)
 

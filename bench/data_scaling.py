@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--trees", default="runs/pipeline_tiny/trees/trees.jsonl")
     ap.add_argument("--sizes", type=int, nargs="+", default=[6, 12, 25, 50, 100])
     ap.add_argument("--min_visits", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=600, help="optimiser steps per RM")
+    ap.add_argument("--steps", type=int, default=400, help="optimiser steps per RM")
     ap.add_argument("--episodes", type=int, default=20, help="evaluation episodes per level")
     ap.add_argument("--out", default="runs/paper/data_scaling")
     args = ap.parse_args(argv)

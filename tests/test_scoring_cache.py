@@ -118,3 +118,55 @@ def test_prefix_cache_lookup_and_lru():
     c.store("m", (8,), kv)
     assert len(c) == 2 and c.lookup("m", (1, 2, 3, 4, 5))[1] == 0  # evicted (least recently used)
     assert c.nbytes == 2 * 2 * 5 * 4 * 4
+
+
+def _beams(depths: int):
+    """Three beam histories of different lengths (and a shared start), as at one beam-search depth."""
+    base = make_trajectory("p", 0)
+    a = _extend(base, STEPS5[0])
+    b = _extend(_extend(base, STEPS5[1]), STEPS5[2])
+    c = make_trajectory("q", depths)
+    return [a, b, c]
+
+
+def test_many_prefixes_in_one_forward_equal_scoring_alone(tiny_tokenizer):
+    """Every beam of a depth in one forward (left-padded pasts, own positions) = each scored alone."""
+    for attn in ("sdpa", "eager"):
+        model = _value_rm(tiny_tokenizer, attn)
+        many = ValueRMScorer(model, tiny_tokenizer, path="cached")
+        ref = ValueRMScorer(model, tiny_tokenizer, path="packed")
+        beams = _beams(2)
+        for depth in range(2):
+            got = many.score_candidates_many([(h, STEPS5) for h in beams])
+            assert len(got) == len(beams)
+            for h, g in zip(beams, got):
+                torch.testing.assert_close(g, ref.score_candidates(h, STEPS5), atol=ATOL, rtol=0)
+                torch.testing.assert_close(g, _alone(model, tiny_tokenizer, h, STEPS5)[:, -1], atol=ATOL, rtol=0)
+            beams = [_extend(h, STEPS5[(depth + i) % len(STEPS5)]) for i, h in enumerate(beams)]
+        # depth 2 found each beam's chosen candidate row in the cache (one forward for all three beams)
+        assert many.counters.cached_calls == 6 and many.counters.cached_tokens > 0
+
+
+def test_many_prefixes_forward_once_per_batch_and_handle_empty_requests(tiny_tokenizer):
+    model = _value_rm(tiny_tokenizer, "sdpa")
+    many = ValueRMScorer(model, tiny_tokenizer, path="cached", batch_size=4)
+    beams = _beams(1)
+    many.score_candidates_many([(h, STEPS5[:2]) for h in beams])  # fill the caches
+    beams = [_extend(h, STEPS5[0]) for h in beams]
+    before = many.counters.forward_passes
+    got = many.score_candidates_many([(beams[0], STEPS5[:2]), (beams[1], []), (beams[2], STEPS5[:2])])
+    assert many.counters.forward_passes - before == 1  # 4 rows of two prefixes, one batch, no prefix forward
+    assert [len(g) for g in got] == [2, 0, 2]
+    ref = ValueRMScorer(model, tiny_tokenizer, path="plain")
+    torch.testing.assert_close(got[2], ref.score_candidates(beams[2], STEPS5[:2]), atol=ATOL, rtol=0)
+
+
+def test_prm_many_prefixes_policy_and_reference(tiny_tokenizer):
+    prm = _prm(tiny_tokenizer, "sdpa")
+    many = ImplicitPRMScorer(prm, tiny_tokenizer, include_prefix=False, path="cached", batch_size=5)
+    ref = ImplicitPRMScorer(prm, tiny_tokenizer, include_prefix=False, path="plain")
+    beams = _beams(3)
+    for _ in range(2):
+        for h, g in zip(beams, many.score_candidates_many([(h, STEPS5) for h in beams])):
+            torch.testing.assert_close(g, ref.score_candidates(h, STEPS5), atol=ATOL, rtol=0)
+        beams = [_extend(h, STEPS5[3]) for h in beams]

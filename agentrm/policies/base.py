@@ -59,5 +59,9 @@ def propose_many(policy: Policy, requests: Sequence[tuple[Env | None, Trajectory
 
 
 def batches_requests(policy: Policy) -> bool:
-    """Whether ``policy`` gains from receiving many requests at once (has its own ``propose_many``)."""
+    """Whether ``policy`` gains from receiving many requests at once: its ``batches_requests`` attribute
+    when it has one (the HF policy: ``batch_requests=True``), else whether it has its own ``propose_many``."""
+    flag = getattr(policy, "batches_requests", None)
+    if flag is not None:
+        return bool(flag)
     return callable(getattr(policy, "propose_many", None))

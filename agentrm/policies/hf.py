@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,8 @@ import torch
 
 from agentrm.data.schema import Trajectory
 from agentrm.envs.base import Env
-from agentrm.policies.prompt import AgentPrompt, ReplyStats, propose_validated
+from agentrm.policies.prompt import AgentPrompt, ReplyStats, agent_messages, propose_validated, resample_invalid
+from agentrm.policies.sampling import PerRowSampler, reply_seed
 
 
 class HFPolicy:
@@ -25,6 +27,15 @@ class HFPolicy:
     ``seed`` plus a call counter, so the global RNG is left untouched and the same
     sequence of calls gives the same samples.
 
+    **Batching across requests** (``batch_requests=True``): :meth:`propose_many` / :meth:`chat_many`
+    generate the replies of many prompts (the beams of a depth, the samples of Best-of-N, the trees of
+    a lock-step MCTS) in shared left-padded ``generate`` calls of ``batch_size`` rows. Every reply then
+    draws from its own generator, seeded by ``(seed, call index, reply index)``
+    (:class:`~agentrm.policies.sampling.PerRowSampler`), so a reply does not depend on which other
+    replies shared its batch: the same calls give the same replies batched or one at a time (up to
+    fp32 rounding of a differently padded batch at a sampling boundary). These are other samples than
+    the default per-call stream's (same distribution), which the recorded figures used.
+
     Args:
         model: an ``AutoModelForCausalLM`` (set to eval mode here).
         tokenizer: its tokenizer, with a chat template.
@@ -38,6 +49,7 @@ class HFPolicy:
             valid actions, in-context example, ``Thought:``/``Action:`` replies); ``None`` renders
             ``history.to_messages()`` as in training (what an SFT policy saw).
         max_resample: redraws of a reply without a valid action (sampling only).
+        batch_requests: batch replies across requests with per-reply generators (see above).
 
     Attributes:
         reply_stats: :class:`~agentrm.policies.prompt.ReplyStats` (replies, invalid, unresolved).
@@ -55,6 +67,7 @@ class HFPolicy:
         system_prompt: str | None = None,
         prompt: AgentPrompt | None = None,
         max_resample: int = 2,
+        batch_requests: bool = False,
     ):
         if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1 or batch_size < 1:
             raise ValueError("need temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1, batch_size >= 1")
@@ -68,6 +81,8 @@ class HFPolicy:
         self.system_prompt = system_prompt
         self.prompt = prompt
         self.max_resample = max_resample
+        self.batch_requests = batch_requests
+        self.batches_requests = batch_requests  # read by agentrm.policies.base.batches_requests
         self.reply_stats = ReplyStats()
         self.calls = 0
         self.generated_tokens = 0
@@ -81,9 +96,77 @@ class HFPolicy:
         return propose_validated(self, self.prompt, self.reply_stats, env, history, k, self.max_resample,
                                  greedy=self.temperature == 0)
 
+    def propose_many(self, requests: Sequence[tuple[Env | None, Trajectory, int]]) -> list[list[str]]:
+        """``propose`` for each ``(env, history, k)``: with ``batch_requests``, the first replies of all
+        requests in shared ``generate`` calls, then redraws of invalid replies in request order (the
+        result equals calling :meth:`propose` on each request in order); else one request at a time."""
+        if not self.batch_requests:
+            return [self.propose(env, history, k) for env, history, k in requests]
+        msgs = [agent_messages(self.prompt, h, env) for env, h, _ in requests]
+        first = self.chat_many([(m, k) for m, (_, _, k) in zip(msgs, requests)])
+        greedy = self.temperature == 0
+        return [
+            resample_invalid(self, m, replies, env, self.reply_stats, self.max_resample, greedy)
+            for m, replies, (env, _, _) in zip(msgs, first, requests)
+        ]
+
+    @torch.no_grad()
+    def chat_many(
+        self, prompts: Sequence[tuple[list[dict[str, str]], int]], temperature: float | None = None
+    ) -> list[list[str]]:
+        """``chat(messages, n)`` for each ``(messages, n)``; call indices assigned in prompt order.
+
+        With ``batch_requests`` all replies are generated in left-padded batches of ``batch_size``
+        rows, each reply with its own generator; without, one :meth:`chat` after another.
+        """
+        if not self.batch_requests:
+            return [self.chat(m, n, temperature) for m, n in prompts]
+        temp = self.temperature if temperature is None else temperature
+        device = next(self.model.parameters()).device
+        rows: list[tuple[int, list[int], int]] = []  # (prompt index, prompt ids, reply seed)
+        for i, (messages, n) in enumerate(prompts):
+            ids = self._prompt_ids(messages)
+            call = self.calls
+            self.calls += 1
+            for j in range(1 if temp == 0 else n):  # greedy: decode once, repeat
+                rows.append((i, ids, reply_seed(self.seed, call, j)))
+        texts: list[str] = []
+        for r0 in range(0, len(rows), self.batch_size):
+            texts += self._generate_rows(rows[r0 : r0 + self.batch_size], temp, device)
+        out: list[list[str]] = [[] for _ in prompts]
+        for (i, _, _), text in zip(rows, texts):
+            out[i].append(text)
+        return [o * prompts[i][1] if temp == 0 else o for i, o in enumerate(out)]
+
+    def _prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        if self.system_prompt:
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def _generate_rows(self, rows: list[tuple[int, list[int], int]], temp: float, device: torch.device) -> list[str]:
+        """One left-padded ``generate`` of ``rows`` (prompt ids, reply seed); the decoded replies."""
+        width = max(len(ids) for _, ids, _ in rows)
+        pad = self._pad_id()
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, (_, ids, _) in enumerate(rows):
+            input_ids[b, width - len(ids) :] = torch.tensor(ids)
+            attn[b, width - len(ids) :] = 1
+        kwargs: dict[str, Any] = dict(max_new_tokens=self.max_new_tokens, pad_token_id=pad, do_sample=False)
+        if temp > 0:  # sampling by the per-row processor; generate itself decodes greedily over its output
+            sampler = PerRowSampler([seed for _, _, seed in rows], temp, self.top_p, device)
+            kwargs.update(logits_processor=[sampler], temperature=None, top_p=None, top_k=None)
+        seqs = self.model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device), **kwargs)
+        new = seqs[:, width:]
+        self.generated_tokens += int((new != pad).sum())
+        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+
     @torch.no_grad()
     def chat(self, messages: list[dict[str, str]], n: int = 1, temperature: float | None = None) -> list[str]:
         """``n`` decoded replies (special tokens removed) to ``messages``."""
+        if self.batch_requests:
+            return self.chat_many([(messages, n)], temperature)[0]
         temp = self.temperature if temperature is None else temperature
         if self.system_prompt:
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
@@ -125,6 +208,7 @@ def load_hf_policy(
     temperature: float = 1.0,
     seed: int = 0,
     max_new_tokens: int = 16,
+    batch_requests: bool = False,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     quantization: str | None = None,
@@ -145,5 +229,6 @@ def load_hf_policy(
     d = resolve_path(path)
     model = build_backbone(str(d), causal_lm=True, **placement.load_kwargs())
     return HFPolicy(
-        model, load_tokenizer(str(d)), temperature=temperature, seed=seed, max_new_tokens=max_new_tokens, **kw
+        model, load_tokenizer(str(d)), temperature=temperature, seed=seed, max_new_tokens=max_new_tokens,
+        batch_requests=batch_requests, **kw,
     )

@@ -16,7 +16,7 @@ the non-padding tokens fed through them, ``cached_tokens`` the prefix tokens rea
 ``cached_calls``/``packed_calls``/``plain_calls`` the path each candidate-scoring call took.
 """
 
-from agentrm.scoring.base import SCORING_PATHS, Scorer, ScoringCounters, path_calls
+from agentrm.scoring.base import SCORING_PATHS, Scorer, ScoringCounters, path_calls, score_many
 from agentrm.scoring.cache import PrefixCache
 from agentrm.scoring.driver import CandidateScorer, PackMode, ScoringPath
 from agentrm.scoring.layouts import (
@@ -36,5 +36,6 @@ __all__ = [
     "PACKABLE_ATTENTION", "PACKABLE_MODEL_TYPES", "SCORING_PATHS", "Candidate", "CandidateScorer",
     "CandidateTokens", "ImplicitPRMScorer", "PackMode", "PrefixCache", "Scorer", "ScoringCounters",
     "ScoringLayout", "ScoringPath", "ValueRMScorer", "cached_layout", "caching_unsupported_reason",
-    "packed_layout", "packing_unsupported_reason", "path_calls", "plain_layout", "tokenize_candidates",
+    "packed_layout", "packing_unsupported_reason", "path_calls", "plain_layout", "score_many",
+    "tokenize_candidates",
 ]

@@ -69,3 +69,12 @@ class Scorer(Protocol):
     def score_trajectories(self, trajs: Sequence[Trajectory]) -> Tensor:
         """``[N]`` whole-trajectory scores (``nan`` for a trajectory without a scored step)."""
         ...
+
+
+def score_many(scorer: Scorer, requests: Sequence[tuple[Trajectory, Sequence[Candidate]]]) -> list[Tensor]:
+    """``scorer.score_candidates(prefix, candidates)`` for each request, in order; in shared forwards where
+    the scorer can (the RM scorers' ``score_candidates_many`` on the cached path), else one call each."""
+    many = getattr(scorer, "score_candidates_many", None)
+    if many is not None:
+        return many(list(requests))
+    return [scorer.score_candidates(prefix, cands) for prefix, cands in requests]

@@ -54,13 +54,48 @@ def new_cache(kv: KV | None, batch: int) -> Any:
     return cache
 
 
-def cache_row(cache: Any, row: int, length: int) -> KV:
-    """Row ``row``'s first ``length`` positions of every layer of ``cache`` (views)."""
+def stack_pasts(kvs: list[KV | None], rows: list[int]) -> Any:
+    """A ``DynamicCache`` of ``sum(rows)`` rows: ``kvs[g]`` repeated ``rows[g]`` times, left-padded.
+
+    Every ``kvs[g]`` (``n_g`` positions; ``None`` = 0) ends at position ``past_len = max_g n_g``; the
+    ``past_len - n_g`` slots before it are zeros, which the caller's 2D mask must hide (see
+    :func:`agentrm.scoring.layouts.cached_layout_many`). With one group this is :func:`new_cache`
+    (views, no copy); otherwise the keys/values are copied into one ``[B, kv_heads, past_len, head_dim]``
+    tensor per layer.
+    """
+    if len(kvs) == 1:
+        return new_cache(kvs[0], rows[0])
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    some = next((kv for kv in kvs if kv), None)
+    if some is None:
+        return cache
+    past_len = max(kv[0][0].shape[2] if kv else 0 for kv in kvs)
+    for layer, (k0, v0) in enumerate(some):
+        keys = k0.new_empty((sum(rows), k0.shape[1], past_len, k0.shape[3]))
+        values = v0.new_empty((sum(rows), v0.shape[1], past_len, v0.shape[3]))
+        b = 0
+        for kv, r in zip(kvs, rows):
+            pad = past_len - (kv[layer][0].shape[2] if kv else 0)
+            keys[b : b + r, :, :pad] = 0  # padding slots (masked): written once, like the keys
+            values[b : b + r, :, :pad] = 0
+            if kv:
+                keys[b : b + r, :, pad:] = kv[layer][0]  # [1, ...] broadcast to the group's r rows
+                values[b : b + r, :, pad:] = kv[layer][1]
+            b += r
+        cache.update(keys, values, layer)
+    return cache
+
+
+def cache_row(cache: Any, row: int, length: int, start: int = 0) -> KV:
+    """Row ``row``'s positions ``start .. start + length - 1`` of every layer of ``cache`` (views)."""
     if hasattr(cache, "layers"):  # transformers 5.x
         pairs = [(layer.keys, layer.values) for layer in cache.layers]
     else:  # transformers 4.x
         pairs = list(zip(cache.key_cache, cache.value_cache))
-    return [(k[row : row + 1, :, :length], v[row : row + 1, :, :length]) for k, v in pairs]
+    end = start + length
+    return [(k[row : row + 1, :, start:end], v[row : row + 1, :, start:end]) for k, v in pairs]
 
 
 def crop(kv: KV, n: int) -> KV:

@@ -21,10 +21,10 @@ from agentrm.data.collate import collate_trajectories
 from agentrm.data.schema import Trajectory
 from agentrm.data.tokenize import tokenize_trajectory
 from agentrm.scoring.base import SCORING_PATHS, ScoringCounters
-from agentrm.scoring.cache import PrefixCache, cache_row, crop, extend_prefix, new_cache
+from agentrm.scoring.cache import KV, PrefixCache, cache_row, crop, extend_prefix, stack_pasts
 from agentrm.scoring.layouts import (
     ScoringLayout,
-    cached_layout,
+    cached_layout_many,
     caching_unsupported_reason,
     packed_layout,
     packing_unsupported_reason,
@@ -151,37 +151,58 @@ class CandidateScorer:
         One forward per ``batch_size`` candidates (per model); on the cached path, plus one forward of
         the prefix tokens no cached sequence covers.
         """
-        toks = tokenize_candidates(
-            self.tokenizer,
-            prefix,
-            self._prepare_candidates(candidates),
-            self.max_length,
-            with_prefix_steps=self._with_prefix_steps,
-        )
-        if not toks.cand_ids:
-            return torch.zeros(0)
-        path = self.choose_path(toks)
-        self.last_path = path
+        return self.score_candidates_many([(prefix, candidates)])[0]
+
+    @torch.no_grad()
+    def score_candidates_many(
+        self, requests: Sequence[tuple[Trajectory, Sequence[Candidate]]]
+    ) -> list[Tensor]:
+        """``score_candidates(prefix, candidates)`` for every request (e.g. every beam of one depth).
+
+        On the cached path the candidate rows of all requests share forwards (``batch_size`` rows each,
+        pasts left-padded to the longest prefix): one forward per depth instead of one per beam. Other
+        paths score request by request. Each result equals scoring its request alone (within fp32
+        rounding of a differently shaped batch, ~1e-6).
+        """
+        toks = [
+            tokenize_candidates(
+                self.tokenizer, prefix, self._prepare_candidates(cands), self.max_length,
+                with_prefix_steps=self._with_prefix_steps,
+            )
+            for prefix, cands in requests
+        ]
+        out: list[Tensor | None] = [torch.zeros(0) if not t.cand_ids else None for t in toks]
+        live = [i for i, t in enumerate(toks) if t.cand_ids]
+        paths = {i: self.choose_path(toks[i]) for i in live}
         dev = self._device()
-        out = []
-        K, n = len(toks.cand_ids), self._passes_per_forward
+        cached = [i for i in live if paths[i] == "cached"]
+        if cached:
+            for i, scores in zip(cached, self._score_cached_many([toks[i] for i in cached], dev)):
+                out[i] = scores
+        for i in live:
+            path = paths[i]
+            self.last_path = path
+            self.counters.candidates += len(toks[i].cand_ids)
+            setattr(self.counters, f"{path}_calls", getattr(self.counters, f"{path}_calls") + 1)
+            if path != "cached":
+                out[i] = self._score_uncached(toks[i], path, dev)
+        return out  # type: ignore[return-value]
+
+    def _score_uncached(self, toks: CandidateTokens, path: str, dev: torch.device) -> Tensor:
+        """Packed or plain scores of one prefix's candidates, ``batch_size`` per forward."""
+        out, K, n = [], len(toks.cand_ids), self._passes_per_forward
         for c0 in range(0, K, self.batch_size):
             ks = range(c0, min(c0 + self.batch_size, K))
-            if path == "cached":
-                out.append(self._score_cached(toks, ks, dev))
-                continue
             if path == "packed":
                 layout = packed_layout(toks, ks, dev)
             else:
                 layout = plain_layout(toks, ks, self._pad_id(), dev)
             out.append(self._score_layout(layout, len(toks.prefix_steps), None).float().cpu())
             self._count(n, n * layout.real_tokens, n * layout.input_ids.numel())
-        self.counters.candidates += K
-        setattr(self.counters, f"{path}_calls", getattr(self.counters, f"{path}_calls") + 1)
         return torch.cat(out)
 
-    def _score_cached(self, toks: CandidateTokens, ks: Sequence[int], dev: torch.device) -> Tensor:
-        """Scores of candidates ``ks`` against the cached prefix; stores each candidate's keys/values.
+    def _cached_prefix(self, toks: CandidateTokens, dev: torch.device) -> tuple[dict[str, KV | None], int]:
+        """Keys/values (per model) of ``toks``'s prefix but its last ``held`` tokens, and ``held``.
 
         The prefix tokens no cached sequence covers are forwarded in every candidate row when there are
         at most ``fold_tokens`` of them (typically the generation prompt after a beam's last step), else
@@ -192,34 +213,56 @@ class CandidateScorer:
         keys = [key for key, _ in self._cache_models()]
         found = {key: self.prefix_cache.lookup(key, tuple(ctx)) for key in keys}
         n = min(m for _, m in found.values())
-        kvs = {}
+        kvs: dict[str, KV | None] = {}
         if P - 1 - n <= self.fold_tokens:
-            held = P - n
             for key in keys:
-                kv = found[key][0]
-                kvs[key] = None if n == 0 else crop(kv, n)
+                kvs[key] = None if n == 0 else crop(found[key][0], n)
                 self.counters.cached_tokens += n
-        else:
-            held = 1
-            for key in keys:
-                kv, reused, fwd = extend_prefix(
-                    self.prefix_cache, key, ctx, lambda i, m, p, key=key: self._prefix_forward(key, i, m, p), dev,
-                    found=found[key],
-                )
-                self.counters.cached_tokens += reused
-                self._count(1, fwd, fwd)
-                kvs[key] = kv
-        pasts = {key: new_cache(kv, len(ks)) for key, kv in kvs.items()}
-        layout = cached_layout(toks, ks, self._pad_id(), dev, held)
-        scores = self._score_layout(layout, 0, pasts).float().cpu()
-        n = len(pasts)
-        self._count(n, n * layout.real_tokens, n * layout.input_ids.numel())
-        P = len(toks.prefix_ids)
-        for key, past in pasts.items():
-            for j, k in enumerate(ks):
-                seq = tuple(toks.prefix_ids + toks.cand_ids[k])
-                self.prefix_cache.store(key, seq, cache_row(past, j, P + len(toks.cand_ids[k])))
-        return scores
+            return kvs, P - n
+        for key in keys:
+            kv, reused, fwd = extend_prefix(
+                self.prefix_cache, key, ctx, lambda i, m, p, key=key: self._prefix_forward(key, i, m, p), dev,
+                found=found[key],
+            )
+            self.counters.cached_tokens += reused
+            self._count(1, fwd, fwd)
+            kvs[key] = kv
+        return kvs, 1
+
+    def _score_cached_many(self, toks: Sequence[CandidateTokens], dev: torch.device) -> list[Tensor]:
+        """Scores of every candidate of every prefix in ``toks`` against the cached prefixes.
+
+        Rows (all candidates, in request order) go ``batch_size`` per forward; each row's keys/values are
+        stored as ``prefix_ids + cand_ids[k]`` for the next depth.
+        """
+        prefixes = [self._cached_prefix(t, dev) for t in toks]
+        rows = [(g, k) for g, t in enumerate(toks) for k in range(len(t.cand_ids))]
+        scores: list[list[Tensor]] = [[] for _ in toks]
+        n_models = len(self._cache_models())
+        for r0 in range(0, len(rows), self.batch_size):
+            chunk = rows[r0 : r0 + self.batch_size]
+            groups = [g for g in dict.fromkeys(g for g, _ in chunk)]
+            ks = {g: [k for gg, k in chunk if gg == g] for g in groups}
+            layout_groups = [(toks[g], ks[g], prefixes[g][1]) for g in groups]
+            layout = cached_layout_many(layout_groups, self._pad_id(), dev)
+            if len(groups) == 1:
+                layout.position_ids = None  # one prefix: default positions continue it
+            pasts = {
+                key: stack_pasts([prefixes[g][0][key] for g in groups], [len(ks[g]) for g in groups])
+                for key, _ in self._cache_models()
+            }
+            flat = self._score_layout(layout, 0, pasts).float().cpu()
+            self._count(n_models, n_models * layout.real_tokens, n_models * layout.input_ids.numel())
+            j = 0
+            for g in groups:
+                t, n = toks[g], len(toks[g].prefix_ids) - prefixes[g][1]
+                scores[g].append(flat[j : j + len(ks[g])])
+                for k in ks[g]:
+                    seq = tuple(t.prefix_ids + t.cand_ids[k])
+                    for key, past in pasts.items():
+                        self.prefix_cache.store(key, seq, cache_row(past, j, len(seq), start=layout.past_len - n))
+                    j += 1
+        return [torch.cat(s) for s in scores]
 
     def _pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id

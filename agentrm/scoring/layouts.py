@@ -13,6 +13,8 @@ every candidate's score equal to scoring ``prefix + candidate`` alone as a norma
   with a 2D padding mask over ``past + T`` keys and default positions ``P-1 .. P-1+T-1``. The last
   prefix token is held back from the cache so that the hidden state predicting a candidate's first
   token is computed in this forward. A 2D mask works under sdpa, eager and flash-attention alike.
+  Several prefixes (every beam of one depth) share one forward with left-padded pasts and explicit
+  position ids (:func:`cached_layout_many`).
 
 How a 4D mask reaches the model (transformers 5.x): ``create_causal_mask`` returns a 4D mask as is;
 ``sdpa`` takes a boolean ``[B, 1, Q, K]`` mask (``True`` = attend), ``eager`` an additive float mask
@@ -154,27 +156,76 @@ def cached_layout(
     ``held >= 1`` prefix tokens are forwarded in every row: the last one so that the hidden state
     predicting a candidate's first token is computed here, and any others the cache did not cover (a
     few generation-prompt tokens are cheaper repeated K times than forwarded on their own).
+    Default positions (``past_len ..``): one prefix, so every row continues the same past.
 
     Raises:
         ValueError: when the layout asks for the prefix's own steps (``prefix_steps``): their tokens
             are in the cache, not in this forward; or ``held`` is not in ``[1, P]``.
     """
-    if toks.prefix_steps:
-        raise ValueError("the cached layout scores candidates only (prefix steps live in the cache)")
-    P = len(toks.prefix_ids)
-    if not 1 <= held <= P:
-        raise ValueError(f"held must be in [1, {P}]; got {held}")
-    T = held + max(len(toks.cand_ids[k]) for k in ks)
-    input_ids = torch.full((len(ks), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ks), P - held + T), dtype=torch.long)
-    for b, k in enumerate(ks):
-        row = toks.prefix_ids[P - held :] + toks.cand_ids[k]
-        input_ids[b, : len(row)] = torch.tensor(row)
-        mask[b, : P - held + len(row)] = 1
-    cand_pos = [b * T + held for b in range(len(ks))]
-    first = [c - 1 for c in cand_pos]
-    real = sum(held + len(toks.cand_ids[k]) for k in ks)
-    return _layout(input_ids, None, None, mask, toks, ks, cand_pos, first, real, device, past_len=P - held)
+    layout = cached_layout_many([(toks, ks, held)], pad_id, device)
+    layout.position_ids = None
+    return layout
+
+
+def cached_layout_many(
+    groups: Sequence[tuple[CandidateTokens, Sequence[int], int]], pad_id: int, device: torch.device | str = "cpu"
+) -> ScoringLayout:
+    """Candidate rows of several prefixes (e.g. every beam of one depth) in one forward.
+
+    Group ``g = (toks, ks, held)`` contributes rows ``[toks.prefix_ids[-held:], cand_k]`` for ``k`` in
+    ``ks``, against its cached ``prefix[:-held]`` of ``n_g = P_g - held`` tokens. The pasts are
+    left-padded to ``past_len = max_g n_g`` (:func:`agentrm.scoring.cache.stack_pasts`): the 2D mask
+    ``[B, past_len + T]`` hides the padding and ``position_ids[b] = n_g + arange(T)`` continues each
+    row's own prefix, so every row equals its candidate scored alone. Rows are in group order; step
+    ids number the rows (``0 .. B-1``; the cached layout has no prefix steps).
+
+    Raises:
+        ValueError: a group with prefix steps, or ``held`` outside ``[1, P]``.
+    """
+    for toks, _, held in groups:
+        if toks.prefix_steps:
+            raise ValueError("the cached layout scores candidates only (prefix steps live in the cache)")
+        if not 1 <= held <= len(toks.prefix_ids):
+            raise ValueError(f"held must be in [1, {len(toks.prefix_ids)}]; got {held}")
+    past_len = max(len(toks.prefix_ids) - held for toks, _, held in groups)
+    T = max(held + len(toks.cand_ids[k]) for toks, ks, held in groups for k in ks)
+    B = sum(len(ks) for _, ks, _ in groups)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, past_len + T), dtype=torch.long)
+    position_ids = torch.zeros((B, T), dtype=torch.long)
+    pred, tgt, sid, ends = [], [], [], []
+    b, real = 0, 0
+    for toks, ks, held in groups:
+        n = len(toks.prefix_ids) - held
+        cand_pos = []
+        for k in ks:
+            row = toks.prefix_ids[n:] + toks.cand_ids[k]
+            input_ids[b, : len(row)] = torch.tensor(row)
+            mask[b, past_len - n : past_len + len(row)] = 1
+            position_ids[b] = torch.arange(n, n + T)
+            cand_pos.append(b * T + held)
+            ends.append(b * T + len(row) - 1)
+            real += len(row)
+            b += 1
+        p, t, s, _ = _scored_tokens(toks, ks, cand_pos, [c - 1 for c in cand_pos])
+        first_row = b - len(ks)
+        pred += p
+        tgt += t
+        sid += [first_row + j for j in s]  # no prefix steps: s = j, the group's row index
+    as_long = dict(dtype=torch.long, device=device)
+    return ScoringLayout(
+        input_ids=input_ids.to(device),
+        position_ids=position_ids.to(device),
+        allowed=None,
+        attention_mask_2d=mask.to(device),
+        end_idx=torch.tensor(ends, **as_long),
+        pred_idx=torch.tensor(pred, **as_long),
+        targets=torch.tensor(tgt, **as_long),
+        step_ids=torch.tensor(sid, **as_long),
+        num_steps=B,
+        real_tokens=real,
+        past_len=past_len,
+    )
 
 
 def _window(config) -> int | None:

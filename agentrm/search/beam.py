@@ -2,10 +2,10 @@
 
 At every depth each of the (at most) ``width`` live beams is expanded with ``k`` actions
 sampled from the policy (duplicates within a beam removed).  The candidates of one beam
-are each executed on their own clone of the beam's environment first, then scored with a
-single ``scorer.score_candidates(beam_history, [Step(action, observation), ...])`` call
-(one packed forward for the RM scorers; the value RM reads each value at the end of the
-candidate's observation, as in training).  The ``width`` best non-terminal children over all expansions become the
+are each executed on their own clone of the beam's environment first; then the candidates of
+all beams are scored together (:func:`agentrm.scoring.score_many`: ``score_candidates(beam_history,
+[Step(action, observation), ...])`` per beam, in shared forwards on the RM scorers' cached path;
+the value RM reads each value at the end of the candidate's observation, as in training).  The ``width`` best non-terminal children over all expansions become the
 next beams; children whose episode ended are kept as *finished* candidates with their score.
 
 **Selection reads the scorer only.**  The environment's reward and success flag are
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from agentrm.data.schema import Step, Trajectory
 from agentrm.envs.base import Env
 from agentrm.policies.base import Policy, propose_many
-from agentrm.scoring import Scorer, path_calls
+from agentrm.scoring import Scorer, path_calls, score_many
 from agentrm.search.episode import SearchResult, begin_episode, extend, finish
 
 
@@ -97,8 +97,12 @@ def beam_search(
         # all beams' proposals at once (concurrent requests for a served policy), in beam order
         proposals = propose_many(policy, [(b.env, b.history, k) for b in beams])
         stats["policy_calls"] += len(beams)
-        for beam, cands in zip(beams, proposals):
-            children.extend(_expand(beam, cands, scorer, dedupe, stats, hide_terminal_observation))
+        stepped = [_step(beam, cands, dedupe, stats) for beam, cands in zip(beams, proposals)]
+        # all beams' candidates scored together (one forward per depth on the RM scorers' cached path)
+        scores = score_many(scorer, [(beam.history, _shown(s, hide_terminal_observation)) for beam, s in zip(beams, stepped)])
+        for beam, s, sc in zip(beams, stepped, scores):
+            stats["candidates_scored"] += len(s)
+            children.extend(_children(beam, s, sc))
             if beam is not root:
                 beam.env.close()
         stats["depth"] = depth + 1
@@ -139,11 +143,8 @@ def beam_search(
     )
 
 
-def _expand(
-    beam: _Node, cands: list[str], scorer: Scorer, dedupe: Callable[[str], str] | None, stats: dict,
-    hide_terminal: bool = False,
-) -> list[_Node]:
-    """Execute each of ``beam``'s proposed actions on a clone, score them in one call."""
+def _step(beam: _Node, cands: list[str], dedupe: Callable[[str], str] | None, stats: dict) -> list[tuple]:
+    """Execute each of ``beam``'s proposed actions (deduplicated) on its own clone of the beam's environment."""
     if dedupe is not None:
         seen: dict[str, str] = {}
         for c in cands:
@@ -155,11 +156,16 @@ def _expand(
         obs, reward, done, info = child_env.step(cand)
         stats["env_steps"] += 1
         stepped.append((cand, child_env, obs, reward, done, info))
-    # Step candidates: the value RM reads the value after the observation, as in training (an
-    # episode-ending reply is withheld when outcome-blind: it may state the outcome)
-    shown = [Step(c, "" if hide_terminal and done else obs) for c, _, obs, _, done, _ in stepped]
-    scores = scorer.score_candidates(beam.history, shown)
-    stats["candidates_scored"] += len(cands)
+    return stepped
+
+
+def _shown(stepped: list[tuple], hide_terminal: bool) -> list[Step]:
+    """The candidates as the scorer sees them: the value RM reads the value after the observation, as in
+    training; an episode-ending reply is withheld when outcome-blind (it may state the outcome)."""
+    return [Step(c, "" if hide_terminal and done else obs) for c, _, obs, _, done, _ in stepped]
+
+
+def _children(beam: _Node, stepped: list[tuple], scores) -> list[_Node]:
     return [
         _Node(
             env=child_env,

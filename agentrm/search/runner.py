@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from agentrm.scoring import Scorer, ScoringCounters
+from agentrm.scoring import Scorer, ScoringCounters, score_many
 
 
 class EpisodeLog:
@@ -89,6 +89,9 @@ class SharedScorer:
 
     def score_candidates(self, prefix, candidates):
         return self._call(self.scorer.score_candidates, prefix, candidates)
+
+    def score_candidates_many(self, requests):
+        return self._call(lambda r: score_many(self.scorer, r), requests)
 
     def score_trajectories(self, trajs):
         return self._call(self.scorer.score_trajectories, trajs)

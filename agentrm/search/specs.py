@@ -39,6 +39,11 @@ class PolicySpec:
         max_resample: LM policies: redraws of a reply without a valid action when sampling.
         base_url: ``openai``: the server's base URL, or a list of replicas serving the same model.
         max_concurrency: ``openai``: requests in flight at once per policy (beams, samples).
+        batch_requests: ``hf``: generate the replies of many requests (beams, Best-of-N samples in
+            lock-step) in shared batches of ``batch_size`` rows, each reply from its own seeded stream
+            (:class:`~agentrm.policies.hf.HFPolicy`); off by default, which keeps the per-call stream
+            the recorded figures used.
+        batch_size: ``hf``: replies per ``generate`` call.
         device, dtype, quantization, attn_implementation: ``hf``: where and how the LM is loaded
             (default: CUDA in bf16 when available, else CPU in fp32; ``quantization`` ``nf4``/``int8``
             needs CUDA and bitsandbytes); see :mod:`agentrm.models.placement`.
@@ -55,6 +60,8 @@ class PolicySpec:
     prompt: Literal["plain", "react"] = "plain"
     max_resample: int = 2
     max_concurrency: int = 4
+    batch_requests: bool = False
+    batch_size: int = 8
     device: str | None = None
     dtype: str | None = None
     quantization: str | None = None
@@ -220,6 +227,8 @@ def policy_factory(spec: PolicySpec) -> Callable[[int, bool], Policy]:
             seed=seed,
             prompt=prompt,
             max_resample=spec.max_resample,
+            batch_size=spec.batch_size,
+            batch_requests=spec.batch_requests,
         )
     if spec.kind == "openai":
         from agentrm.policies.openai_compat import OpenAIChatPolicy

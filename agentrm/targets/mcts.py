@@ -39,6 +39,7 @@ from typing import Any, Literal
 from agentrm.data.schema import Step, Trajectory
 from agentrm.envs.base import Env, replay
 from agentrm.policies.base import Policy
+from agentrm.targets.mcts_parallel import simulate_parallel
 
 MAX_ROLLOUT_STEPS = 10_000
 
@@ -210,6 +211,9 @@ class MCTSConfig:
             ``simulations`` more from there, until a terminal node or ``max_depth``; every state
             along the committed episode then gets a well-visited value and visited siblings.  The
             statistics of nodes above the search root are frozen when the root moves on.
+        parallel: simulations in flight at once per tree (virtual loss; expansions and rollouts batched
+            through ``propose_many``, see :mod:`agentrm.targets.mcts_parallel`); ``1`` runs them one
+            after another.
     """
 
     simulations: int = 50
@@ -218,6 +222,11 @@ class MCTSConfig:
     max_depth: int = 24
     clone_mode: Literal["clone", "replay"] = "clone"
     commit: bool = False
+    parallel: int = 1
+
+    def __post_init__(self) -> None:
+        if self.parallel < 1:
+            raise ValueError(f"parallel must be >= 1; got {self.parallel}")
 
 
 class MCTS:
@@ -258,8 +267,13 @@ class MCTS:
         cfg, nodes = self.config, tree.nodes
         root, sims = 0, 0
         while True:
-            for _ in range(cfg.simulations):
-                self.simulate(tree, env, root)
+            done = 0
+            while done < cfg.simulations:
+                if cfg.parallel == 1:
+                    self.simulate(tree, env, root)
+                    done += 1
+                else:
+                    done += simulate_parallel(self, tree, env, root, min(cfg.parallel, cfg.simulations - done))
             sims += cfg.simulations
             if not cfg.commit or not nodes[root].children:
                 break
@@ -328,11 +342,15 @@ class MCTS:
 
     def expand(self, tree: Tree, i: int, env: Env) -> dict[int, Env]:
         """Create the children of node ``i`` (deduplicated policy samples); return their envs by node index."""
+        return self.add_children(tree, i, env, self.policy.propose(env, tree.history(i), self.config.k))
+
+    def add_children(self, tree: Tree, i: int, env: Env, actions: list[str]) -> dict[int, Env]:
+        """Expand node ``i`` with ``actions`` (deduplicated), each stepped on a clone of ``env``."""
         node = tree.nodes[i]
         node.expanded = True
         seen: set[str] = set()
         out: dict[int, Env] = {}
-        for action in self.policy.propose(env, tree.history(i), self.config.k):
+        for action in actions:
             key = self._key(action)
             if key in seen:
                 continue

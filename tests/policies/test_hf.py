@@ -60,3 +60,56 @@ def test_greedy_decoding_gives_identical_candidates(lm_and_tok):
     pol = HFPolicy(model, tok, temperature=0.0, max_new_tokens=5)
     cands = pol.propose(None, _history(), k=3)
     assert len(cands) == 3 and len(set(cands)) == 1
+
+
+def _long_history():
+    h = _history()
+    for i in range(3):
+        h.steps.append(Step(f"turn {'left' if i % 2 else 'right'}", f"Facing north. A wall {i + 1} ahead and a key to the left."))
+    return h
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_batched_requests_equal_one_at_a_time(lm_and_tok, temperature):
+    """batch_requests: a reply is the same sample whatever shares its generate batch (batch 1, 3, 16)."""
+    model, tok = lm_and_tok
+    reqs = [(None, _history(), 3), (None, _long_history(), 2), (None, _history(), 1)]
+    outs = []
+    for bs in (1, 3, 16):
+        pol = HFPolicy(model, tok, temperature=temperature, top_p=0.9, max_new_tokens=6, batch_size=bs, seed=5,
+                       batch_requests=True)
+        outs.append(pol.propose_many(reqs))
+    one = HFPolicy(model, tok, temperature=temperature, top_p=0.9, max_new_tokens=6, seed=5, batch_requests=True)
+    outs.append([one.propose(env, h, k) for env, h, k in reqs])
+    assert all(o == outs[0] for o in outs[1:]), outs
+    assert [len(o) for o in outs[0]] == [3, 2, 1]
+    chats = one.chat_many([(_history().to_messages(), 6)])[0]
+    assert len(set(chats)) > 1  # per-reply streams differ from one another
+    other = HFPolicy(model, tok, temperature=temperature, top_p=0.9, max_new_tokens=6, seed=6, batch_requests=True)
+    assert other.propose_many(reqs) != outs[0]  # and depend on the seed
+
+
+def test_batched_greedy_and_flag(lm_and_tok):
+    from agentrm.policies.base import batches_requests
+
+    model, tok = lm_and_tok
+    pol = HFPolicy(model, tok, temperature=0.0, max_new_tokens=5, batch_requests=True)
+    many = pol.propose_many([(None, _history(), 2), (None, _long_history(), 2)])
+    alone = HFPolicy(model, tok, temperature=0.0, max_new_tokens=5)
+    assert many == [alone.propose(None, _history(), 2), alone.propose(None, _long_history(), 2)]
+    assert batches_requests(pol) and not batches_requests(alone)
+
+
+def test_per_row_sampler_nucleus_and_streams():
+    from agentrm.policies.sampling import PerRowSampler, reply_seed
+
+    scores = torch.tensor([[5.0, 4.0, -3.0, -3.0]] * 2)
+    sampler = PerRowSampler([reply_seed(0, 0, 0), reply_seed(0, 0, 1)], 1.0, 0.5)
+    for _ in range(20):  # top_p 0.5: only the first token (p = 0.72) survives
+        out = sampler(None, scores)
+        assert out.argmax(-1).tolist() == [0, 0] and torch.isinf(out).sum() == 6
+    wide = PerRowSampler([1, 2], 1.0, 1.0)
+    picks = {int(wide(None, torch.zeros(2, 8)).argmax(-1)[0]) for _ in range(40)}
+    assert len(picks) > 3  # uniform logits: many tokens drawn
+    with pytest.raises(ValueError, match="rows"):
+        wide(None, torch.zeros(3, 8))

@@ -273,3 +273,54 @@ def test_value_module_adds_the_pairwise_loss(tiny_tokenizer, tmp_path):
         m.log = lambda *a, **k: None
         losses.append(float(m.training_step(b, 0)))
     assert losses[1] > losses[0]  # same model and batch: the pairwise term is added
+
+
+class BatchListPolicy(ListPolicy):
+    """ListPolicy with ``propose_many``: records how many requests arrive together."""
+
+    def __init__(self, proposals):
+        super().__init__(proposals)
+        self.batches = []
+
+    def propose_many(self, requests):
+        self.batches.append(len(requests))
+        return [self.propose(env, h, k) for env, h, k in requests]
+
+
+@pytest.mark.parametrize("commit", [False, True])
+def test_parallel_simulations_batch_policy_calls_and_keep_the_statistics(commit):
+    """parallel=4: simulations in flight together (virtual loss), expansions and rollouts in batched calls;
+    the counts still sum, values are means of backed-up rewards, the better arm wins, all clones close."""
+    before = ChainEnv.live
+    trees = []
+    for _ in range(2):
+        pol = BatchListPolicy(["a", "b"])
+        cfg = MCTSConfig(simulations=24, k=2, c=1.0, max_depth=10, commit=commit, parallel=4)
+        root = ChainEnv(4)
+        trees.append(MCTS(pol, cfg).search(root, 0, tree_id="T", task="chain"))
+        root.close()
+        assert max(pol.batches) > 1  # several requests per policy call
+    assert ChainEnv.live == before
+    tree = trees[0]
+    assert tree.to_dict() == trees[1].to_dict()  # deterministic
+    nodes = tree.nodes
+    assert tree.stats["env_steps"] > 0
+    if commit:  # searched from each committed state to the end (statistics above the search root frozen)
+        assert nodes[0].n == 24 and tree.stats["simulations"] == 24 * tree.stats["committed_depth"] == 24 * 4
+    else:
+        assert nodes[0].n == 24 and tree.stats["simulations"] == 24
+    for i, nd in enumerate(nodes):
+        if nd.expanded and nd.children and not commit:
+            own_n, own_w = (0, 0.0) if i == 0 else (1, nd.first)
+            assert nd.n == own_n + sum(nodes[j].n for j in nd.children), i
+            assert nd.w == pytest.approx(own_w + sum(nodes[j].w for j in nd.children)), i
+        if nd.terminal:
+            assert nd.w == pytest.approx(nd.n * nd.reward)
+    a = next(j for j in nodes[0].children if nodes[j].action == "a")
+    b = next(j for j in nodes[0].children if nodes[j].action == "b")
+    assert nodes[a].q == pytest.approx(1.0) and nodes[a].n > nodes[b].n
+
+
+def test_parallel_must_be_positive():
+    with pytest.raises(ValueError, match="parallel"):
+        MCTSConfig(parallel=0)
