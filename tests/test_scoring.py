@@ -157,6 +157,7 @@ def test_counters(tiny_tokenizer):
         "plain_calls": 0,
     }
     s = ValueRMScorer(model, tiny_tokenizer, path="cached")  # prefix once (less its last token), then K rows
+    s.cache_rows = "per_candidate"  # one row per candidate: the held last prefix token repeated K times
     s.score_candidates(prefix, STEPS5)
     c = s.counters
     assert (c.forward_passes, c.cached_calls, c.cached_tokens) == (2, 1, 0)
@@ -164,6 +165,12 @@ def test_counters(tiny_tokenizer):
     s.score_candidates(prefix, STEPS5)  # the same prefix again: read from the cache, only the rows forwarded
     assert (c.forward_passes, c.cached_tokens) == (3, P - 1)
     assert c.forward_tokens == (P - 1) + 2 * sum(1 + n for n in lens)
+    s = ValueRMScorer(model, tiny_tokenizer, path="cached")  # auto on sdpa: one packed row per prefix,
+    s.score_candidates(prefix, STEPS5)  # the uncached prefix in it (no forward of its own)
+    s.score_candidates(prefix, STEPS5)
+    c = s.counters
+    assert (c.forward_passes, c.cached_tokens) == (2, P - 1)
+    assert c.forward_tokens == P + sum(lens) + (1 + sum(lens))  # held tokens once per row
     s = ValueRMScorer(model, tiny_tokenizer, pack=False, batch_size=2)  # rows of 2, 2, 1 candidates
     s.score_candidates(prefix, STEPS5)
     c = s.counters

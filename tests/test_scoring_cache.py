@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from agentrm.data.schema import Step, Trajectory
@@ -27,9 +28,11 @@ def _walk(scorer_cached, scorer_ref, model, tok, depths: int = 3):
     return hist
 
 
-def test_value_rm_cache_across_depths_forwards_only_new_tokens(tiny_tokenizer):
+@pytest.mark.parametrize("rows", ["per_candidate", "per_prefix"])
+def test_value_rm_cache_across_depths_forwards_only_new_tokens(tiny_tokenizer, rows):
     model = _value_rm(tiny_tokenizer, "sdpa")
     cached = ValueRMScorer(model, tiny_tokenizer, path="cached")
+    cached.cache_rows = rows
     packed = ValueRMScorer(model, tiny_tokenizer, path="packed")
     hist = _walk(cached, packed, model, tiny_tokenizer)
     # one more depth: the chosen candidate's keys/values were stored, so only the generation prompt
@@ -40,7 +43,10 @@ def test_value_rm_cache_across_depths_forwards_only_new_tokens(tiny_tokenizer):
     after = cached.counters.as_dict()
     K, P, L = len(toks.cand_ids), len(toks.prefix_ids), sum(len(c) for c in toks.cand_ids)
     fwd = after["forward_tokens"] - before["forward_tokens"]
-    held, rest = divmod(fwd - L, K)  # prefix tokens forwarded in each candidate row
+    if rows == "per_candidate":
+        held, rest = divmod(fwd - L, K)  # prefix tokens forwarded in each candidate row
+    else:
+        held, rest = fwd - L, 0  # ... once, in the prefix's packed row
     assert rest == 0 and 1 <= held <= 5, (fwd, held)  # the last token and the generation prompt
     assert after["cached_tokens"] - before["cached_tokens"] == P - held
     assert after["forward_passes"] - before["forward_passes"] == 1  # no forward of the prefix alone
@@ -129,11 +135,13 @@ def _beams(depths: int):
     return [a, b, c]
 
 
-def test_many_prefixes_in_one_forward_equal_scoring_alone(tiny_tokenizer):
+@pytest.mark.parametrize("rows", ["per_candidate", "per_prefix"])
+def test_many_prefixes_in_one_forward_equal_scoring_alone(tiny_tokenizer, rows):
     """Every beam of a depth in one forward (left-padded pasts, own positions) = each scored alone."""
     for attn in ("sdpa", "eager"):
         model = _value_rm(tiny_tokenizer, attn)
         many = ValueRMScorer(model, tiny_tokenizer, path="cached")
+        many.cache_rows = rows
         ref = ValueRMScorer(model, tiny_tokenizer, path="packed")
         beams = _beams(2)
         for depth in range(2):
@@ -147,9 +155,11 @@ def test_many_prefixes_in_one_forward_equal_scoring_alone(tiny_tokenizer):
         assert many.counters.cached_calls == 6 and many.counters.cached_tokens > 0
 
 
-def test_many_prefixes_forward_once_per_batch_and_handle_empty_requests(tiny_tokenizer):
+@pytest.mark.parametrize("rows", ["per_candidate", "per_prefix"])
+def test_many_prefixes_forward_once_per_batch_and_handle_empty_requests(tiny_tokenizer, rows):
     model = _value_rm(tiny_tokenizer, "sdpa")
     many = ValueRMScorer(model, tiny_tokenizer, path="cached", batch_size=4)
+    many.cache_rows = rows
     beams = _beams(1)
     many.score_candidates_many([(h, STEPS5[:2]) for h in beams])  # fill the caches
     beams = [_extend(h, STEPS5[0]) for h in beams]
@@ -161,9 +171,11 @@ def test_many_prefixes_forward_once_per_batch_and_handle_empty_requests(tiny_tok
     torch.testing.assert_close(got[2], ref.score_candidates(beams[2], STEPS5[:2]), atol=ATOL, rtol=0)
 
 
-def test_prm_many_prefixes_policy_and_reference(tiny_tokenizer):
+@pytest.mark.parametrize("rows", ["per_candidate", "per_prefix"])
+def test_prm_many_prefixes_policy_and_reference(tiny_tokenizer, rows):
     prm = _prm(tiny_tokenizer, "sdpa")
     many = ImplicitPRMScorer(prm, tiny_tokenizer, include_prefix=False, path="cached", batch_size=5)
+    many.cache_rows = rows
     ref = ImplicitPRMScorer(prm, tiny_tokenizer, include_prefix=False, path="plain")
     beams = _beams(3)
     for _ in range(2):

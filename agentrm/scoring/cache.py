@@ -90,12 +90,40 @@ def stack_pasts(kvs: list[KV | None], rows: list[int]) -> Any:
 
 def cache_row(cache: Any, row: int, length: int, start: int = 0) -> KV:
     """Row ``row``'s positions ``start .. start + length - 1`` of every layer of ``cache`` (views)."""
-    if hasattr(cache, "layers"):  # transformers 5.x
-        pairs = [(layer.keys, layer.values) for layer in cache.layers]
-    else:  # transformers 4.x
-        pairs = list(zip(cache.key_cache, cache.value_cache))
+    pairs = cache_layers(cache)
     end = start + length
     return [(k[row : row + 1, :, start:end], v[row : row + 1, :, start:end]) for k, v in pairs]
+
+
+class LazyKV:
+    """The keys/values of one sequence scattered over column ranges of one row of a batched cache.
+
+    Built for every candidate of a packed cached forward (:func:`agentrm.scoring.layouts.cached_packed_layout`)
+    and copied into a contiguous :data:`KV` only when a lookup hits it (one chosen beam per depth), so
+    the K-fold copy of the prefix is never made.
+
+    Args:
+        layers: per layer ``(keys, values)`` of the forward's cache, ``[B, kv_heads, S, head_dim]``.
+        row: the batch row.
+        ranges: ``[(start, end), ...]`` column ranges, concatenated in order.
+    """
+
+    def __init__(self, layers: KV, row: int, ranges: list[tuple[int, int]]):
+        self.layers, self.row, self.ranges = layers, row, ranges
+
+    def __call__(self) -> KV:
+        r = self.row
+        return [
+            tuple(torch.cat([t[r : r + 1, :, a:b] for a, b in self.ranges], dim=2) for t in (k, v))
+            for k, v in self.layers
+        ]
+
+
+def cache_layers(cache: Any) -> KV:
+    """Per layer ``(keys, values)`` of a ``DynamicCache`` (transformers 4.x and 5.x)."""
+    if hasattr(cache, "layers"):  # transformers 5.x
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))
 
 
 def crop(kv: KV, n: int) -> KV:
@@ -146,9 +174,11 @@ class PrefixCache:
         self.hits += 1
         store.move_to_end(best_key)
         kv = store[best_key]
+        if isinstance(kv, LazyKV):  # materialised once, on its first hit
+            kv = store[best_key] = kv()
         return (kv if best_n == len(best_key) else crop(kv, best_n)), best_n
 
-    def store(self, model: str, ids: tuple[int, ...], kv: KV) -> None:
+    def store(self, model: str, ids: tuple[int, ...], kv: KV | LazyKV) -> None:
         """Keep ``kv`` (``len(ids)`` positions) for ``ids``; evict the least recently used beyond the limit."""
         if self.max_entries == 0 or not ids:
             return
@@ -164,7 +194,7 @@ class PrefixCache:
         seen: dict[int, int] = {}
         for store in self._entries.values():
             for kv in store.values():
-                for k, v in kv:
+                for k, v in kv.layers if isinstance(kv, LazyKV) else kv:
                     for t in (k, v):
                         base = t._base if t._base is not None else t
                         seen[id(base)] = base.numel() * base.element_size()

@@ -21,10 +21,12 @@ from agentrm.data.collate import collate_trajectories
 from agentrm.data.schema import Trajectory
 from agentrm.data.tokenize import tokenize_trajectory
 from agentrm.scoring.base import SCORING_PATHS, ScoringCounters
-from agentrm.scoring.cache import KV, PrefixCache, cache_row, crop, extend_prefix, stack_pasts
+from agentrm.models.packing import LAYER_TYPE_MASK_MODEL_TYPES
+from agentrm.scoring.cache import KV, LazyKV, PrefixCache, cache_layers, cache_row, crop, extend_prefix, stack_pasts
 from agentrm.scoring.layouts import (
     ScoringLayout,
     cached_layout_many,
+    cached_packed_layout,
     caching_unsupported_reason,
     packed_layout,
     packing_unsupported_reason,
@@ -83,6 +85,10 @@ class CandidateScorer:
         self.counters = ScoringCounters()
         self.prefix_cache = PrefixCache(cache_entries)
         self.fold_tokens = fold_tokens
+        self.cache_rows: str = "auto"
+        """Cached-path rows: ``per_prefix`` (one packed row per prefix, its past stored once; needs a 4D
+        mask), ``per_candidate`` (one row per candidate, any attention kernel) or ``auto`` (per prefix
+        where the kernel takes a 4D mask)."""
         self.last_path: str | None = None
 
     @property
@@ -201,12 +207,15 @@ class CandidateScorer:
             self._count(n, n * layout.real_tokens, n * layout.input_ids.numel())
         return torch.cat(out)
 
-    def _cached_prefix(self, toks: CandidateTokens, dev: torch.device) -> tuple[dict[str, KV | None], int]:
+    def _cached_prefix(
+        self, toks: CandidateTokens, dev: torch.device, fold_all: bool = False
+    ) -> tuple[dict[str, KV | None], int]:
         """Keys/values (per model) of ``toks``'s prefix but its last ``held`` tokens, and ``held``.
 
         The prefix tokens no cached sequence covers are forwarded in every candidate row when there are
         at most ``fold_tokens`` of them (typically the generation prompt after a beam's last step), else
-        once on their own and stored.
+        once on their own and stored. ``fold_all`` (one packed row per prefix, where held tokens are
+        forwarded once anyway): always in the row.
         """
         P = len(toks.prefix_ids)
         ctx = toks.prefix_ids[:-1]
@@ -214,7 +223,7 @@ class CandidateScorer:
         found = {key: self.prefix_cache.lookup(key, tuple(ctx)) for key in keys}
         n = min(m for _, m in found.values())
         kvs: dict[str, KV | None] = {}
-        if P - 1 - n <= self.fold_tokens:
+        if fold_all or P - 1 - n <= self.fold_tokens:
             for key in keys:
                 kvs[key] = None if n == 0 else crop(found[key][0], n)
                 self.counters.cached_tokens += n
@@ -229,12 +238,24 @@ class CandidateScorer:
             kvs[key] = kv
         return kvs, 1
 
+    def _per_prefix_rows(self, toks: Sequence[CandidateTokens]) -> bool:
+        if self.cache_rows != "auto":
+            return self.cache_rows == "per_prefix"
+        ctx = max(t.context_len for t in toks)
+        return all(
+            packing_unsupported_reason(c, ctx) is None and getattr(c, "model_type", None) not in LAYER_TYPE_MASK_MODEL_TYPES
+            for c in self._configs()
+        )
+
     def _score_cached_many(self, toks: Sequence[CandidateTokens], dev: torch.device) -> list[Tensor]:
         """Scores of every candidate of every prefix in ``toks`` against the cached prefixes.
 
-        Rows (all candidates, in request order) go ``batch_size`` per forward; each row's keys/values are
+        Per prefix (:meth:`_score_cached_packed`) where the kernel takes a 4D mask, else per candidate:
+        rows (all candidates, in request order) go ``batch_size`` per forward; each row's keys/values are
         stored as ``prefix_ids + cand_ids[k]`` for the next depth.
         """
+        if self._per_prefix_rows(toks):
+            return self._score_cached_packed(toks, [self._cached_prefix(t, dev, fold_all=True) for t in toks], dev)
         prefixes = [self._cached_prefix(t, dev) for t in toks]
         rows = [(g, k) for g, t in enumerate(toks) for k in range(len(t.cand_ids))]
         scores: list[list[Tensor]] = [[] for _ in toks]
@@ -261,6 +282,45 @@ class CandidateScorer:
                     seq = tuple(t.prefix_ids + t.cand_ids[k])
                     for key, past in pasts.items():
                         self.prefix_cache.store(key, seq, cache_row(past, j, len(seq), start=layout.past_len - n))
+                    j += 1
+        return [torch.cat(s) for s in scores]
+
+    def _score_cached_packed(
+        self, toks: Sequence[CandidateTokens], prefixes: list[tuple[dict[str, KV | None], int]], dev: torch.device
+    ) -> list[Tensor]:
+        """One packed row per prefix (:func:`~agentrm.scoring.layouts.cached_packed_layout`), rows filled up
+        to ``batch_size`` candidates per forward; each candidate's keys/values are stored lazily
+        (:class:`~agentrm.scoring.cache.LazyKV`: copied only if a later lookup hits them)."""
+        rows = [(g, list(range(c0, min(c0 + self.batch_size, len(t.cand_ids)))))
+                for g, t in enumerate(toks) for c0 in range(0, len(t.cand_ids), self.batch_size)]
+        chunks, cur, size = [], [], 0
+        for row in rows:
+            if cur and size + len(row[1]) > self.batch_size:
+                chunks.append(cur)
+                cur, size = [], 0
+            cur.append(row)
+            size += len(row[1])
+        chunks.append(cur)
+        scores: list[list[Tensor]] = [[] for _ in toks]
+        n_models = len(self._cache_models())
+        for chunk in chunks:
+            layout, spans = cached_packed_layout([(toks[g], ks, prefixes[g][1]) for g, ks in chunk], dev, self._pad_id())
+            pasts = {key: stack_pasts([prefixes[g][0][key] for g, _ in chunk], [1] * len(chunk))
+                     for key, _ in self._cache_models()}
+            flat = self._score_layout(layout, 0, pasts).float().cpu()
+            self._count(n_models, n_models * layout.real_tokens, n_models * layout.input_ids.numel())
+            layers = {key: cache_layers(past) for key, past in pasts.items()}
+            j, pl = 0, layout.past_len
+            for g, ks in chunk:
+                t, held = toks[g], prefixes[g][1]
+                n = len(t.prefix_ids) - held
+                scores[g].append(flat[j : j + len(ks)])
+                for k in ks:
+                    b, col, L = spans[j]
+                    seq = tuple(t.prefix_ids + t.cand_ids[k])
+                    ranges = [(pl - n, pl + held), (pl + col, pl + col + L)]
+                    for key in pasts:
+                        self.prefix_cache.store(key, seq, LazyKV(layers[key], b, ranges))
                     j += 1
         return [torch.cat(s) for s in scores]
 

@@ -228,6 +228,81 @@ def cached_layout_many(
     )
 
 
+def cached_packed_layout(
+    rows: Sequence[tuple[CandidateTokens, Sequence[int], int]], device: torch.device | str = "cpu", pad_id: int = 0
+) -> tuple[ScoringLayout, list[tuple[int, int, int]]]:
+    """One row per prefix, ``[prefix[-held:], cand_k1, cand_k2, ...]``, against its cached ``prefix[:-held]``.
+
+    The packed layout's block mask over a KV cache: row ``b = (toks, ks, held)`` sees its own past
+    (``n_b = P - held`` positions, left-padded to ``past_len = max_b n_b``), its held tokens, and each
+    candidate sees only its own earlier tokens besides; positions continue the prefix (``n_b + t``) and
+    restart at ``n_b + held`` for every candidate. The past is stored once per prefix, not once per
+    candidate as in :func:`cached_layout_many`. Needs a kernel that takes a custom 4D mask
+    (:func:`packing_unsupported_reason`) and a model without per-layer-type masks.
+
+    Returns:
+        ``(layout, spans)``: ``allowed`` is ``[B, 1, T, past_len + T]``; ``spans[j] = (b, start, L)`` gives
+        candidate ``j``'s (in row order) row and first column.
+    """
+    for toks, _, held in rows:
+        if toks.prefix_steps:
+            raise ValueError("the cached layout scores candidates only (prefix steps live in the cache)")
+        if not 1 <= held <= len(toks.prefix_ids):
+            raise ValueError(f"held must be in [1, {len(toks.prefix_ids)}]; got {held}")
+    past_len = max(len(toks.prefix_ids) - held for toks, _, held in rows)
+    T = max(held + sum(len(toks.cand_ids[k]) for k in ks) for toks, ks, held in rows)
+    B = len(rows)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((B, T), dtype=torch.long)
+    seg = torch.full((B, T), -2, dtype=torch.long)  # -2 padding, -1 held prefix tokens, j candidate j
+    past_ok = torch.zeros((B, past_len), dtype=torch.bool)
+    pred, tgt, sid, ends, spans = [], [], [], [], []
+    real, j = 0, 0
+    for b, (toks, ks, held) in enumerate(rows):
+        n = len(toks.prefix_ids) - held
+        past_ok[b, past_len - n :] = True
+        input_ids[b, :held] = torch.tensor(toks.prefix_ids[n:])
+        position_ids[b, :held] = torch.arange(n, n + held)
+        seg[b, :held] = -1
+        col, cand_pos = held, []
+        for k in ks:
+            L = len(toks.cand_ids[k])
+            input_ids[b, col : col + L] = torch.tensor(toks.cand_ids[k])
+            position_ids[b, col : col + L] = torch.arange(n + held, n + held + L)
+            seg[b, col : col + L] = j
+            cand_pos.append(b * T + col)
+            ends.append(b * T + col + L - 1)
+            spans.append((b, col, L))
+            col += L
+            j += 1
+        real += col
+        p, t, sd, _ = _scored_tokens(toks, ks, cand_pos, [b * T + held - 1] * len(ks))
+        first = j - len(ks)
+        pred += p
+        tgt += t
+        sid += [first + x for x in sd]
+    causal = torch.ones(T, T, dtype=torch.bool).tril_()
+    same = (seg[:, None, :] == -1) | (seg[:, None, :] == seg[:, :, None])  # [B, T(query), T(key)]
+    new = causal[None] & same & (seg[:, None, :] != -2)
+    new |= torch.eye(T, dtype=torch.bool)[None] & (seg == -2)[:, :, None]  # padding queries see themselves
+    allowed = torch.cat([past_ok[:, None, :].expand(B, T, past_len), new], dim=2)[:, None]
+    as_long = dict(dtype=torch.long, device=device)
+    layout = ScoringLayout(
+        input_ids=input_ids.to(device),
+        position_ids=position_ids.to(device),
+        allowed=allowed.to(device),
+        attention_mask_2d=None,
+        end_idx=torch.tensor(ends, **as_long),
+        pred_idx=torch.tensor(pred, **as_long),
+        targets=torch.tensor(tgt, **as_long),
+        step_ids=torch.tensor(sid, **as_long),
+        num_steps=j,
+        real_tokens=real,
+        past_len=past_len,
+    )
+    return layout, spans
+
+
 def _window(config) -> int | None:
     window = getattr(config, "sliding_window", None)
     if getattr(config, "model_type", None) in ("qwen2", "qwen3") and not getattr(config, "use_sliding_window", False):

@@ -66,6 +66,50 @@ class CandidateTokens:
         return len(self.prefix_ids) + max((len(c) for c in self.cand_ids), default=0)
 
 
+_SPLIT_OK: dict[int, bool] = {}  # id(tokenizer) -> whether splitting at a special token was verified exact
+
+
+def _encode(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return enc["input_ids"], [[s for s, _ in offs] for offs in enc["offset_mapping"]]
+
+
+def _last_special(tokenizer, head: str) -> int:
+    """Start of the last special added token in ``head`` that can serve as a hard boundary (``-1``: none).
+
+    A token that strips whitespace on its left would swallow the boundary's neighbour, so it is not used.
+    """
+    best = -1
+    for tok in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if getattr(tok, "special", False) and not getattr(tok, "lstrip", False) and not getattr(tok, "single_word", False):
+            best = max(best, head.rfind(tok.content))
+    return best
+
+
+def encode_shared_head(tokenizer, head: str, fulls: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids and token start offsets of every ``full`` (all start with ``head``), as whole-string encoding.
+
+    A fast tokenizer splits its input at added tokens before anything else, so with ``s`` the start of
+    the last special token in ``head``, ``encode(full) == encode(full[:s]) + encode(full[s:])``: the
+    shared ``full[:s]`` is encoded once and only the K short rests separately (the rest starts with the
+    special token, so the text after it is encoded as in the whole string). Verified once per tokenizer
+    against whole-string encoding; a tokenizer where it does not hold is encoded whole from then on.
+    """
+    s = _last_special(tokenizer, head)
+    key = id(tokenizer)
+    if s <= 0 or not _SPLIT_OK.get(key, True):
+        return _encode(tokenizer, fulls)
+    ids, starts = _encode(tokenizer, [fulls[0][:s]] + [f[s:] for f in fulls])
+    head_ids, head_starts = ids[0], starts[0]
+    ids_all = [head_ids + r for r in ids[1:]]
+    starts_all = [head_starts + [x + s for x in r] for r in starts[1:]]
+    if key not in _SPLIT_OK:
+        whole = _encode(tokenizer, fulls)
+        _SPLIT_OK[key] = whole == (ids_all, starts_all)
+        return whole
+    return ids_all, starts_all
+
+
 def _split(cand: Candidate) -> tuple[str, str | None]:
     return (cand, None) if isinstance(cand, str) else (cand.action, cand.observation)
 
@@ -104,9 +148,7 @@ def tokenize_candidates(
         fulls.append(full)
         end_chars.append(len(full.rstrip()))
         action_chars.append(len(with_action.rstrip()))
-    enc = tokenizer(fulls, add_special_tokens=False, return_offsets_mapping=True)
-    ids_all: list[list[int]] = enc["input_ids"]
-    starts_all = [[s for s, _ in offs] for offs in enc["offset_mapping"]]
+    ids_all, starts_all = encode_shared_head(tokenizer, head, fulls)
     act_start, act_end, step_end = [], [], []
     for k, (starts, c_end, c_act) in enumerate(zip(starts_all, end_chars, action_chars)):
         j = last_token_before(starts, c_end, f"candidate {k}: step end")  # step_end_idx in tokenize.py

@@ -67,3 +67,28 @@ def test_server_killed_mid_run_fails_clearly_and_in_bounded_time():
         assert time.monotonic() - t0 < 60
     finally:
         srv.stop()
+
+
+def test_native_server_with_parallel_slots_is_deterministic_across_concurrency():
+    """llama.cpp's own llama-server (4 slots, continuous batching): same replies whatever the concurrency."""
+    from agentrm.policies.llama_server import ServerUnavailable, llama_server_binary
+
+    try:
+        llama_server_binary()
+    except ServerUnavailable as e:
+        pytest.skip(str(e))
+    with LlamaServer(smollm2_gguf(), n_threads=1, parallel=4) as srv:
+        assert "--parallel" in srv.command()
+        kw = dict(temperature=0.0, max_tokens=12, seed=5, timeout=60, max_retries=1)
+        reqs = [(None, _history(i), 1) for i in range(4)]
+        a = OpenAIChatPolicy(srv.base_url, "smollm2", max_concurrency=1, **kw).propose_many(reqs)
+        b = OpenAIChatPolicy(srv.base_url, "smollm2", max_concurrency=4, **kw).propose_many(reqs)
+        assert [len(x) for x in a] == [1] * 4 and a == b
+
+
+def test_parallel_slots_need_the_native_server(monkeypatch, tmp_path):
+    from agentrm.policies.llama_server import ServerUnavailable
+
+    monkeypatch.setenv("AGENTRM_LLAMA_SERVER", str(tmp_path / "missing"))
+    with pytest.raises(ServerUnavailable, match="build_llama_server.sh --native"):
+        LlamaServer(smollm2_gguf(), parallel=2)
