@@ -8,7 +8,7 @@ guide the same scripted policy on the same episodes.  Writes ``results.md``, ``r
 ``data_scaling.png`` under ``--out``.
 
     python -m agentrm.pipeline --config configs/pipeline/tiny.yaml     # the trees (once)
-    python bench/data_scaling.py                                         # 39 min on 2 busy cores
+    python bench/data_scaling.py                                         # 24 min on 2 shared cores
 """
 
 from __future__ import annotations
