@@ -6,8 +6,10 @@ one per rollout step, so a served or batched policy sees a single request at a t
 
 1. **selection** of ``width`` leaves one after another; each selected path gets a *virtual loss*
    (``N += 1`` with reward 0 while pending), so later selections of the batch prefer other
-   branches. A selection that reaches a leaf already waiting for expansion in this batch ends
-   the batch early (its statistics would be stale);
+   branches. A selection that reaches a leaf being expanded in this batch starts no simulation (it
+   only adds its virtual loss; at most ``4 * width`` selections per batch); one that reaches a leaf
+   another simulation rolls out from rolls out from it too, without expanding it (a node is expanded
+   once, by the first simulation that finds it visited);
 2. **expansion** of every leaf that needs it with one :func:`~agentrm.policies.base.propose_many`
    (``k`` candidates each); each simulation then continues from its leaf's first new child;
 3. **evaluation**: the rollouts of all non-terminal leaves in lock-step
@@ -56,7 +58,9 @@ def simulate_parallel(search: MCTS, tree: Tree, env: Env, start: int, width: int
     virtual: dict[int, int] = {}
     sims: list[tuple[list[int], Env, bool]] = []  # (path, env at the path's end, expand the leaf)
     pending: set[int] = set()
-    for _ in range(width):
+    for _ in range(4 * width):  # selections; those that hit a leaf being expanded start no simulation
+        if len(sims) == width:
+            break
         path, i = [start], start
         while nodes[i].expanded and nodes[i].children:
             i = _select(tree, i, cfg.c, virtual)
@@ -64,8 +68,12 @@ def simulate_parallel(search: MCTS, tree: Tree, env: Env, start: int, width: int
         node = nodes[i]
         expandable = not node.terminal and not node.expanded and node.depth < cfg.max_depth
         expand = expandable and (node.n + virtual.get(i, 0) > 0 or i == start)
-        if i in pending or (expand and sims and any(p[-1] == i for p, _, _ in sims)):
-            break  # this leaf is already being expanded or evaluated in the batch
+        if i in pending:  # being expanded by a simulation of this batch: its children exist only after it;
+            for j in path:  # a virtual loss on the path steers the next selections elsewhere
+                virtual[j] = virtual.get(j, 0) + 1
+            continue
+        if expand and any(p[-1] == i for p, _, _ in sims):
+            expand = False  # another simulation of the batch rolls out from this leaf: one more rollout
         sim = search._root_env(env, tree.seed)
         for j in tree.path(start) + path[1:]:
             search._step(sim, nodes[j].action)

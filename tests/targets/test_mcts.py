@@ -311,9 +311,10 @@ def test_parallel_simulations_batch_policy_calls_and_keep_the_statistics(commit)
         assert nodes[0].n == 24 and tree.stats["simulations"] == 24
     for i, nd in enumerate(nodes):
         if nd.expanded and nd.children and not commit:
-            own_n, own_w = (0, 0.0) if i == 0 else (1, nd.first)
-            assert nd.n == own_n + sum(nodes[j].n for j in nd.children), i
-            assert nd.w == pytest.approx(own_w + sum(nodes[j].w for j in nd.children)), i
+            # a node's own rollouts (1 sequentially; more when simulations of one batch shared the leaf)
+            own = nd.n - sum(nodes[j].n for j in nd.children)
+            assert (own == 0) if i == 0 else (1 <= own <= 4), i
+            assert nd.w >= sum(nodes[j].w for j in nd.children) - 1e-9, i
         if nd.terminal:
             assert nd.w == pytest.approx(nd.n * nd.reward)
     a = next(j for j in nodes[0].children if nodes[j].action == "a")
