@@ -10,7 +10,7 @@ import torch
 
 from agentrm.data.schema import Trajectory
 from agentrm.envs.base import Env
-from agentrm.policies.prompt import AgentPrompt, ReplyStats, agent_messages, propose_validated, resample_invalid
+from agentrm.policies.prompt import AgentPrompt, ReplyStats, propose_many_validated, propose_validated
 from agentrm.policies.sampling import PerRowSampler, reply_seed
 
 
@@ -102,13 +102,8 @@ class HFPolicy:
         result equals calling :meth:`propose` on each request in order); else one request at a time."""
         if not self.batch_requests:
             return [self.propose(env, history, k) for env, history, k in requests]
-        msgs = [agent_messages(self.prompt, h, env) for env, h, _ in requests]
-        first = self.chat_many([(m, k) for m, (_, _, k) in zip(msgs, requests)])
-        greedy = self.temperature == 0
-        return [
-            resample_invalid(self, m, replies, env, self.reply_stats, self.max_resample, greedy)
-            for m, replies, (env, _, _) in zip(msgs, first, requests)
-        ]
+        return propose_many_validated(self, self.prompt, self.reply_stats, requests, self.max_resample,
+                                      self.temperature == 0)
 
     @torch.no_grad()
     def chat_many(

@@ -28,13 +28,7 @@ from typing import Any
 
 from agentrm.data.schema import Trajectory
 from agentrm.envs.base import Env
-from agentrm.policies.prompt import (
-    AgentPrompt,
-    ReplyStats,
-    agent_messages,
-    propose_validated,
-    resample_invalid,
-)
+from agentrm.policies.prompt import AgentPrompt, ReplyStats, propose_many_validated, propose_validated
 
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
@@ -136,13 +130,8 @@ class OpenAIChatPolicy:
         """``propose`` for each ``(env, history, k)``: the first replies concurrently (up to
         ``max_concurrency`` requests in flight), then redraws of invalid replies in request order, so
         the result does not depend on timing."""
-        msgs = [agent_messages(self.prompt, h, env) for env, h, _ in requests]
-        first = self.chat_many([(m, k) for m, (_, _, k) in zip(msgs, requests)])
-        greedy = self.temperature == 0
-        return [
-            resample_invalid(self, m, replies, env, self.reply_stats, self.max_resample, greedy)
-            for m, replies, (env, _, _) in zip(msgs, first, requests)
-        ]
+        return propose_many_validated(self, self.prompt, self.reply_stats, list(requests), self.max_resample,
+                                      self.temperature == 0)
 
     def chat_many(
         self, prompts: Sequence[tuple[list[dict[str, str]], int]], temperature: float | None = None

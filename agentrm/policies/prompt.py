@@ -146,6 +146,19 @@ def propose_validated(client, prompt: AgentPrompt | None, stats: ReplyStats, env
     return resample_invalid(client, messages, client.chat(messages, n=k), env, stats, max_resample, greedy)
 
 
+def propose_many_validated(client, prompt: AgentPrompt | None, stats: ReplyStats, requests, max_resample: int,
+                           greedy: bool) -> list[list[str]]:
+    """:func:`propose_validated` for each ``(env, history, k)``: the first replies of all requests through
+    ``client.chat_many`` (batched or concurrent), then redraws of invalid replies in request order, so the
+    result equals proposing request by request (given the client's per-call seeding)."""
+    msgs = [agent_messages(prompt, h, env) for env, h, _ in requests]
+    first = client.chat_many([(m, k) for m, (_, _, k) in zip(msgs, requests)])
+    return [
+        resample_invalid(client, m, replies, env, stats, max_resample, greedy)
+        for m, replies, (env, _, _) in zip(msgs, first, requests)
+    ]
+
+
 def agent_messages(prompt: AgentPrompt | None, history: Trajectory, env: Any | None) -> list[dict[str, str]]:
     """The chat a policy sends: the paper-style prompt, or the episode as rendered in training."""
     return prompt.messages(history, env) if prompt is not None else history.to_messages()

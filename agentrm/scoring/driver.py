@@ -20,9 +20,18 @@ from torch import Tensor
 from agentrm.data.collate import collate_trajectories
 from agentrm.data.schema import Trajectory
 from agentrm.data.tokenize import tokenize_trajectory
-from agentrm.scoring.base import SCORING_PATHS, ScoringCounters
 from agentrm.models.packing import LAYER_TYPE_MASK_MODEL_TYPES
-from agentrm.scoring.cache import KV, LazyKV, PrefixCache, cache_layers, cache_row, crop, extend_prefix, stack_pasts
+from agentrm.scoring.base import SCORING_PATHS, ScoringCounters
+from agentrm.scoring.cache import (
+    KV,
+    LazyKV,
+    PrefixCache,
+    cache_layers,
+    cache_row,
+    crop,
+    extend_prefix,
+    stack_pasts,
+)
 from agentrm.scoring.layouts import (
     ScoringLayout,
     cached_layout_many,

@@ -94,14 +94,13 @@ def _scored_tokens(
     return pred, tgt, sid, n_pre + len(ks)
 
 
-def _layout(ids, pos, allowed, mask2d, toks, ks, cand_pos, first_pred, real, device, past_len=0) -> ScoringLayout:
-    pred, tgt, sid, n = _scored_tokens(toks, ks, cand_pos, first_pred)
-    ends = [c + len(toks.cand_ids[k]) - 1 for c, k in zip(cand_pos, ks)]
+def _make_layout(ids, pos, allowed, mask2d, ends, pred, tgt, sid, n, real, device, past_len=0) -> ScoringLayout:
+    """A :class:`ScoringLayout` on ``device`` from tensors (``pos``/``allowed``/``mask2d`` may be None) and index lists."""
     as_long = dict(dtype=torch.long, device=device)
     return ScoringLayout(
         input_ids=ids.to(device),
         position_ids=None if pos is None else pos.to(device),
-        allowed=allowed,
+        allowed=None if allowed is None else allowed.to(device),
         attention_mask_2d=None if mask2d is None else mask2d.to(device),
         end_idx=torch.tensor(ends, **as_long),
         pred_idx=torch.tensor(pred, **as_long),
@@ -111,6 +110,12 @@ def _layout(ids, pos, allowed, mask2d, toks, ks, cand_pos, first_pred, real, dev
         real_tokens=real,
         past_len=past_len,
     )
+
+
+def _layout(ids, pos, allowed, mask2d, toks, ks, cand_pos, first_pred, real, device, past_len=0) -> ScoringLayout:
+    pred, tgt, sid, n = _scored_tokens(toks, ks, cand_pos, first_pred)
+    ends = [c + len(toks.cand_ids[k]) - 1 for c, k in zip(cand_pos, ks)]
+    return _make_layout(ids, pos, allowed, mask2d, ends, pred, tgt, sid, n, real, device, past_len)
 
 
 def packed_layout(toks: CandidateTokens, ks: Sequence[int], device: torch.device | str = "cpu") -> ScoringLayout:
@@ -212,20 +217,7 @@ def cached_layout_many(
         pred += p
         tgt += t
         sid += [first_row + j for j in s]  # no prefix steps: s = j, the group's row index
-    as_long = dict(dtype=torch.long, device=device)
-    return ScoringLayout(
-        input_ids=input_ids.to(device),
-        position_ids=position_ids.to(device),
-        allowed=None,
-        attention_mask_2d=mask.to(device),
-        end_idx=torch.tensor(ends, **as_long),
-        pred_idx=torch.tensor(pred, **as_long),
-        targets=torch.tensor(tgt, **as_long),
-        step_ids=torch.tensor(sid, **as_long),
-        num_steps=B,
-        real_tokens=real,
-        past_len=past_len,
-    )
+    return _make_layout(input_ids, position_ids, None, mask, ends, pred, tgt, sid, B, real, device, past_len)
 
 
 def cached_packed_layout(
@@ -286,20 +278,7 @@ def cached_packed_layout(
     new = causal[None] & same & (seg[:, None, :] != -2)
     new |= torch.eye(T, dtype=torch.bool)[None] & (seg == -2)[:, :, None]  # padding queries see themselves
     allowed = torch.cat([past_ok[:, None, :].expand(B, T, past_len), new], dim=2)[:, None]
-    as_long = dict(dtype=torch.long, device=device)
-    layout = ScoringLayout(
-        input_ids=input_ids.to(device),
-        position_ids=position_ids.to(device),
-        allowed=allowed.to(device),
-        attention_mask_2d=None,
-        end_idx=torch.tensor(ends, **as_long),
-        pred_idx=torch.tensor(pred, **as_long),
-        targets=torch.tensor(tgt, **as_long),
-        step_ids=torch.tensor(sid, **as_long),
-        num_steps=j,
-        real_tokens=real,
-        past_len=past_len,
-    )
+    layout = _make_layout(input_ids, position_ids, allowed, None, ends, pred, tgt, sid, j, real, device, past_len)
     return layout, spans
 
 

@@ -102,7 +102,7 @@ def simulate_parallel(search: MCTS, tree: Tree, env: Env, start: int, width: int
     # evaluation: terminal leaves give their reward, the others roll out in lock-step
     rewards: list[float] = [0.0] * len(sims)
     live = []
-    for s, (path, sim, _) in enumerate(sims):
+    for s, (path, _, _) in enumerate(sims):
         if nodes[path[-1]].terminal:
             rewards[s] = nodes[path[-1]].reward
         else:
