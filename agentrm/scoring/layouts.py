@@ -172,6 +172,16 @@ def cached_layout(
     return layout
 
 
+def _cached_past_len(groups: Sequence[tuple[CandidateTokens, Sequence[int], int]]) -> int:
+    """Check cached-layout groups ``(toks, ks, held)``; the longest cached past ``max P - held``."""
+    for toks, _, held in groups:
+        if toks.prefix_steps:
+            raise ValueError("the cached layout scores candidates only (prefix steps live in the cache)")
+        if not 1 <= held <= len(toks.prefix_ids):
+            raise ValueError(f"held must be in [1, {len(toks.prefix_ids)}]; got {held}")
+    return max(len(toks.prefix_ids) - held for toks, _, held in groups)
+
+
 def cached_layout_many(
     groups: Sequence[tuple[CandidateTokens, Sequence[int], int]], pad_id: int, device: torch.device | str = "cpu"
 ) -> ScoringLayout:
@@ -187,12 +197,7 @@ def cached_layout_many(
     Raises:
         ValueError: a group with prefix steps, or ``held`` outside ``[1, P]``.
     """
-    for toks, _, held in groups:
-        if toks.prefix_steps:
-            raise ValueError("the cached layout scores candidates only (prefix steps live in the cache)")
-        if not 1 <= held <= len(toks.prefix_ids):
-            raise ValueError(f"held must be in [1, {len(toks.prefix_ids)}]; got {held}")
-    past_len = max(len(toks.prefix_ids) - held for toks, _, held in groups)
+    past_len = _cached_past_len(groups)
     T = max(held + len(toks.cand_ids[k]) for toks, ks, held in groups for k in ks)
     B = sum(len(ks) for _, ks, _ in groups)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -236,12 +241,7 @@ def cached_packed_layout(
         ``(layout, spans)``: ``allowed`` is ``[B, 1, T, past_len + T]``; ``spans[j] = (b, start, L)`` gives
         candidate ``j``'s (in row order) row and first column.
     """
-    for toks, _, held in rows:
-        if toks.prefix_steps:
-            raise ValueError("the cached layout scores candidates only (prefix steps live in the cache)")
-        if not 1 <= held <= len(toks.prefix_ids):
-            raise ValueError(f"held must be in [1, {len(toks.prefix_ids)}]; got {held}")
-    past_len = max(len(toks.prefix_ids) - held for toks, _, held in rows)
+    past_len = _cached_past_len(rows)
     T = max(held + sum(len(toks.cand_ids[k]) for k in ks) for toks, ks, held in rows)
     B = len(rows)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
