@@ -228,6 +228,20 @@ def test_build_trees_resumes_to_identical_file(tmp_path):
     assert out.read_bytes() == ref.read_bytes()
     with pytest.raises(ValueError, match="other arguments"):
         build_trees(out=str(out), **{**ARGS, "simulations": 7})
+    with pytest.raises(ValueError, match="other arguments"):  # parallel simulations give other trees
+        build_trees(out=str(out), **{**ARGS, "parallel": 3})
+
+
+def test_build_trees_with_parallel_simulations_resumes_to_identical_file(tmp_path):
+    args = {**ARGS, "parallel": 3}
+    ref = tmp_path / "ref.jsonl"
+    s = build_trees(out=str(ref), **args)
+    assert s["trees"] == 4 and s["simulations"] == 24
+    assert all(t.meta["parallel"] == 3 for t in read_trees(ref))
+    out = tmp_path / "o.jsonl"
+    build_trees(out=str(out), limit=2, **args)
+    build_trees(out=str(out), **args)
+    assert out.read_bytes() == ref.read_bytes()
 
 
 def test_flattened_siblings_feed_the_pairwise_loss(tiny_tokenizer):
