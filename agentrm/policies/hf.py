@@ -150,7 +150,8 @@ class HFPolicy:
             attn[b, width - len(ids) :] = 1
         kwargs: dict[str, Any] = dict(max_new_tokens=self.max_new_tokens, pad_token_id=pad, do_sample=False)
         if temp > 0:  # sampling by the per-row processor; generate itself decodes greedily over its output
-            sampler = PerRowSampler([seed for _, _, seed in rows], temp, self.top_p, device)
+            top_k = getattr(self.model.generation_config, "top_k", None)  # as generate(do_sample=True) samples
+            sampler = PerRowSampler([seed for _, _, seed in rows], temp, self.top_p, device, 50 if top_k is None else top_k)
             kwargs.update(logits_processor=[sampler], temperature=None, top_p=None, top_k=None)
         seqs = self.model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device), **kwargs)
         new = seqs[:, width:]

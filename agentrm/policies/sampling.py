@@ -2,8 +2,8 @@
 
 ``generate(do_sample=True)`` draws every row of a batch from one RNG, so the sample a row gets
 depends on how many rows came before it. :class:`PerRowSampler` is a logits processor that samples
-each row from its own ``torch.Generator`` (temperature, then nucleus filtering, then one
-multinomial draw) and returns scores that are ``0`` at the drawn token and ``-inf`` elsewhere;
+each row from its own ``torch.Generator`` (temperature, then top-k and nucleus filtering, in the
+order ``generate(do_sample=True)`` applies them, then one multinomial draw) and returns scores that are ``0`` at the drawn token and ``-inf`` elsewhere;
 ``generate`` run greedily then emits exactly the drawn token. A row's stream is seeded by
 :func:`reply_seed` from the policy seed, the call index and the reply index, so the same logical
 reply is the same sample in a batch of 1 or of 64 (up to fp32 rounding of a differently padded
@@ -31,21 +31,28 @@ class PerRowSampler:
         seeds: ``[B]`` one seed per row of the ``generate`` batch (rows keep their order in greedy search).
         temperature: > 0.
         top_p: nucleus mass in ``(0, 1]`` (the smallest set of tokens whose probability reaches it).
+        top_k: keep the ``top_k`` most likely tokens (``None``/``0``: all); ``generate`` samples with the
+            model's ``generation_config.top_k``, 50 when unset.
         device: where the scores live (the generators are created there).
     """
 
-    def __init__(self, seeds: list[int], temperature: float, top_p: float, device: torch.device | str = "cpu"):
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, device: torch.device | str = "cpu",
+                 top_k: int | None = None):
         if temperature <= 0 or not 0 < top_p <= 1:
             raise ValueError(f"need temperature > 0 and 0 < top_p <= 1; got {temperature}, {top_p}")
         self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         self.temperature = temperature
         self.top_p = top_p
+        self.top_k = top_k
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         """``scores [B, V]`` -> ``[B, V]``: ``0`` at each row's drawn token, ``-inf`` elsewhere."""
         if scores.shape[0] != len(self.generators):
             raise ValueError(f"{scores.shape[0]} rows but {len(self.generators)} generators (beams are not supported)")
         logits = scores.float() / self.temperature
+        if self.top_k and self.top_k < logits.shape[-1]:
+            kth = logits.topk(self.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
         if self.top_p < 1:
             sorted_logits, order = logits.sort(dim=-1, descending=True)
             cum = sorted_logits.softmax(-1).cumsum(-1)

@@ -113,3 +113,6 @@ def test_per_row_sampler_nucleus_and_streams():
     assert len(picks) > 3  # uniform logits: many tokens drawn
     with pytest.raises(ValueError, match="rows"):
         wide(None, torch.zeros(3, 8))
+    top2 = PerRowSampler([3], 1.0, 1.0, top_k=2)
+    logits = torch.tensor([[0.0, 3.0, 2.9, 2.8, -1.0]])
+    assert {int(top2(None, logits).argmax(-1)) for _ in range(30)} == {1, 2}  # only the two most likely
