@@ -10,6 +10,7 @@ import torch
 
 from agentrm.data.schema import Trajectory
 from agentrm.envs.base import Env
+from agentrm.policies.batcher import GenerateBatcher
 from agentrm.policies.prompt import AgentPrompt, ReplyStats, propose_many_validated, propose_validated
 from agentrm.policies.sampling import PerRowSampler, reply_seed
 
@@ -50,6 +51,9 @@ class HFPolicy:
             ``history.to_messages()`` as in training (what an SFT policy saw).
         max_resample: redraws of a reply without a valid action (sampling only).
         batch_requests: batch replies across requests with per-reply generators (see above).
+        batcher: a :class:`~agentrm.policies.batcher.GenerateBatcher` shared by the policies of
+            concurrently running episodes (one model): their replies are generated together too
+            (needs ``batch_requests``).
 
     Attributes:
         reply_stats: :class:`~agentrm.policies.prompt.ReplyStats` (replies, invalid, unresolved).
@@ -68,7 +72,10 @@ class HFPolicy:
         prompt: AgentPrompt | None = None,
         max_resample: int = 2,
         batch_requests: bool = False,
+        batcher: GenerateBatcher | None = None,
     ):
+        if batcher is not None and not batch_requests:
+            raise ValueError("a shared batcher needs batch_requests=True (per-reply sampling streams)")
         if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1 or batch_size < 1:
             raise ValueError("need temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1, batch_size >= 1")
         self.model = model.eval()
@@ -83,6 +90,7 @@ class HFPolicy:
         self.max_resample = max_resample
         self.batch_requests = batch_requests
         self.batches_requests = batch_requests  # read by agentrm.policies.base.batches_requests
+        self.batcher = batcher
         self.reply_stats = ReplyStats()
         self.calls = 0
         self.generated_tokens = 0
@@ -140,7 +148,20 @@ class HFPolicy:
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
     def _generate_rows(self, rows: list[tuple[int, list[int], int]], temp: float, device: torch.device) -> list[str]:
-        """One left-padded ``generate`` of ``rows`` (prompt ids, reply seed); the decoded replies."""
+        """The decoded replies of ``rows`` (prompt ids, reply seed): one ``generate``, or through the shared batcher."""
+        if self.batcher is None:
+            texts, counts = self._generate_now(rows, temp, device)
+        else:
+            key = (id(self.model), temp, self.top_p, self.max_new_tokens)
+            texts, counts = self.batcher.run(key, rows, lambda rs: self._generate_now(rs, temp, device))
+        self.generated_tokens += sum(counts)
+        return texts
+
+    @torch.no_grad()
+    def _generate_now(
+        self, rows: list[tuple[int, list[int], int]], temp: float, device: torch.device
+    ) -> tuple[list[str], list[int]]:
+        """One left-padded ``generate`` of ``rows``; the decoded replies and their new-token counts."""
         width = max(len(ids) for _, ids, _ in rows)
         pad = self._pad_id()
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -155,8 +176,7 @@ class HFPolicy:
             kwargs.update(logits_processor=[sampler], temperature=None, top_p=None, top_k=None)
         seqs = self.model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device), **kwargs)
         new = seqs[:, width:]
-        self.generated_tokens += int((new != pad).sum())
-        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return self.tokenizer.batch_decode(new, skip_special_tokens=True), (new != pad).sum(dim=1).tolist()
 
     @torch.no_grad()
     def chat(self, messages: list[dict[str, str]], n: int = 1, temperature: float | None = None) -> list[str]:

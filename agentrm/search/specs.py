@@ -40,9 +40,10 @@ class PolicySpec:
         base_url: ``openai``: the server's base URL, or a list of replicas serving the same model.
         max_concurrency: ``openai``: requests in flight at once per policy (beams, samples).
         batch_requests: ``hf``: generate the replies of many requests (beams, Best-of-N samples in
-            lock-step) in shared batches of ``batch_size`` rows, each reply from its own seeded stream
-            (:class:`~agentrm.policies.hf.HFPolicy`); off by default, which keeps the per-call stream
-            the recorded figures used.
+            lock-step, and the episodes running at once with ``concurrency``, through a shared
+            :class:`~agentrm.policies.batcher.GenerateBatcher`) in batches of ``batch_size`` rows, each
+            reply from its own seeded stream (:class:`~agentrm.policies.hf.HFPolicy`); off by default,
+            which keeps the per-call stream the recorded figures used.
         batch_size: ``hf``: replies per ``generate`` call.
         device, dtype, quantization, attn_implementation: ``hf``: where and how the LM is loaded
             (default: CUDA in bf16 when available, else CPU in fp32; ``quantization`` ``nf4``/``int8``
@@ -213,11 +214,14 @@ def policy_factory(spec: PolicySpec) -> Callable[[int, bool], Policy]:
     prompt = AgentPrompt() if spec.prompt == "react" else None
     if spec.kind == "hf":
         from agentrm.models.backbone import build_backbone
+        from agentrm.policies.batcher import GenerateBatcher
         from agentrm.policies.hf import HFPolicy
 
         model = build_backbone(str(resolve_path(spec.model, must_exist=False)), causal_lm=True,
                                **placement.load_kwargs())
         tok = load_tokenizer(spec.model)
+        # one batcher for every policy made here: concurrently running episodes share generate calls
+        batcher = GenerateBatcher(max_rows=spec.batch_size) if spec.batch_requests else None
         return lambda seed, greedy: HFPolicy(
             model,
             tok,
@@ -229,6 +233,7 @@ def policy_factory(spec: PolicySpec) -> Callable[[int, bool], Policy]:
             max_resample=spec.max_resample,
             batch_size=spec.batch_size,
             batch_requests=spec.batch_requests,
+            batcher=batcher,
         )
     if spec.kind == "openai":
         from agentrm.policies.openai_compat import OpenAIChatPolicy

@@ -89,3 +89,37 @@ def test_resume_refuses_another_configuration(tmp_path, tiny_rm_dir):  # noqa: F
     with pytest.raises(ValueError, match="another configuration"):
         main(["--config", str(cfg)])
     main(["--config", str(cfg), "--resume", "false"])  # starts anew
+
+
+def test_batched_hf_policy_summary_does_not_depend_on_concurrency(tmp_path):
+    """HF policy with batch_requests: concurrently running episodes share generate calls (one batcher),
+    each reply from its own seeded stream, so 1 or 3 episodes at once give the same results."""
+    import torch
+
+    from agentrm.models.backbone import build_backbone
+    from agentrm.paths import load_tokenizer
+    from agentrm.policies import batcher as batcher_mod
+    from tests.lit.conftest import TINY_BACKBONE
+
+    tok = load_tokenizer("agentrm/assets/tiny_tokenizer")
+    torch.manual_seed(0)
+    lm = build_backbone(config=TINY_BACKBONE, vocab_size=len(tok), causal_lm=True)
+    lm.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    policy = {"kind": "hf", "model": str(tmp_path / "lm"), "temperature": 1.0, "max_new_tokens": 4,
+              "batch_requests": True, "batch_size": 8}
+    rows = []
+    run = batcher_mod.GenerateBatcher._run
+    batcher_mod.GenerateBatcher._run = lambda self, batch: (rows.append(len(batch)), run(self, batch))[1]
+    try:
+        tables = []
+        for c in (1, 3):
+            _, cfg = _config(tmp_path, f"c{c}", None, policy=policy, scorers=[{"kind": "oracle"}], episodes=3,
+                             best_of_n=[2], beam=[[2, 2]], concurrency=c)
+            tables.append(_table(main(["--config", str(cfg)])))
+            if c == 1:
+                assert max(rows) == 1  # one episode at a time: nothing to share
+    finally:
+        batcher_mod.GenerateBatcher._run = run
+    assert tables[0] == tables[1]
+    assert max(rows) > 1  # with 3 episodes at once, some generate calls held requests of several episodes
