@@ -82,7 +82,27 @@ def simulate_parallel(search: MCTS, tree: Tree, env: Env, start: int, width: int
             pending.add(i)
         for j in path:
             virtual[j] = virtual.get(j, 0) + 1
-    # expansion: all leaves that need it in one batched policy call
+    rewards: list[float] = [0.0] * len(sims)
+    try:
+        _expand_and_evaluate(search, tree, sims, rewards)
+    finally:  # every simulation's env is closed, also when a policy call fails
+        for _, sim, _ in sims:
+            sim.close()
+    for (path, _, _), reward in zip(sims, rewards):  # backup
+        leaf = nodes[path[-1]]
+        if leaf.first is None:
+            leaf.first = reward
+        for j in path:
+            nodes[j].n += 1
+            nodes[j].w += reward
+    return len(sims)
+
+
+def _expand_and_evaluate(search: MCTS, tree: Tree, sims: list[tuple[list[int], Env, bool]], rewards: list[float]) -> None:
+    """Expand the leaves marked for it (one batched policy call), then fill ``rewards``: a terminal leaf's
+    reward, or the outcome of a lock-step rollout. ``sims`` is updated in place (paths extended to the
+    first new child, whose env replaces the leaf's)."""
+    cfg, nodes = search.config, tree.nodes
     to_expand = [s for s in range(len(sims)) if sims[s][2]]
     if to_expand:
         proposals = propose_many(
@@ -99,30 +119,16 @@ def simulate_parallel(search: MCTS, tree: Tree, env: Env, start: int, width: int
             for other in child_envs.values():
                 other.close()
             sims[s] = (path, sim, False)
-    # evaluation: terminal leaves give their reward, the others roll out in lock-step
-    rewards: list[float] = [0.0] * len(sims)
     live = []
     for s, (path, _, _) in enumerate(sims):
         if nodes[path[-1]].terminal:
             rewards[s] = nodes[path[-1]].reward
         else:
             live.append(s)
-    try:
-        if live:
-            rolls = rollout_many(
-                [sims[s][1] for s in live], search.rollout_policy, [tree.history(sims[s][0][-1]) for s in live]
-            )
-            for s, r in zip(live, rolls):
-                rewards[s] = r.reward
-                search._steps += len(r.steps)
-    finally:
-        for _, sim, _ in sims:
-            sim.close()
-    for (path, _, _), reward in zip(sims, rewards):  # backup
-        leaf = nodes[path[-1]]
-        if leaf.first is None:
-            leaf.first = reward
-        for j in path:
-            nodes[j].n += 1
-            nodes[j].w += reward
-    return len(sims)
+    if live:
+        rolls = rollout_many(
+            [sims[s][1] for s in live], search.rollout_policy, [tree.history(sims[s][0][-1]) for s in live]
+        )
+        for s, r in zip(live, rolls):
+            rewards[s] = r.reward
+            search._steps += len(r.steps)

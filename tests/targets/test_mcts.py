@@ -339,3 +339,18 @@ def test_parallel_simulations_batch_policy_calls_and_keep_the_statistics(commit)
 def test_parallel_must_be_positive():
     with pytest.raises(ValueError, match="parallel"):
         MCTSConfig(parallel=0)
+
+
+def test_parallel_simulations_close_their_envs_when_the_policy_fails():
+    class Failing(BatchListPolicy):
+        def propose_many(self, requests):
+            if any(k == 1 for _, _, k in requests):  # the first rollout step fails
+                raise RuntimeError("server gone")
+            return super().propose_many(requests)
+
+    before = ChainEnv.live
+    root = ChainEnv(4)
+    with pytest.raises(RuntimeError, match="server gone"):
+        MCTS(Failing(["a", "b"]), MCTSConfig(simulations=8, k=2, parallel=4)).search(root, 0)
+    root.close()
+    assert ChainEnv.live == before
