@@ -341,10 +341,11 @@ def test_parallel_must_be_positive():
         MCTSConfig(parallel=0)
 
 
-def test_parallel_simulations_close_their_envs_when_the_policy_fails():
+@pytest.mark.parametrize("fail_k", [1, 2])  # a rollout step fails / an expansion fails
+def test_parallel_simulations_close_their_envs_when_the_policy_fails(fail_k):
     class Failing(BatchListPolicy):
         def propose_many(self, requests):
-            if any(k == 1 for _, _, k in requests):  # the first rollout step fails
+            if any(k == fail_k for _, _, k in requests):
                 raise RuntimeError("server gone")
             return super().propose_many(requests)
 
