@@ -309,3 +309,23 @@ def test_exclude_final_step_scores_the_state_before_the_last_action(tiny_tokeniz
     expect = ValueRMScorer(model, tiny_tokenizer).score_trajectories(shorter)
     torch.testing.assert_close(blind, expect, equal_nan=True)
     assert torch.isnan(blind[1]) and not torch.isnan(blind[0])
+
+
+def test_shared_head_encoding_equals_whole_string_encoding():
+    """Encoding the shared head once and each rest separately gives the whole strings' ids and offsets."""
+    from agentrm.paths import load_tokenizer
+    from agentrm.scoring.tokens import _SPLIT_OK, _encode, encode_shared_head
+
+    for path in ("agentrm/assets/tiny_tokenizer", "agentrm/assets/multi_tokenizer"):
+        tok = load_tokenizer(path)
+        prefix = make_trajectory("p", 3)
+        msgs = prefix.to_messages()
+        head = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        fulls = [
+            tok.apply_chat_template(msgs + [{"role": "assistant", "content": a}, {"role": "user", "content": o}],
+                                    tokenize=False)
+            for a, o in (("go forward", "You see a wall."), ("pick up the key", " spaced  out "), ("x", ""))
+        ]
+        first = encode_shared_head(tok, head, fulls)  # checked against whole encoding on first use
+        assert _SPLIT_OK[tok] is True
+        assert encode_shared_head(tok, head, fulls) == first == _encode(tok, fulls)

@@ -19,6 +19,7 @@ is kept, then the most recent steps that fit. A candidate that does not fit next
 from __future__ import annotations
 
 import bisect
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -66,7 +67,7 @@ class CandidateTokens:
         return len(self.prefix_ids) + max((len(c) for c in self.cand_ids), default=0)
 
 
-_SPLIT_OK: dict[int, bool] = {}  # id(tokenizer) -> whether splitting at a special token was verified exact
+_SPLIT_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> split verified exact
 
 
 def _encode(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[int]]]:
@@ -96,16 +97,19 @@ def encode_shared_head(tokenizer, head: str, fulls: list[str]) -> tuple[list[lis
     against whole-string encoding; a tokenizer where it does not hold is encoded whole from then on.
     """
     s = _last_special(tokenizer, head)
-    key = id(tokenizer)
-    if s <= 0 or not _SPLIT_OK.get(key, True):
+    try:
+        verified = _SPLIT_OK.get(tokenizer)
+    except TypeError:  # not weak-referenceable: no memory of a check, so encode whole
+        return _encode(tokenizer, fulls)
+    if s <= 0 or verified is False:
         return _encode(tokenizer, fulls)
     ids, starts = _encode(tokenizer, [fulls[0][:s]] + [f[s:] for f in fulls])
     head_ids, head_starts = ids[0], starts[0]
     ids_all = [head_ids + r for r in ids[1:]]
     starts_all = [head_starts + [x + s for x in r] for r in starts[1:]]
-    if key not in _SPLIT_OK:
+    if verified is None:
         whole = _encode(tokenizer, fulls)
-        _SPLIT_OK[key] = whole == (ids_all, starts_all)
+        _SPLIT_OK[tokenizer] = whole == (ids_all, starts_all)
         return whole
     return ids_all, starts_all
 
