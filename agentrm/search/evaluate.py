@@ -215,6 +215,19 @@ def _episode_rows(
     return rows
 
 
+def _same_config(stored: dict, current: dict, policy: PolicySpec, scorers: list[ScorerSpec]) -> bool:
+    """Whether a run's stored ``config.json`` describes ``current``; a policy or scorer option added since
+    the run was written counts as equal when it has its default value (a run of an older version resumes)."""
+    stored = json.loads(json.dumps(stored))
+    for spec, got in [(policy, stored.get("policy"))] + list(zip(scorers, stored.get("scorers") or [])):
+        if isinstance(got, dict):
+            defaults = asdict(type(spec)())
+            for key, value in asdict(spec).items():
+                if key not in got and value == defaults.get(key):
+                    got[key] = value
+    return stored == current
+
+
 def evaluate(
     out_dir: str = "runs/search/eval",
     held_in: list[str] | None = None,
@@ -360,7 +373,7 @@ def _evaluate(
     }
     cfg_path = out / "config.json"
     if resume and cfg_path.exists() and (out / "episodes.jsonl").exists():
-        if json.loads(cfg_path.read_text()) != json.loads(json.dumps(config)):
+        if not _same_config(json.loads(cfg_path.read_text()), json.loads(json.dumps(config)), policy, scorers):
             raise ValueError(
                 f"{out} holds episodes of another configuration; pick another out_dir or pass --resume false"
             )

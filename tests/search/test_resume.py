@@ -123,3 +123,20 @@ def test_batched_hf_policy_summary_does_not_depend_on_concurrency(tmp_path):
         batcher_mod.GenerateBatcher._run = run
     assert tables[0] == tables[1]
     assert max(rows) > 1  # with 3 episodes at once, some generate calls held requests of several episodes
+
+
+def test_a_run_written_before_new_options_existed_resumes(tmp_path, tiny_rm_dir):  # noqa: F811
+    import pytest
+
+    out, cfg = _config(tmp_path, "old", tiny_rm_dir, episodes=1, beam=[], best_of_n=[1])
+    expect = _table(main(["--config", str(cfg)]))
+    stored = json.loads((out / "config.json").read_text())
+    for key in ("batch_requests", "batch_size"):  # options added later, at their defaults
+        del stored["policy"][key]
+    (out / "config.json").write_text(json.dumps(stored))
+    assert _table(main(["--config", str(cfg)])) == expect
+    changed = yaml.safe_load(cfg.read_text())
+    changed["policy"]["max_resample"] = 5  # an option that was stored, now different: refused
+    cfg.write_text(yaml.safe_dump(changed))
+    with pytest.raises(ValueError, match="another configuration"):
+        main(["--config", str(cfg)])
