@@ -22,7 +22,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repository (agentrm, and bench as a namespace package)
 
 from agentrm.targets.mcts import read_trees  # noqa: E402
-from bench.paper_common import HELD_IN, HELD_OUT, best_of_n_eval, cell, fit_on_trees, spec, versus_greedy  # noqa: E402
+from bench.paper_common import (  # noqa: E402
+    HELD_IN,
+    HELD_OUT,
+    best_of_n_eval,
+    cell,
+    figure,
+    fit_on_trees,
+    spec,
+    versus_greedy,
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -73,24 +82,16 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "results.md").write_text(table)
     (out / "results.json").write_text(json.dumps({"args": vars(args), **info}, indent=2))
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    xs = [info[str(s)]["states"] for s in sorted(args.sizes)]
-    for env_set, style in (("held_in", "o-"), ("held_out", "s-")):
-        ax.plot(xs, [info[str(s)][env_set] for s in sorted(args.sizes)], style, label=f"Best-of-5, {env_set}")
-        ax.axhline(g[env_set], linestyle=":", color="C0" if env_set == "held_in" else "C1", label=f"greedy, {env_set}")
-    ax.set_xscale("log")
-    ax.set_xlabel("labelled states in the RM's training data")
-    ax.set_ylabel("success rate")
-    ax.set_title("data scaling of the value RM")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "data_scaling.png", dpi=120)
-    plt.close(fig)
+    with figure(out / "data_scaling.png", (6, 3.8)) as (fig, ax):
+        xs = [info[str(s)]["states"] for s in sorted(args.sizes)]
+        for env_set, style in (("held_in", "o-"), ("held_out", "s-")):
+            ax.plot(xs, [info[str(s)][env_set] for s in sorted(args.sizes)], style, label=f"Best-of-5, {env_set}")
+            ax.axhline(g[env_set], linestyle=":", color="C0" if env_set == "held_in" else "C1", label=f"greedy, {env_set}")
+        ax.set_xscale("log")
+        ax.set_xlabel("labelled states in the RM's training data")
+        ax.set_ylabel("success rate")
+        ax.set_title("data scaling of the value RM")
+        ax.legend(fontsize=7)
     print(table)
     return info
 

@@ -1,10 +1,12 @@
 """Shared pieces of the paper-analysis experiments (``bench/study_targets.py``, ``bench/data_scaling.py``,
 ``bench/task_specific.py``, ``bench/robustness.py``): the BabyAI level sets, a fixed-budget tiny
-value-RM fit, and Best-of-N evaluation read back as paired differences."""
+value-RM fit, Best-of-N evaluation read back as paired differences, and the figure they each save."""
 
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +106,19 @@ def versus_greedy(comparisons: list[dict[str, Any]], scorer: str, env_set: str, 
 def cell(c: dict[str, Any]) -> str:
     """``0.810 (+0.160 [+0.070, +0.250])``: Best-of-N success and its paired difference to greedy."""
     return f"{c['method_success']:.3f} ({c['difference']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}])"
+
+
+@contextmanager
+def figure(path: Path, figsize: tuple[float, float]) -> Iterator[tuple[Any, Any]]:
+    """``(fig, ax)`` of a new matplotlib figure (Agg backend); on exit laid out, saved to ``path`` at 120 dpi
+    and closed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=figsize)
+    yield fig, ax
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -25,9 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agentrm.envs.babyai import REPHRASINGS, rephrase_mission  # noqa: E402
+from bench.paper_common import HELD_IN, HELD_OUT, figure  # noqa: E402
 
-HELD_IN = ["GoToRedBall", "GoToObj", "GoToLocal", "PickupLoc"]
-HELD_OUT = ["GoToRedBallGrey", "GoToRedBlueBall", "GoToObjS6", "GoToLocalS6N3", "PickupDist"]
 NAMES = ["original", "verbs", "object names", "verbs + objects", "sentence form"]
 
 
@@ -104,23 +103,15 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "results.md").write_text(table)
     (out / "results.json").write_text(json.dumps({"args": vars(args), "success": results, "mean_change": mean_drop}, indent=2))
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 3.8))
-    for i, (s, m) in enumerate(keys):
-        xs = [j + (i - 1.5) * 0.2 for j in range(len(NAMES))]
-        ax.bar(xs, [results[n][f"{s}/{m}"] for n in NAMES], width=0.2, label=f"{s} {m}")
-    ax.set_xticks(range(len(NAMES)), NAMES, fontsize=8)
-    ax.set_ylabel("success rate")
-    ax.set_ylim(0, 1.05)
-    ax.set_title("robustness to rephrased instructions")
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out / "robustness.png", dpi=120)
-    plt.close(fig)
+    with figure(out / "robustness.png", (7.5, 3.8)) as (fig, ax):
+        for i, (s, m) in enumerate(keys):
+            xs = [j + (i - 1.5) * 0.2 for j in range(len(NAMES))]
+            ax.bar(xs, [results[n][f"{s}/{m}"] for n in NAMES], width=0.2, label=f"{s} {m}")
+        ax.set_xticks(range(len(NAMES)), NAMES, fontsize=8)
+        ax.set_ylabel("success rate")
+        ax.set_ylim(0, 1.05)
+        ax.set_title("robustness to rephrased instructions")
+        ax.legend(fontsize=7, loc="lower right")
     print(table)
     return results
 

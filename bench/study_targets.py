@@ -37,7 +37,7 @@ from agentrm.envs.registry import EnvSpec  # noqa: E402
 from agentrm.targets.mcts import MCTS, MCTSConfig, flatten_tree  # noqa: E402
 from agentrm.targets.monte_carlo import run_episode  # noqa: E402
 from bench.paper_common import HELD_IN as LEVELS  # noqa: E402
-from bench.paper_common import HELD_OUT, best_of_n_eval, spec, train_value_rm, versus_greedy  # noqa: E402
+from bench.paper_common import HELD_OUT, best_of_n_eval, figure, spec, train_value_rm, versus_greedy  # noqa: E402
 
 TARGETS = ("mc", "mcts_root", "mcts_commit")
 
@@ -91,27 +91,19 @@ def collect(kind: str, args: argparse.Namespace) -> tuple[list[Trajectory], dict
 
 
 def plot(comparisons: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    sets = ["held_in", "held_out"]
-    for i, kind in enumerate(TARGETS):
-        rows = [versus_greedy(comparisons, kind, s) for s in sets]
-        xs = [j + (i - 1) * 0.25 for j in range(len(sets))]
-        ys = [r["difference"] for r in rows]
-        err = [[y - r["ci_low"] for y, r in zip(ys, rows)], [r["ci_high"] - y for y, r in zip(ys, rows)]]
-        ax.bar(xs, ys, width=0.25, yerr=err, capsize=4, label=kind)
-    ax.axhline(0, color="k", lw=0.8)
-    ax.set_xticks(range(len(sets)), sets)
-    ax.set_ylabel("Best-of-5 success - greedy (95% CI)")
-    ax.set_title("value targets at an equal env-step budget")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, (6.5, 3.8)) as (fig, ax):
+        sets = ["held_in", "held_out"]
+        for i, kind in enumerate(TARGETS):
+            rows = [versus_greedy(comparisons, kind, s) for s in sets]
+            xs = [j + (i - 1) * 0.25 for j in range(len(sets))]
+            ys = [r["difference"] for r in rows]
+            err = [[y - r["ci_low"] for y, r in zip(ys, rows)], [r["ci_high"] - y for y, r in zip(ys, rows)]]
+            ax.bar(xs, ys, width=0.25, yerr=err, capsize=4, label=kind)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks(range(len(sets)), sets)
+        ax.set_ylabel("Best-of-5 success - greedy (95% CI)")
+        ax.set_title("value targets at an equal env-step budget")
+        ax.legend(fontsize=8)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repository (agentrm, and bench as a namespace package)
 
 from agentrm.targets.mcts import read_trees  # noqa: E402
-from bench.paper_common import HELD_IN, HELD_OUT, fit_on_trees, spec  # noqa: E402
+from bench.paper_common import HELD_IN, HELD_OUT, figure, fit_on_trees, spec  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -105,23 +105,15 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "results.json").write_text(json.dumps({"args": vars(args), "rms": info, "gain": gains, "success": {
         f"{k[0]}/{k[1]}": v for k, v in rate.items()}}, indent=2))
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 3.2))
-    im = ax.imshow([[gains[n][lv] for lv in levels] for n in names], cmap="RdBu", vmin=-0.4, vmax=0.4)
-    ax.set_xticks(range(len(levels)), levels, rotation=30, ha="right", fontsize=7)
-    ax.set_yticks(range(len(names)), names, fontsize=7)
-    for i, n in enumerate(names):
-        for j, lv in enumerate(levels):
-            ax.text(j, i, f"{gains[n][lv]:+.2f}", ha="center", va="center", fontsize=6)
-    fig.colorbar(im, ax=ax, label="Best-of-5 - greedy")
-    ax.set_title("task-specific value RMs")
-    fig.tight_layout()
-    fig.savefig(out / "task_specific.png", dpi=120)
-    plt.close(fig)
+    with figure(out / "task_specific.png", (9, 3.2)) as (fig, ax):
+        im = ax.imshow([[gains[n][lv] for lv in levels] for n in names], cmap="RdBu", vmin=-0.4, vmax=0.4)
+        ax.set_xticks(range(len(levels)), levels, rotation=30, ha="right", fontsize=7)
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        for i, n in enumerate(names):
+            for j, lv in enumerate(levels):
+                ax.text(j, i, f"{gains[n][lv]:+.2f}", ha="center", va="center", fontsize=6)
+        fig.colorbar(im, ax=ax, label="Best-of-5 - greedy")
+        ax.set_title("task-specific value RMs")
     print(table)
     return info
 
