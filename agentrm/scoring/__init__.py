@@ -23,7 +23,8 @@ from agentrm.scoring.layouts import (
     PACKABLE_ATTENTION,
     PACKABLE_MODEL_TYPES,
     ScoringLayout,
-    cached_layout,
+    cached_layout_many,
+    cached_packed_layout,
     caching_unsupported_reason,
     packed_layout,
     packing_unsupported_reason,
@@ -35,7 +36,8 @@ from agentrm.scoring.tokens import Candidate, CandidateTokens, tokenize_candidat
 __all__ = [
     "PACKABLE_ATTENTION", "PACKABLE_MODEL_TYPES", "SCORING_PATHS", "Candidate", "CandidateScorer",
     "CandidateTokens", "ImplicitPRMScorer", "PackMode", "PrefixCache", "Scorer", "ScoringCounters",
-    "ScoringLayout", "ScoringPath", "ValueRMScorer", "cached_layout", "caching_unsupported_reason",
+    "ScoringLayout", "ScoringPath", "ValueRMScorer", "cached_layout_many", "cached_packed_layout",
+    "caching_unsupported_reason",
     "packed_layout", "packing_unsupported_reason", "path_calls", "plain_layout", "score_many",
     "tokenize_candidates",
 ]

@@ -287,8 +287,6 @@ class CandidateScorer:
             ks = {g: [k for gg, k in chunk if gg == g] for g in groups}
             layout_groups = [(toks[g], ks[g], prefixes[g][1]) for g in groups]
             layout = cached_layout_many(layout_groups, self._pad_id(), dev)
-            if len(groups) == 1:
-                layout.position_ids = None  # one prefix: default positions continue it
             pasts = {
                 key: stack_pasts([prefixes[g][0][key] for g in groups], [len(ks[g]) for g in groups])
                 for key, _ in self._cache_models()

@@ -153,25 +153,6 @@ def plain_layout(
     return _layout(input_ids, None, None, mask, toks, ks, cand_pos, first, int(mask.sum()), device)
 
 
-def cached_layout(
-    toks: CandidateTokens, ks: Sequence[int], pad_id: int, device: torch.device | str = "cpu", held: int = 1
-) -> ScoringLayout:
-    """Rows ``[prefix[-held:], cand_k]`` against a cached ``prefix[:-held]`` (``past_len = P - held``).
-
-    ``held >= 1`` prefix tokens are forwarded in every row: the last one so that the hidden state
-    predicting a candidate's first token is computed here, and any others the cache did not cover (a
-    few generation-prompt tokens are cheaper repeated K times than forwarded on their own).
-    Default positions (``past_len ..``): one prefix, so every row continues the same past.
-
-    Raises:
-        ValueError: when the layout asks for the prefix's own steps (``prefix_steps``): their tokens
-            are in the cache, not in this forward; or ``held`` is not in ``[1, P]``.
-    """
-    layout = cached_layout_many([(toks, ks, held)], pad_id, device)
-    layout.position_ids = None
-    return layout
-
-
 def _cached_past_len(groups: Sequence[tuple[CandidateTokens, Sequence[int], int]]) -> int:
     """Check cached-layout groups ``(toks, ks, held)``; the longest cached past ``max P - held``."""
     for toks, _, held in groups:
@@ -191,7 +172,8 @@ def cached_layout_many(
     ``ks``, against its cached ``prefix[:-held]`` of ``n_g = P_g - held`` tokens. The pasts are
     left-padded to ``past_len = max_g n_g`` (:func:`agentrm.scoring.cache.stack_pasts`): the 2D mask
     ``[B, past_len + T]`` hides the padding and ``position_ids[b] = n_g + arange(T)`` continues each
-    row's own prefix, so every row equals its candidate scored alone. Rows are in group order; step
+    row's own prefix (``None`` for one group: the default positions after its past do), so every row
+    equals its candidate scored alone. Rows are in group order; step
     ids number the rows (``0 .. B-1``; the cached layout has no prefix steps).
 
     Raises:
@@ -222,7 +204,8 @@ def cached_layout_many(
         pred += p
         tgt += t
         sid += [first_row + j for j in s]  # no prefix steps: s = j, the group's row index
-    return _make_layout(input_ids, position_ids, None, mask, ends, pred, tgt, sid, B, real, device, past_len)
+    pos = position_ids if len(groups) > 1 else None
+    return _make_layout(input_ids, pos, None, mask, ends, pred, tgt, sid, B, real, device, past_len)
 
 
 def cached_packed_layout(
