@@ -13,9 +13,9 @@ temperature) -> list[str]``): :class:`~agentrm.policies.openai_compat.OpenAIChat
 for a vLLM / OpenAI-compatible server, :class:`~agentrm.policies.hf.HFPolicy` for a
 local model.
 
-By default the final observation of a finished trajectory is hidden from the judge
-(``hide_final_observation``): in BabyAI it reads "Mission complete." or "Out of
-steps.", which would turn the judge into an oracle.
+Outcome-blindness is the search layer's job (:mod:`agentrm.search.blind`): a judge declared
+``outcome_blind`` (the default in the search harness) gets each step that ended the episode as a withheld
+step, which it shows as the action without a result, whatever the environment family.
 
 Replies that do not follow the format (no rating, no index) are the fallback case: they are
 counted in ``unparsed`` (the first one is also printed as a warning, verbatim); a prompt whose
@@ -83,24 +83,22 @@ def parse_index(text: str, n: int) -> int | None:
     return nums[-1] if nums else None
 
 
-def render_transcript(traj: Trajectory, hide_final_observation: bool = False) -> str:
-    """Plain-text transcript: the task, then ``Action:`` / ``Observation:`` lines."""
+def render_transcript(traj: Trajectory) -> str:
+    """Plain-text transcript: the task, then ``Action:`` / ``Observation:`` lines (none for a withheld step)."""
     lines = [f"Task: {traj.instruction}"]
     for i, s in enumerate(traj.steps):
         lines.append(f"Action {i + 1}: {s.action}")
-        if not (hide_final_observation and i == len(traj.steps) - 1):
+        if not s.withheld:
             lines.append(f"Observation {i + 1}: {s.observation}")
     return "\n".join(lines)
 
 
-_TERMINAL = ("Mission complete", "Out of steps", "Mission failed")
-
-
-def _candidate_text(c: str | Step, hide_outcome: bool) -> str:
-    """A candidate as shown to the judge: the action, plus ``(result: <observation>)`` for a Step."""
+def _candidate_text(c: str | Step) -> str:
+    """A candidate as shown to the judge: the action, plus ``(result: <observation>)`` for a Step whose
+    result is not withheld."""
     if isinstance(c, str):
         return c
-    if hide_outcome and any(t in c.observation for t in _TERMINAL):
+    if c.withheld:
         return c.action
     return f"{c.action} (result: {c.observation})"
 
@@ -114,7 +112,8 @@ class JudgeScorer:
         samples: replies per prompt (``n`` of the chat call); pointwise ratings are averaged,
             listwise picks are counted.
         temperature: judge sampling temperature (``None``: the client's default).
-        hide_final_observation: hide a finished trajectory's last observation (see module doc).
+        outcome_blind: the declared blindness (:attr:`agentrm.scoring.Scorer.outcome_blind`): the search
+            layer then withholds what an episode-ending step returned.
     """
 
     def __init__(
@@ -123,7 +122,7 @@ class JudgeScorer:
         mode: JudgeMode = "pointwise",
         samples: int = 1,
         temperature: float | None = None,
-        hide_final_observation: bool = True,
+        outcome_blind: bool = True,
     ):
         if mode not in ("pointwise", "listwise"):
             raise ValueError(f"mode must be 'pointwise' or 'listwise', got {mode!r}")
@@ -133,7 +132,7 @@ class JudgeScorer:
         self.mode = mode
         self.samples = samples
         self.temperature = temperature
-        self.hide_final_observation = hide_final_observation
+        self.outcome_blind = outcome_blind
         self.counters = ScoringCounters()
         self.replies = 0
         self.unparsed = 0
@@ -142,13 +141,12 @@ class JudgeScorer:
     def score_candidates(self, prefix: Trajectory, candidates: Sequence[str | Step]) -> Tensor:
         """``[K]`` scores of each candidate as the next action after ``prefix``.
 
-        A :class:`Step` candidate is shown with the observation it led to (unless it ended the
-        episode and ``hide_final_observation`` is set, which hides terminal-looking text too).
+        A :class:`Step` candidate is shown with the observation it led to, unless that is withheld.
         """
         self.counters.candidates += len(candidates)
         if not candidates:
             return torch.zeros(0)
-        candidates = [_candidate_text(c, self.hide_final_observation) for c in candidates]
+        candidates = [_candidate_text(c) for c in candidates]
         history = render_transcript(prefix)
         if self.mode == "listwise":
             options = "\n".join(f"[{i}] {c}" for i, c in enumerate(candidates))
@@ -175,7 +173,7 @@ class JudgeScorer:
         self.counters.trajectories += len(trajs)
         if not trajs:
             return torch.zeros(0)
-        texts = [render_transcript(t, self.hide_final_observation) for t in trajs]
+        texts = [render_transcript(t) for t in trajs]
         if self.mode == "listwise":
             body = "\n\n".join(f"=== Trajectory [{i}] ===\n{t}" for i, t in enumerate(texts))
             prompt = (

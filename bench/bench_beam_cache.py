@@ -53,6 +53,7 @@ class Recording:
     def __init__(self, scorer):
         self.scorer, self.calls, self.wall = scorer, [], 0.0
         self.counters = scorer.counters
+        self.outcome_blind = scorer.outcome_blind
 
     def score_candidates(self, prefix, candidates):
         t0 = time.perf_counter()
@@ -72,19 +73,21 @@ class Recording:
         return self.scorer.score_trajectories(trajs)
 
 
-def build(kind: str, tok, path: str, size: str = "tiny"):
+def build(kind: str, tok, path: str, size: str = "tiny", **cache):
+    """A scorer of ``kind`` on a random-weight ``size`` model; ``cache``: ``cache_bytes`` / ``cache_entries``."""
     config = MODELS[size]
     torch.manual_seed(0)
     if kind == "value_rm":
         model = ValueRewardModel(build_backbone(config=config, vocab_size=len(tok), attn_implementation="sdpa"))
         torch.nn.init.normal_(model.value_head.weight, std=1.0)
-        return ValueRMScorer(model.eval(), tok, max_length=1024, path=path)
+        return ValueRMScorer(model.eval(), tok, max_length=1024, path=path, **cache)
     policy = build_backbone(config=config, vocab_size=len(tok), causal_lm=True, attn_implementation="sdpa")
     prm = ImplicitPRM(policy, beta=0.5)
     with torch.no_grad():
         for p in prm.policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    return ImplicitPRMScorer(prm, tok, max_length=1024, path=path, include_prefix=False)  # r_t: the cache holds no prefix rewards
+    # r_t: the cache holds no prefix rewards
+    return ImplicitPRMScorer(prm, tok, max_length=1024, path=path, include_prefix=False, **cache)
 
 
 def main(argv: list[str] | None = None) -> int:

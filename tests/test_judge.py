@@ -88,10 +88,13 @@ def test_trajectory_scoring_hides_the_outcome():
             else ("Rating: 6" if "drop" in prompt else "Rating: 3")
         )
 
+    from agentrm.search.blind import finished_view
+
     judge = JudgeScorer(FakeClient(reply), "pointwise")
-    trajs = [_traj("a", ["move forward", "drop"]), _traj("b", ["turn left"])]
+    trajs = [finished_view(_traj("a", ["move forward", "drop"])), finished_view(_traj("b", ["turn left"]))]
     assert judge.score_trajectories(trajs).tolist() == pytest.approx([0.6, 0.3])
-    assert "Mission complete" not in render_transcript(trajs[0], hide_final_observation=True)
+    assert "Mission complete" not in render_transcript(trajs[0]) and "Action 2: drop" in render_transcript(trajs[0])
+    assert "Mission complete" in render_transcript(_traj("a", ["move forward", "drop"]))  # not blinded: shown
     listwise = JudgeScorer(FakeClient(lambda p, i: "Best: 0"), "listwise")
     assert listwise.score_trajectories(trajs).tolist() == [1.0, 0.0]
     with pytest.raises(ValueError):
@@ -103,7 +106,7 @@ def test_step_candidates_show_their_observation_but_not_the_outcome():
     judge = JudgeScorer(client, "pointwise")
     judge.score_candidates(
         _traj("p", ["turn left"]),
-        [Step("move forward", "Red ball 1 ahead."), Step("drop", "Mission complete.")],
+        [Step("move forward", "Red ball 1 ahead."), Step("drop", "", withheld=True)],
     )
     assert "Proposed next action: move forward (result: Red ball 1 ahead.)" in client.calls[0][0]
     assert (

@@ -35,16 +35,28 @@ class DataFormatError(ValueError):
 
 @dataclass
 class Step:
-    """One assistant action and the environment's reply to it."""
+    """One assistant action and the environment's reply to it.
+
+    Attributes:
+        action: the assistant's action (with its thought, if any).
+        observation: the environment's reply.
+        value: the step's value target (``None``: unsupervised).
+        withheld: ``True`` only in the view an *outcome-blind* scorer gets of a step that ended the
+            episode (:mod:`agentrm.search.blind`): what the environment returned is withheld and
+            ``observation`` is empty. Each scorer documents how it reads such a step. Never set in data files.
+    """
 
     action: str
     observation: str
     value: float | None = None
+    withheld: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"action": self.action, "observation": self.observation}
         if self.value is not None:
             d["value"] = self.value
+        if self.withheld:
+            d["withheld"] = True
         return d
 
 

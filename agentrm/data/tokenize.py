@@ -218,3 +218,34 @@ def tokenize_trajectory(tokenizer, traj: Trajectory, max_length: int | None = No
     n = len(out.step_end_idx)
     assert len(out.step_values) == n and (not n or out.step_end_idx[-1] < len(ids) <= (max_length or len(ids)))
     return out
+
+
+def tokenize_initial_state(tokenizer, traj: Trajectory, max_length: int | None = None) -> TokenizedTrajectory:
+    """The initial state of ``traj``'s episode as one unlabeled "step" ending at the instruction turn.
+
+    The value RM reads a state at the token closing the user turn that describes it; the initial state
+    (task and first observation) is described by the instruction turn, so its value is read at the token
+    closing that turn (the last token of the head, see :func:`head_tokens`). Used where a state before
+    any step must be scored (an outcome-blind view of a one-step episode, :mod:`agentrm.search.blind`).
+    Over ``max_length`` the head is cut on the right and the value is read at its last kept token.
+
+    Returns:
+        A :class:`TokenizedTrajectory` with ``input_ids`` = the head and one step whose start, action end
+        and end are all the head's last token (for value reading only: it has no action tokens).
+    """
+    require_chat_tokenizer(tokenizer)
+    messages = traj.to_messages()[:1]
+    text = render(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    starts = [s for s, _ in enc["offset_mapping"]]
+    ids = enc["input_ids"][: head_tokens(tokenizer, messages, starts)]
+    if max_length is not None:
+        ids = ids[:max_length]
+    end = len(ids) - 1
+    if end < 0:
+        raise ChatTemplateError(f"trajectory {traj.id}: the instruction turn renders to no token")
+    return TokenizedTrajectory(
+        id=traj.id, group=traj.group, input_ids=ids, step_start_idx=[end], action_end_idx=[end],
+        step_end_idx=[end], step_values=[math.nan], step_parent=[_hash63(f"{traj.task}\x00{traj.instruction}")],
+        step_action=[0], success=bool(traj.success), reward=float(traj.reward), num_steps_total=0, first_step=0,
+    )

@@ -3,10 +3,12 @@
 At every depth each of the (at most) ``width`` live beams is expanded with ``k`` actions
 sampled from the policy (duplicates within a beam removed).  The candidates of one beam
 are each executed on their own clone of the beam's environment first; then the candidates of
-all beams are scored together (:func:`agentrm.scoring.score_many`: ``score_candidates(beam_history,
-[Step(action, observation), ...])`` per beam, in shared forwards on the RM scorers' cached path;
-the value RM reads each value at the end of the candidate's observation, as in training).  The ``width`` best non-terminal children over all expansions become the
-next beams; children whose episode ended are kept as *finished* candidates with their score.
+all beams are scored together (:func:`agentrm.search.blind.score_children`: ``score_candidates(beam_history,
+[Step(action, observation), ...])`` per beam, in shared forwards on the RM scorers' cached path; the value
+RM reads each value at the end of the candidate's observation, as in training; an outcome-blind scorer
+gets an episode-ending candidate with its reply withheld).  The ``width`` best non-terminal children over
+all expansions become the next beams; children whose episode ended are kept as *finished* candidates with
+their score.
 
 **Selection reads the scorer only.**  The environment's reward and success flag are
 recorded for the metrics but never consulted: the search stops when the best-scored
@@ -27,11 +29,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from agentrm.data.schema import Step, Trajectory
 from agentrm.envs.base import Env
 from agentrm.policies.base import Policy, propose_many
-from agentrm.scoring import Scorer, path_calls, score_many
+from agentrm.scoring import Scorer, path_calls
+from agentrm.search.blind import score_children
 from agentrm.search.episode import SearchResult, begin_episode, extend, finish
 
 
@@ -41,13 +45,41 @@ def normalize_candidate(text: str) -> str:
 
 
 @dataclass
-class _Node:
+class Stepped:
+    """A candidate action executed on its own clone of its beam's environment."""
+
+    action: str
+    env: Env
+    observation: str
+    reward: float
+    done: bool
+    info: dict[str, Any]
+
+    @property
+    def step(self) -> Step:
+        return Step(self.action, self.observation)
+
+
+@dataclass
+class Node:
+    """A beam or a child: the environment in its state, the history that led there and its score."""
+
     env: Env
     history: Trajectory
     score: float
     done: bool = False
     reward: float = 0.0
     success: bool = False
+
+    @classmethod
+    def child(cls, beam: Node, s: Stepped, score: float) -> Node:
+        return cls(env=s.env, history=extend(beam.history, s.action, s.observation), score=float(score),
+                   done=bool(s.done), reward=float(s.reward), success=bool(s.info.get("success", False)))
+
+    @property
+    def key(self) -> float:
+        """Ranking key: the score, with ``nan`` lowest."""
+        return float("-inf") if self.score != self.score else self.score
 
 
 def beam_search(
@@ -62,19 +94,18 @@ def beam_search(
     episode_id: str = "",
     max_depth: int = 100,
     dedupe: Callable[[str], str] | None = normalize_candidate,
-    hide_terminal_observation: bool | None = None,
 ) -> SearchResult:
     """Run step-level beam search on episode ``seed`` (``env`` is reset here, then left as is).
+
+    Candidates are scored through :func:`agentrm.search.blind.score_children`: a scorer whose
+    ``outcome_blind`` is set never sees what an episode-ending candidate returned (it reads it as the
+    value RM / PRM / judge document for a withheld step, the same way Best-of-N does).
 
     Args:
         width: ``W``, beams kept per depth.
         k: ``K``, actions sampled per beam per step.
         max_depth: step budget (actions per beam).
         dedupe: key for removing duplicate candidates within a beam (None keeps duplicates).
-        hide_terminal_observation: outcome-blind scoring: a candidate that ends the episode is
-            scored with an empty observation, because the environment's last reply may state the
-            outcome ("Mission complete.", "You won!").  None follows the scorer's
-            ``exclude_final_step`` (the same choice for Best-of-N and beam).
 
     Returns:
         A :class:`SearchResult` whose ``candidates``/``scores`` are the final live beams and the
@@ -86,23 +117,23 @@ def beam_search(
     """
     if width < 1 or k < 1:
         raise ValueError(f"need width >= 1 and k >= 1, got width={width}, k={k}")
-    if hide_terminal_observation is None:
-        hide_terminal_observation = bool(getattr(scorer, "exclude_final_step", False))
+    if max_depth < 1:
+        raise ValueError(f"need max_depth >= 1, got {max_depth}")
     before = scorer.counters.as_dict()
-    root = _Node(env=env, history=begin_episode(env, seed, task, episode_id), score=float("nan"))
+    root = Node(env=env, history=begin_episode(env, seed, task, episode_id), score=float("nan"))
     beams, finished = [root], []
     stats = {"env_steps": 0, "policy_calls": 0, "candidates_scored": 0, "depth": 0, "stop": "budget"}
     for depth in range(max_depth):
-        children: list[_Node] = []
         # all beams' proposals at once (concurrent requests for a served policy), in beam order
         proposals = propose_many(policy, [(b.env, b.history, k) for b in beams])
         stats["policy_calls"] += len(beams)
         stepped = [_step(beam, cands, dedupe, stats) for beam, cands in zip(beams, proposals)]
         # all beams' candidates scored together (one forward per depth on the RM scorers' cached path)
-        scores = score_many(scorer, [(beam.history, _shown(s, hide_terminal_observation)) for beam, s in zip(beams, stepped)])
+        scores = score_children(scorer, [(b.history, [(c.step, c.done) for c in s]) for b, s in zip(beams, stepped)])
+        children: list[Node] = []
         for beam, s, sc in zip(beams, stepped, scores):
             stats["candidates_scored"] += len(s)
-            children.extend(_children(beam, s, sc))
+            children.extend(Node.child(beam, c, score) for c, score in zip(s, sc.tolist()))
             if beam is not root:
                 beam.env.close()
         stats["depth"] = depth + 1
@@ -110,14 +141,14 @@ def beam_search(
             if c.done:
                 c.env.close()
                 finished.append(c)
-        live = sorted((c for c in children if not c.done), key=_key, reverse=True)  # stable: expansion order
+        live = sorted((c for c in children if not c.done), key=lambda n: n.key, reverse=True)  # stable: expansion order
         beams = live[:width]
         for dropped in live[width:]:
             dropped.env.close()
         if not beams:
             stats["stop"] = "all_done"
             break
-        if finished and max(map(_key, finished)) >= _key(beams[0]):
+        if finished and max(n.key for n in finished) >= beams[0].key:
             stats["stop"] = "finished"
             break
     after = scorer.counters.as_dict()
@@ -126,12 +157,13 @@ def beam_search(
     stats["cached_tokens"] = after.get("cached_tokens", 0) - before.get("cached_tokens", 0)
     stats["scoring_paths"] = path_calls(before, after)
     pool = finished + [b for b in beams if b is not root] or [root]
-    chosen = max(range(len(pool)), key=lambda i: (_key(pool[i]), -i))
+    chosen = max(range(len(pool)), key=lambda i: (pool[i].key, -i))
     for b in beams:
         if b is not root:
             b.env.close()
     trajs = [
-        finish(p.history, p.reward if p.done else 0.0, p.success, depth=len(p.history.steps)) for p in pool
+        finish(p.history, p.reward if p.done else 0.0, p.success, ended=p.done, depth=len(p.history.steps))
+        for p in pool
     ]
     return SearchResult(
         method="beam",
@@ -143,7 +175,7 @@ def beam_search(
     )
 
 
-def _step(beam: _Node, cands: list[str], dedupe: Callable[[str], str] | None, stats: dict) -> list[tuple]:
+def _step(beam: Node, cands: list[str], dedupe: Callable[[str], str] | None, stats: dict) -> list[Stepped]:
     """Execute each of ``beam``'s proposed actions (deduplicated) on its own clone of the beam's environment."""
     if dedupe is not None:
         seen: dict[str, str] = {}
@@ -155,30 +187,5 @@ def _step(beam: _Node, cands: list[str], dedupe: Callable[[str], str] | None, st
         child_env = beam.env.clone()
         obs, reward, done, info = child_env.step(cand)
         stats["env_steps"] += 1
-        stepped.append((cand, child_env, obs, reward, done, info))
+        stepped.append(Stepped(cand, child_env, obs, float(reward), bool(done), dict(info)))
     return stepped
-
-
-def _shown(stepped: list[tuple], hide_terminal: bool) -> list[Step]:
-    """The candidates as the scorer sees them: the value RM reads the value after the observation, as in
-    training; an episode-ending reply is withheld when outcome-blind (it may state the outcome)."""
-    return [Step(c, "" if hide_terminal and done else obs) for c, _, obs, _, done, _ in stepped]
-
-
-def _children(beam: _Node, stepped: list[tuple], scores) -> list[_Node]:
-    return [
-        _Node(
-            env=child_env,
-            history=extend(beam.history, cand, obs),
-            score=float(score),
-            done=bool(done),
-            reward=float(reward),
-            success=bool(info.get("success", False)),
-        )
-        for (cand, child_env, obs, reward, done, info), score in zip(stepped, scores.tolist())
-    ]
-
-
-def _key(node: _Node) -> float:
-    """Ranking key: the score, with ``nan`` lowest."""
-    return float("-inf") if node.score != node.score else node.score

@@ -12,6 +12,7 @@ from agentrm.data.schema import Trajectory
 from agentrm.envs.base import Env
 from agentrm.policies.base import Policy
 from agentrm.scoring import Scorer
+from agentrm.search.blind import score_finished
 from agentrm.search.episode import SearchResult
 from agentrm.search.greedy import sample_trajectories
 
@@ -55,13 +56,15 @@ def rank_samples(
 ) -> SearchResult:
     """Score already sampled trajectories with one ``score_trajectories`` call; pick the best.
 
-    Trajectory aggregation of step scores is the scorer's (e.g. ``ValueRMScorer(aggregate=...)``).
+    The samples are finished trajectories; an outcome-blind scorer gets each one's last step with its reply
+    withheld (:func:`agentrm.search.blind.score_finished`).  Trajectory aggregation of step scores is the
+    scorer's (e.g. ``ValueRMScorer(aggregate=...)``).
     ``stats`` reports the scorer's counter deltas (``candidates_scored`` = trajectories scored,
     ``tokens_scored``, ``forward_passes``) and ``score_wall_s``.
     """
     before = scorer.counters.as_dict()
     t0 = time.perf_counter()
-    scores = [float(s) for s in scorer.score_trajectories(list(samples))]
+    scores = [float(s) for s in score_finished(scorer, samples)]
     wall = time.perf_counter() - t0
     after = scorer.counters.as_dict()
     chosen = select_best(scores, samples, tie_break, random.Random(tie_seed))

@@ -8,13 +8,14 @@ the reward model sees at search time exactly the text layout it was trained on.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 from agentrm.data.schema import Step, Trajectory
 from agentrm.envs.base import Env
 from agentrm.policies.base import Policy, start_history
-from agentrm.policies.rollout import rollout
+from agentrm.policies.rollout import Rollout, rollout
 
 
 @dataclass
@@ -63,28 +64,25 @@ def begin_episode(env: Env, seed: int, task: str, episode_id: str = "") -> Traje
 
 def extend(history: Trajectory, action: str, observation: str) -> Trajectory:
     """A new partial trajectory: ``history`` plus one step (``history`` is not modified)."""
-    return Trajectory(
-        id=history.id,
-        task=history.task,
-        instruction=history.instruction,
-        steps=[*history.steps, Step(action=action, observation=observation)],
-        reward=0.0,
-        success=False,
-        meta=dict(history.meta),
-    )
+    return continued(history, [Step(action=action, observation=observation)])
 
 
-def finish(history: Trajectory, reward: float, success: bool, **meta: Any) -> Trajectory:
-    """``history`` as a finished trajectory with the environment's outcome."""
-    return Trajectory(
-        id=history.id,
-        task=history.task,
-        instruction=history.instruction,
-        steps=list(history.steps),
-        reward=float(reward),
-        success=bool(success),
-        meta={**history.meta, **meta},
-    )
+def continued(history: Trajectory, steps: list[Step]) -> Trajectory:
+    """A new unfinished trajectory: ``history`` followed by ``steps`` (no outcome yet; ``history`` is not modified)."""
+    return dataclasses.replace(history, steps=[*history.steps, *steps], reward=0.0, success=False,
+                               meta=dict(history.meta))
+
+
+def finish(history: Trajectory, reward: float, success: bool, ended: bool = True, **meta: Any) -> Trajectory:
+    """``history`` with the environment's outcome.
+
+    Args:
+        ended: whether the episode ended with the last step (the environment's ``done``), recorded as
+            ``meta["ended"]``: an outcome-blind scorer never sees what that step returned
+            (:mod:`agentrm.search.blind`). A beam cut off by its step budget has ``ended=False``.
+    """
+    return dataclasses.replace(history, steps=list(history.steps), reward=float(reward), success=bool(success),
+                               meta={**history.meta, **meta, "ended": bool(ended)})
 
 
 def sample_trajectory(env: Env, policy: Policy, history: Trajectory, **meta: Any) -> Trajectory:
@@ -92,14 +90,9 @@ def sample_trajectory(env: Env, policy: Policy, history: Trajectory, **meta: Any
 
     ``env`` is advanced in place; pass a clone to keep the original.
     """
-    out = rollout(env, policy, history, record=True)
-    done = Trajectory(
-        id=history.id,
-        task=history.task,
-        instruction=history.instruction,
-        steps=[*history.steps, *out.steps],
-        reward=0.0,
-        success=False,
-        meta=dict(history.meta),
-    )
-    return finish(done, out.reward, out.success, **meta)
+    return finished_rollout(history, rollout(env, policy, history, record=True), **meta)
+
+
+def finished_rollout(history: Trajectory, out: Rollout, **meta: Any) -> Trajectory:
+    """The finished trajectory of ``history`` continued by a :class:`~agentrm.policies.rollout.Rollout`."""
+    return finish(continued(history, out.steps), out.reward, out.success, ended=True, **meta)

@@ -9,7 +9,7 @@ from agentrm.data.schema import Trajectory
 from agentrm.envs.base import Env
 from agentrm.policies.base import Policy, batches_requests
 from agentrm.policies.rollout import rollout_many
-from agentrm.search.episode import SearchResult, begin_episode, finish, sample_trajectory
+from agentrm.search.episode import SearchResult, begin_episode, finished_rollout, sample_trajectory
 
 
 def greedy(env: Env, policy: Policy, seed: int, *, task: str = "", episode_id: str = "") -> SearchResult:
@@ -52,13 +52,7 @@ def sample_trajectories(
             for c in clones:
                 c.close()
         wall = (time.perf_counter() - t0) / n
-        out = []
-        for i, r in enumerate(rolls):
-            done = Trajectory(hist.id, hist.task, hist.instruction, [*hist.steps, *r.steps], 0.0, False, meta=dict(hist.meta))
-            traj = finish(done, r.reward, r.success)
-            traj.meta.update(sample=i, wall_s=wall)
-            out.append(traj)
-        return out
+        return [finished_rollout(hist, r, sample=i, wall_s=wall) for i, r in enumerate(rolls)]
     out = []
     for i in range(n):
         t0 = time.perf_counter()

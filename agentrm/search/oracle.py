@@ -33,8 +33,11 @@ class OracleScorer:
         policy: rollout policy for non-terminal candidates.
         rollouts: continuations averaged per candidate.
 
-    ``counters.forward_passes`` counts rollouts; ``forward_tokens`` stays 0.
+    ``counters.forward_passes`` counts rollouts; ``forward_tokens`` stays 0. It reads the ground truth by
+    design, so it is never outcome-blind (``outcome_blind = False``): an upper bound, not a learned scorer.
     """
+
+    outcome_blind = False
 
     def __init__(self, make_env: Callable[[Trajectory], Env] | None, policy: Policy, rollouts: int = 1):
         if rollouts < 1:

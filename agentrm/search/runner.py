@@ -77,6 +77,11 @@ class SharedScorer:
         self.scorer, self.lock = scorer, lock
         self.counters = ScoringCounters()
 
+    @property
+    def outcome_blind(self) -> bool:
+        """The wrapped scorer's declared blindness (a wrapper never changes what its scorer may see)."""
+        return self.scorer.outcome_blind
+
     def _call(self, fn, *args):
         with self.lock:
             before = self.scorer.counters.as_dict()

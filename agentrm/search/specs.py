@@ -9,6 +9,7 @@ CUDA and bf16 when available, else CPU and fp32). :func:`check_policy_spec` and
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,12 +80,15 @@ class ScorerSpec:
             ``oracle`` (Monte-Carlo ground truth from the environment: an upper bound).
         name: label in the tables (default: ``kind``).
         aggregate: trajectory aggregation (value RM default ``last``, implicit PRM ``min``).
-        exclude_final_step: value RM, outcome-blind (the default): Best-of-N scores trajectories
-            without their final step and beam search withholds an episode-ending reply, since the
-            environment's last reply may state the outcome.  ``false`` lets the RM read it (see
-            :class:`agentrm.scoring.ValueRMScorer`).
+        outcome_blind: the scorer never sees what a step that ended the episode returned (the environment's
+            last reply may state the outcome): the search layer withholds it in Best-of-N and beam search,
+            for every environment family (:mod:`agentrm.search.blind`). Default (``None``): blind for
+            ``value_rm``, ``implicit_prm`` and ``judge``; the ``oracle`` reads the ground truth by design and
+            cannot be blind. ``false`` makes an outcome-reading baseline (label it as such).
+        exclude_final_step: deprecated name of ``outcome_blind`` (kept so older configs run; a warning says so).
         max_length, batch_size: RM scoring context budget and batch size.
         judge_mode, judge_samples, judge_temperature: see :class:`agentrm.judge.JudgeScorer`.
+        judge_max_tokens: the longest judge reply (tokens); a judge that reasons at length needs more.
         oracle_rollouts, oracle_error_rate: rollouts per candidate and the error rate of the rollout
             policy (the environment's expert).
         base: value RM / implicit PRM saved as a LoRA adapter: load the adapter on this base model
@@ -99,12 +103,14 @@ class ScorerSpec:
     path: str | None = None
     name: str | None = None
     aggregate: str | None = None
-    exclude_final_step: bool = True
+    outcome_blind: bool | None = None
+    exclude_final_step: bool | None = None
     max_length: int | None = 1024
     batch_size: int = 16
     judge_mode: Literal["pointwise", "listwise"] = "pointwise"
     judge_samples: int = 1
     judge_temperature: float | None = None
+    judge_max_tokens: int = 256
     judge_base_url: str | None = None
     judge_model: str | None = None
     oracle_rollouts: int = 1
@@ -118,6 +124,15 @@ class ScorerSpec:
     @property
     def label(self) -> str:
         return self.name or self.kind
+
+    @property
+    def blind(self) -> bool:
+        """The effective ``outcome_blind`` (see the class doc; the deprecated alias counts when given)."""
+        if self.kind == "oracle":
+            return False
+        if self.outcome_blind is not None:
+            return self.outcome_blind
+        return True if self.exclude_final_step is None else self.exclude_final_step
 
 
 def _placement(spec: PolicySpec | ScorerSpec, what: str, local: bool) -> Placement | None:
@@ -178,6 +193,19 @@ def _reward_model_dir(spec: ScorerSpec, what: str) -> Path:
     return d
 
 
+def _check_blindness(spec: ScorerSpec, what: str) -> None:
+    """Refuse contradictory blindness settings; warn about the deprecated name."""
+    if spec.kind == "oracle" and (spec.outcome_blind or spec.exclude_final_step):
+        raise ValueError(f"{what}.outcome_blind: the oracle reads the environment's ground truth by design; "
+                         "it cannot be outcome-blind (drop the option)")
+    if spec.exclude_final_step is not None:
+        if spec.outcome_blind is not None and spec.outcome_blind != spec.exclude_final_step:
+            raise ValueError(f"{what}: exclude_final_step={spec.exclude_final_step} contradicts "
+                             f"outcome_blind={spec.outcome_blind}; keep outcome_blind only")
+        warnings.warn(f"{what}.exclude_final_step is deprecated: write outcome_blind: "
+                      f"{str(spec.exclude_final_step).lower()}", FutureWarning, stacklevel=3)
+
+
 def check_scorer_spec(spec: ScorerSpec, what: str = "scorer") -> Placement | None:
     """Check ``spec`` without loading anything: fields, the model's placement and that it is there.
 
@@ -186,6 +214,7 @@ def check_scorer_spec(spec: ScorerSpec, what: str = "scorer") -> Placement | Non
     """
     if spec.kind not in ("value_rm", "implicit_prm", "judge", "oracle"):
         raise ValueError(f"{what}.kind: unknown scorer kind {spec.kind!r}")
+    _check_blindness(spec, what)
     local = spec.kind in ("value_rm", "implicit_prm") or (spec.kind == "judge" and not spec.judge_base_url)
     placement = _placement(spec, what, local)
     if spec.kind in ("value_rm", "implicit_prm"):
@@ -270,7 +299,7 @@ def build_scorer(spec: ScorerSpec, seed: int = 0) -> Scorer:
                 max_length=spec.max_length,
                 batch_size=spec.batch_size,
                 aggregate=spec.aggregate or "last",
-                exclude_final_step=spec.exclude_final_step,
+                outcome_blind=spec.blind,
             )
         from agentrm.models.implicit_prm import ImplicitPRM
         from agentrm.scoring import ImplicitPRMScorer
@@ -279,6 +308,7 @@ def build_scorer(spec: ScorerSpec, seed: int = 0) -> Scorer:
             ImplicitPRM.from_pretrained(path, **load),
             tok,
             aggregate=spec.aggregate or "min",
+            outcome_blind=spec.blind,
             max_length=spec.max_length,
             batch_size=spec.batch_size,
         )
@@ -289,7 +319,7 @@ def build_scorer(spec: ScorerSpec, seed: int = 0) -> Scorer:
             from agentrm.policies.openai_compat import OpenAIChatPolicy
 
             client = OpenAIChatPolicy(
-                spec.judge_base_url, spec.judge_model or "default", max_tokens=256, seed=seed
+                spec.judge_base_url, spec.judge_model or "default", max_tokens=spec.judge_max_tokens, seed=seed
             )
         elif spec.judge_model:
             from agentrm.models.backbone import build_backbone
@@ -297,8 +327,9 @@ def build_scorer(spec: ScorerSpec, seed: int = 0) -> Scorer:
 
             model = build_backbone(str(resolve_path(spec.judge_model, must_exist=False)), causal_lm=True,
                                    **placement.load_kwargs())
-            client = HFPolicy(model, load_tokenizer(spec.judge_model), max_new_tokens=256, seed=seed)
-        return JudgeScorer(client, spec.judge_mode, spec.judge_samples, spec.judge_temperature)
+            client = HFPolicy(model, load_tokenizer(spec.judge_model), max_new_tokens=spec.judge_max_tokens, seed=seed)
+        return JudgeScorer(client, spec.judge_mode, spec.judge_samples, spec.judge_temperature,
+                           outcome_blind=spec.blind)
     if spec.kind == "oracle":
         from agentrm.policies.expert import EnvExpertPolicy
         from agentrm.search.oracle import OracleScorer

@@ -13,9 +13,10 @@ from agentrm.scoring import ScoringCounters
 class FixedScorer:
     """Trajectory ``i`` of a call scores ``scores[i]``; candidates score by a dict (default 0)."""
 
-    def __init__(self, scores: Sequence[float] = (), cand: dict[str, float] | None = None):
+    def __init__(self, scores: Sequence[float] = (), cand: dict[str, float] | None = None, outcome_blind: bool = True):
         self.scores = list(scores)
         self.cand = cand or {}
+        self.outcome_blind = outcome_blind
         self.counters = ScoringCounters()
         self.candidate_calls: list[list[str]] = []
 

@@ -16,7 +16,7 @@ class _Negated:
     """A scorer that ranks by the negated oracle value: the worst candidates score highest."""
 
     def __init__(self, inner):
-        self.inner, self.counters = inner, inner.counters
+        self.inner, self.counters, self.outcome_blind = inner, inner.counters, inner.outcome_blind
 
     def score_candidates(self, prefix, candidates):
         return -self.inner.score_candidates(prefix, candidates)
@@ -100,22 +100,30 @@ def test_beam_with_real_tiny_value_rm():
 
 
 def test_outcome_blind_beam_withholds_the_episode_ending_reply():
-    """With an outcome-blind scorer a candidate that ends the episode is scored without the reply
-    that may state the outcome ("Mission complete."); other candidates keep their observation."""
+    """With an outcome-blind scorer a candidate that ends the episode is scored as a withheld step (action
+    only, no reply); other candidates keep their observation. A non-blind scorer reads the reply."""
 
     class Recording(FixedScorer):
-        exclude_final_step = True
-
         def score_candidates(self, prefix, candidates):
-            self.seen = [*getattr(self, "seen", []), *[(c.action, c.observation) for c in candidates]]
+            self.seen = [*getattr(self, "seen", []), *[(c.action, c.observation, c.withheld) for c in candidates]]
             return super().score_candidates(prefix, candidates)
 
     env = BabyAITextEnv("GoToRedBall", max_steps=2)  # the second step ends the episode
     scorer = Recording(cand={"turn left": 0.5, "toggle": 0.4})
     beam_search(env, ListPolicy(["turn left", "toggle"]), scorer, width=1, k=2, seed=0)
     first, second = scorer.seen[:2], scorer.seen[2:]
-    assert all(obs for _, obs in first) and all(obs == "" for _, obs in second)
-    scorer.exclude_final_step = False
-    scorer.seen = []
+    assert all(obs and not held for _, obs, held in first)
+    assert second and all(obs == "" and held for _, obs, held in second)
+    scorer = Recording(cand={"turn left": 0.5, "toggle": 0.4}, outcome_blind=False)
     beam_search(env, ListPolicy(["turn left", "toggle"]), scorer, width=1, k=2, seed=0)
-    assert all(obs for _, obs in scorer.seen)
+    assert all(obs and not held for _, obs, held in scorer.seen)
+
+
+def test_a_scorer_without_declared_blindness_is_refused():
+    class Undeclared(FixedScorer):
+        def __init__(self):
+            super().__init__()
+            del self.outcome_blind
+
+    with pytest.raises(AttributeError, match="outcome_blind"):
+        beam_search(BabyAITextEnv("GoToRedBall", max_steps=2), ListPolicy(["toggle"]), Undeclared(), 1, 1, seed=0)
