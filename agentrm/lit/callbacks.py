@@ -25,8 +25,15 @@ class ExportHF(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.exported = self.target(trainer)
-        self._export(pl_module)
+        self._export(pl_module, training_settings(trainer))
 
     @rank_zero_only
-    def _export(self, pl_module: L.LightningModule) -> None:
-        pl_module.export(self.exported)
+    def _export(self, pl_module: L.LightningModule, training: dict) -> None:
+        pl_module.export(self.exported, **training)
+
+
+def training_settings(trainer: L.Trainer) -> dict:
+    """What scorers should default to, recorded with the export: the data module's ``max_length``."""
+    dm = getattr(trainer, "datamodule", None)
+    max_length = getattr(getattr(dm, "hparams", None), "max_length", None) if dm is not None else None
+    return {} if max_length is None else {"max_length": int(max_length)}

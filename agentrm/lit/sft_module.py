@@ -170,8 +170,9 @@ class PolicySFTModule(L.LightningModule):
             int(self.trainer.estimated_stepping_batches),
         )
 
-    def export(self, directory: str | Path) -> Path:
-        """Save an HF causal-LM directory (LoRA merged into a copy) with the tokenizer."""
+    def export(self, directory: str | Path, **training: Any) -> Path:
+        """Save an HF causal-LM directory (LoRA merged into a copy) with the tokenizer (``training`` is
+        not recorded: a policy directory is a plain HF model)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         model = self.model

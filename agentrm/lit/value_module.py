@@ -165,9 +165,13 @@ class ValueRMModule(ModelBuiltInConfigure, L.LightningModule):
             self.model, hp.learning_rate, hp.weight_decay, hp.warmup_steps, int(self.trainer.estimated_stepping_batches)
         )
 
-    def export(self, directory: str | Path) -> Path:
-        """Save the trained model as a Hugging Face directory ``ValueRewardModel.from_pretrained`` loads."""
-        return self.model.save_pretrained(directory, tokenizer=self.tokenizer, loss=self.hparams.loss)
+    def export(self, directory: str | Path, **training: Any) -> Path:
+        """Save the trained model as a Hugging Face directory ``ValueRewardModel.from_pretrained`` loads.
+
+        ``training`` (e.g. ``max_length``, the data module's context budget) is recorded in
+        ``agentrm_config.json`` with the loss, so scorers default to what the RM was trained with.
+        """
+        return self.model.save_pretrained(directory, tokenizer=self.tokenizer, loss=self.hparams.loss, **training)
 
 
 def sibling_pairs(batch: dict[str, torch.Tensor], labeled: torch.Tensor, margin: float = 1e-6) -> torch.Tensor:

@@ -79,14 +79,17 @@ class ScorerSpec:
             at ``judge_base_url`` serving ``judge_model``, or a local causal LM at ``judge_model``), or
             ``oracle`` (Monte-Carlo ground truth from the environment: an upper bound).
         name: label in the tables (default: ``kind``).
-        aggregate: trajectory aggregation (value RM default ``last``, implicit PRM ``min``).
+        aggregate: trajectory aggregation (default: the one recorded in the export, else value RM ``last``,
+            implicit PRM ``min``).
         outcome_blind: the scorer never sees what a step that ended the episode returned (the environment's
             last reply may state the outcome): the search layer withholds it in Best-of-N and beam search,
             for every environment family (:mod:`agentrm.search.blind`). Default (``None``): blind for
             ``value_rm``, ``implicit_prm`` and ``judge``; the ``oracle`` reads the ground truth by design and
             cannot be blind. ``false`` makes an outcome-reading baseline (label it as such).
         exclude_final_step: deprecated name of ``outcome_blind`` (kept so older configs run; a warning says so).
-        max_length, batch_size: RM scoring context budget and batch size.
+        max_length, batch_size: RM scoring context budget (default: the ``max_length`` the RM was trained with,
+            recorded in its export; 1024 for an export that predates the record; a smaller value warns) and
+            batch size.
         judge_mode, judge_samples, judge_temperature: see :class:`agentrm.judge.JudgeScorer`.
         judge_max_tokens: the longest judge reply (tokens); a judge that reasons at length needs more.
         oracle_rollouts, oracle_error_rate: rollouts per candidate and the error rate of the rollout
@@ -105,7 +108,7 @@ class ScorerSpec:
     aggregate: str | None = None
     outcome_blind: bool | None = None
     exclude_final_step: bool | None = None
-    max_length: int | None = 1024
+    max_length: int | None = None
     batch_size: int = 16
     judge_mode: Literal["pointwise", "listwise"] = "pointwise"
     judge_samples: int = 1
@@ -168,8 +171,8 @@ def check_policy_spec(spec: PolicySpec, what: str = "policy") -> Placement | Non
     return placement
 
 
-def _reward_model_dir(spec: ScorerSpec, what: str) -> Path:
-    """The RM directory of ``spec``, checked: its ``agentrm_config.json`` and, for an adapter, its base."""
+def _reward_model_dir(spec: ScorerSpec, what: str) -> tuple[Path, dict]:
+    """The RM directory of ``spec`` and its ``agentrm_config.json``, checked (for an adapter, its base too)."""
     if not spec.path:
         raise ValueError(f"{what}: scorer kind {spec.kind!r} needs 'path' (an exported HF directory)")
     try:
@@ -190,7 +193,27 @@ def _reward_model_dir(spec: ScorerSpec, what: str) -> Path:
 
         base = spec.base or resolve_adapter_base(adapter_dir, cfg)
         check_model_reachable(base, f"{what}.base" if spec.base else f"{what}: the LoRA base model")
-    return d
+    return d, cfg
+
+
+FALLBACK_MAX_LENGTH = 1024
+"""Scoring context of an RM exported before its training ``max_length`` was recorded."""
+
+
+def scoring_defaults(spec: ScorerSpec, cfg: dict, what: str) -> dict:
+    """``max_length`` and ``aggregate`` for a scorer: the spec's where given, else what the RM was trained with.
+
+    The export's ``agentrm_config.json`` records the training ``max_length`` (the data module's) and the
+    implicit PRM's ``aggregate``; the chat template comes with the exported tokenizer. A ``max_length`` below
+    the training one drops older steps the RM was trained to read, so it is warned about.
+    """
+    trained = cfg.get("max_length")
+    if spec.max_length is not None and trained is not None and spec.max_length < trained:
+        warnings.warn(f"{what}.max_length={spec.max_length} is below the {trained} tokens the RM was trained with: "
+                      "older steps it was trained to read are dropped", UserWarning, stacklevel=3)
+    default_aggregate = "last" if spec.kind == "value_rm" else "min"
+    return {"max_length": spec.max_length or trained or FALLBACK_MAX_LENGTH,
+            "aggregate": spec.aggregate or cfg.get("aggregate") or default_aggregate}
 
 
 def _check_blindness(spec: ScorerSpec, what: str) -> None:
@@ -218,7 +241,7 @@ def check_scorer_spec(spec: ScorerSpec, what: str = "scorer") -> Placement | Non
     local = spec.kind in ("value_rm", "implicit_prm") or (spec.kind == "judge" and not spec.judge_base_url)
     placement = _placement(spec, what, local)
     if spec.kind in ("value_rm", "implicit_prm"):
-        _reward_model_dir(spec, what)
+        _reward_model_dir(spec, what)  # the directory, its config and an adapter's base
     elif spec.kind == "judge":
         if not spec.judge_base_url and not spec.judge_model:
             raise ValueError(f"{what}: scorer kind 'judge' needs 'judge_base_url' or a local 'judge_model'")
@@ -286,7 +309,8 @@ def build_scorer(spec: ScorerSpec, seed: int = 0) -> Scorer:
     """Check ``spec`` (:func:`check_scorer_spec`), then load the model (if any) and build the scorer it describes."""
     placement = check_scorer_spec(spec, f"scorer {spec.label!r}")
     if spec.kind in ("value_rm", "implicit_prm"):
-        path = resolve_path(spec.path)
+        path, cfg = _reward_model_dir(spec, f"scorer {spec.label!r}")
+        defaults = scoring_defaults(spec, cfg, f"scorer {spec.label!r}")
         load = {**placement.load_kwargs(), "base": spec.base}
         tok = load_tokenizer(str(path))
         if spec.kind == "value_rm":
@@ -296,10 +320,9 @@ def build_scorer(spec: ScorerSpec, seed: int = 0) -> Scorer:
             return ValueRMScorer(
                 ValueRewardModel.from_pretrained(path, **load),
                 tok,
-                max_length=spec.max_length,
                 batch_size=spec.batch_size,
-                aggregate=spec.aggregate or "last",
                 outcome_blind=spec.blind,
+                **defaults,
             )
         from agentrm.models.implicit_prm import ImplicitPRM
         from agentrm.scoring import ImplicitPRMScorer
@@ -307,10 +330,9 @@ def build_scorer(spec: ScorerSpec, seed: int = 0) -> Scorer:
         return ImplicitPRMScorer(
             ImplicitPRM.from_pretrained(path, **load),
             tok,
-            aggregate=spec.aggregate or "min",
             outcome_blind=spec.blind,
-            max_length=spec.max_length,
             batch_size=spec.batch_size,
+            **defaults,
         )
     if spec.kind == "judge":
         from agentrm.judge import JudgeScorer

@@ -1,4 +1,5 @@
 import csv
+import json
 
 import lightning as L
 import pytest
@@ -30,6 +31,14 @@ def test_fit_lowers_val_loss_and_exports(tiny_setup):
     cli.model.model.eval()
     ref = cli.model.model.score(batch)
     torch.testing.assert_close(scores, ref, equal_nan=True)
+    # the export records what scorers default to: the training context budget and the loss
+    recorded = json.loads((run / "hf_model" / "agentrm_config.json").read_text())
+    assert recorded["max_length"] == 128 and recorded["loss"] == "mse"
+    from agentrm.search.specs import ScorerSpec, build_scorer
+
+    assert build_scorer(ScorerSpec(path=str(run / "hf_model"))).max_length == 128
+    with pytest.warns(UserWarning, match="below the 128 tokens the RM was trained with"):
+        assert build_scorer(ScorerSpec(path=str(run / "hf_model"), max_length=64)).max_length == 64
 
 
 class Crash(L.Callback):
