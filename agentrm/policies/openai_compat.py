@@ -1,11 +1,16 @@
 """A policy backed by an OpenAI-compatible chat-completions endpoint (e.g. a vLLM or llama.cpp server).
 
-Uses only the standard library (``urllib``), so no client package is needed.  The
-server must implement ``POST {base_url}/chat/completions``; ``n`` is used where the server
+The server must implement ``POST {base_url}/chat/completions``; ``n`` is used where the server
 honours it (vLLM does; llama.cpp's Python server returns one choice, and the rest are requested)::
 
     vllm serve meta-llama/Llama-3.1-8B-Instruct --port 8000
-    OpenAIChatPolicy("http://localhost:8000/v1", "meta-llama/Llama-3.1-8B-Instruct")
+    policy = OpenAIChatPolicy("http://localhost:8000/v1", "meta-llama/Llama-3.1-8B-Instruct")
+    policy.check_ready()  # before work starts: every replica answers and serves the model
+
+Bounded waits (HTTP through :mod:`agentrm.policies.endpoint`, ``httpx``): each attempt has a connect and a
+read timeout, each request (all its retries included) a total deadline ``request_deadline_s``; a request
+waiting long prints a line to stderr every ``wait_notice_s``; a server that is gone ends in
+:class:`~agentrm.policies.endpoint.EndpointUnavailable` with one line naming the URL.
 
 Concurrency: :meth:`OpenAIChatPolicy.propose_many` / :meth:`~OpenAIChatPolicy.chat_many` send up to
 ``max_concurrency`` requests at once from a thread pool (a server with continuous batching, or several
@@ -19,22 +24,22 @@ from __future__ import annotations
 import itertools
 import json
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any
 
 from agentrm.data.schema import Trajectory
 from agentrm.envs.base import Env
+from agentrm.policies.endpoint import (
+    RETRY_STATUS,
+    EndpointError,
+    EndpointUnavailable,
+    check_endpoints_ready,
+    post_json,
+)
 from agentrm.policies.prompt import AgentPrompt, ReplyStats, propose_many_validated, propose_validated
 
-RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
-
-
-class EndpointError(RuntimeError):
-    """The endpoint could not be reached, or answered with an error or a malformed body."""
+__all__ = ["RETRY_STATUS", "EndpointError", "EndpointUnavailable", "OpenAIChatPolicy", "check_endpoints_ready"]
 
 
 _HOMES = itertools.count()  # spreads policy objects (e.g. one per episode) over replicas
@@ -45,8 +50,9 @@ class OpenAIChatPolicy:
 
     Retries: connection errors, timeouts, HTTP 408/409/429 and 5xx are retried up to
     ``max_retries`` times, waiting ``backoff * 2**attempt`` seconds (or the server's
-    ``Retry-After``, capped at ``max_backoff``).  Other 4xx errors fail at once.  When
-    all attempts fail, :class:`EndpointError` names the URL and the last error.
+    ``Retry-After``, capped at ``max_backoff``), all within ``request_deadline_s``.  Other 4xx
+    errors fail at once (:class:`EndpointError`).  When the attempts or the deadline run out,
+    :class:`EndpointUnavailable` (a subclass) names the URL, the attempts and the last error in one line.
 
     If the server returns fewer than ``n`` choices (some ignore ``n``), more requests
     are made until ``n`` replies are collected.
@@ -59,12 +65,19 @@ class OpenAIChatPolicy:
         model: model name as the server knows it.
         api_key: sent as a bearer token when given (vLLM accepts any with ``--api-key``).
         temperature, max_tokens, top_p: sampling parameters.
-        timeout: per-request timeout in seconds.
+        timeout: read (and write) timeout of one attempt, in seconds.
+        connect_timeout: connect timeout of one attempt, in seconds.
+        request_deadline_s: total seconds for one HTTP request with all its retries and pauses (a
+            server that accepts connections but never answers fails after this long; a call to a server
+            that ignores ``n`` makes several requests, each with its own deadline).
+        wait_notice_s: a request waiting this long prints ``<label>: waiting for <url>: 30 s, attempt
+            2/6`` to stderr, then again at most once per period (``None``/``0``: silent).
+        ready_timeout_s: :meth:`check_ready`'s timeout per replica and request.
+        label: how messages name this client (``"openai policy"``; e.g. ``"judge"`` for an LLM judge).
         max_retries: retries after the first attempt.
         backoff: base of the exponential backoff in seconds.
         max_backoff: longest single wait.
         system_prompt: optional system message prepended to the conversation.
-        seed: sent as ``seed`` (vLLM honours it per request) when not None.
         prompt, max_resample: the paper-style prompt and redraws of invalid replies (as
             :class:`~agentrm.policies.hf.HFPolicy`); :attr:`reply_stats` counts them.
         seed: sent as ``seed + call index`` (vLLM and llama.cpp honour it per request) when not None.
@@ -93,12 +106,24 @@ class OpenAIChatPolicy:
         prompt: AgentPrompt | None = None,
         max_resample: int = 2,
         max_concurrency: int = 4,
+        connect_timeout: float = 10.0,
+        request_deadline_s: float = 180.0,
+        wait_notice_s: float | None = 10.0,
+        ready_timeout_s: float = 15.0,
+        label: str = "openai policy",
     ):
         bases = [base_url] if isinstance(base_url, str) else list(base_url)
         if not bases:
             raise ValueError("base_url: give at least one endpoint")
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1; got {max_concurrency}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0; got {max_retries}")
+        for name, value in (("timeout", timeout), ("connect_timeout", connect_timeout),
+                            ("request_deadline_s", request_deadline_s), ("ready_timeout_s", ready_timeout_s)):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0 seconds; got {value}")
+        self.base_urls = [b.rstrip("/") for b in bases]
         self.urls = [b.rstrip("/") + "/chat/completions" for b in bases]
         self.url = self.urls[0]
         self.max_concurrency = max_concurrency
@@ -110,6 +135,11 @@ class OpenAIChatPolicy:
         self.temperature = temperature
         self.max_tokens = max_tokens
         self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.request_deadline_s = request_deadline_s
+        self.wait_notice_s = wait_notice_s
+        self.ready_timeout_s = ready_timeout_s
+        self.label = label
         self.max_retries = max_retries
         self.backoff = backoff
         self.top_p = top_p
@@ -120,6 +150,17 @@ class OpenAIChatPolicy:
         self.max_resample = max_resample
         self.reply_stats = ReplyStats()
         self.usage = {"requests": 0, "retries": 0, "prompt_tokens": 0, "completion_tokens": 0}
+
+    def check_ready(self) -> None:
+        """Check every replica before work starts (:func:`~agentrm.policies.endpoint.check_endpoints_ready`):
+        ``GET /models`` lists the model, or a 1-token chat request for it is answered.
+
+        Raises:
+            EndpointUnavailable: a replica did not answer (refused, timeout, 5xx); one line naming it.
+            EndpointError: a replica answered but does not serve :attr:`model` (the served ones are listed)
+                or refused the request (e.g. HTTP 401).
+        """
+        check_endpoints_ready(self.base_urls, self.model, self.api_key, self.ready_timeout_s, self.label)
 
     def propose(self, env: Env | None, history: Trajectory, k: int = 1) -> list[str]:
         """``k`` sampled actions for the state after ``history``, validated against ``env``'s actions."""
@@ -146,8 +187,25 @@ class OpenAIChatPolicy:
         jobs = [(m, n, first + i, i) for i, (m, n) in enumerate(prompts)]
         if self.max_concurrency == 1 or len(jobs) <= 1:
             return [self._chat(m, n, temperature, i, j) for m, n, i, j in jobs]
+        failed = threading.Event()  # once a call fails, queued ones are not started: a dead server costs
+        # one deadline, not one per wave of max_concurrency calls
+
+        def run(m: list[dict[str, str]], n: int, i: int, j: int) -> list[str] | None:
+            if failed.is_set():
+                return None
+            try:
+                return self._chat(m, n, temperature, i, j)
+            except BaseException:
+                failed.set()
+                raise
+
         with ThreadPoolExecutor(min(self.max_concurrency, len(jobs))) as pool:
-            return list(pool.map(lambda job: self._chat(*job[:2], temperature, *job[2:]), jobs))
+            futures = [pool.submit(run, *job) for job in jobs]
+            wait(futures, return_when=FIRST_EXCEPTION)
+            errors = [f.exception() for f in futures if f.done() and f.exception() is not None]
+            if errors:
+                raise errors[0]
+            return [f.result() for f in futures]
 
     def chat(self, messages: list[dict[str, str]], n: int = 1, temperature: float | None = None) -> list[str]:
         """``n`` sampled replies to ``messages``."""
@@ -180,7 +238,7 @@ class OpenAIChatPolicy:
             reply = self._post(body, url)
             choices = reply.get("choices")
             if not isinstance(choices, list) or not choices:
-                raise EndpointError(f"{url}: response has no 'choices': {json.dumps(reply)[:200]}")
+                raise EndpointError(f"{self.label}: {url}: response has no 'choices': {json.dumps(reply)[:200]}")
             for c in choices:
                 content = (c.get("message") or {}).get("content")
                 out.append(content if isinstance(content, str) else "")
@@ -195,40 +253,16 @@ class OpenAIChatPolicy:
             self.usage[key] += 1
 
     def _post(self, body: dict[str, Any], url: str | None = None) -> dict[str, Any]:
-        """POST ``body`` as JSON to ``url`` (default: the first replica) with retries; return the JSON reply."""
-        url = url or self.url
-        data = json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        last = "no attempt made"
-        for attempt in range(self.max_retries + 1):
+        """POST ``body`` as JSON to ``url`` (default: the first replica) with retries within the deadline."""
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+        def count(attempt: int) -> None:
+            self._bump("requests")
             if attempt:
                 self._bump("retries")
-            self._bump("requests")
-            wait = min(self.max_backoff, self.backoff * 2**attempt)
-            req = urllib.request.Request(url, data=data, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    raw = resp.read()
-                try:
-                    return json.loads(raw)
-                except json.JSONDecodeError as e:
-                    raise EndpointError(
-                        f"{url}: response is not JSON ({e.msg}): {raw[:200]!r}"
-                    ) from None
-            except urllib.error.HTTPError as e:
-                detail = e.read()[:300].decode(errors="replace")
-                last = f"HTTP {e.code}: {detail}"
-                if e.code not in RETRY_STATUS:
-                    raise EndpointError(f"{url}: {last}") from None
-                retry_after = e.headers.get("Retry-After") if e.headers else None
-                if retry_after and retry_after.replace(".", "", 1).isdigit():
-                    wait = min(self.max_backoff, float(retry_after))
-            except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
-                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-            if attempt < self.max_retries:
-                time.sleep(wait)
-        raise EndpointError(
-            f"chat-completions endpoint {url} failed after {self.max_retries + 1} attempts; last error: {last}"
+
+        return post_json(
+            url or self.url, body, headers=headers, connect_timeout=self.connect_timeout, read_timeout=self.timeout,
+            deadline_s=self.request_deadline_s, max_retries=self.max_retries, backoff=self.backoff,
+            max_backoff=self.max_backoff, wait_notice_s=self.wait_notice_s, label=self.label, on_attempt=count,
         )

@@ -1,76 +1,39 @@
-"""OpenAIChatPolicy against a tiny local chat-completions server: n samples, retries/backoff, down server."""
+"""OpenAIChatPolicy against local servers on real sockets: n samples, retries/backoff, bounded waits, readiness.
+
+The servers (:mod:`tests.policies.fake_openai`) answer, fail, hang, trickle or are absent; elapsed times are
+checked against the configured deadline with a small slack, and every error is one line naming the URL.
+"""
 
 from __future__ import annotations
 
-import json
-import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import re
+import time
 
 import pytest
 
 from agentrm.policies.base import start_history
-from agentrm.policies.openai_compat import EndpointError, OpenAIChatPolicy
+from agentrm.policies.openai_compat import EndpointError, EndpointUnavailable, OpenAIChatPolicy
+from tests.policies.fake_openai import ChatServer, HungServer, TrickleServer, closed_port_url
 
-
-class _Server:
-    """Serves POST /v1/chat/completions; ``fail_first`` requests answer ``fail_status``."""
-
-    def __init__(self, fail_first: int = 0, fail_status: int = 503, max_n: int | None = None):
-        self.requests: list[dict] = []
-        self.fail_first, self.fail_status, self.max_n = fail_first, fail_status, max_n
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
-                if self.path != "/v1/chat/completions":
-                    return self._send(404, {"error": "not found"})
-                if len(outer.requests) <= outer.fail_first:
-                    return self._send(outer.fail_status, {"error": "busy"})
-                n = body.get("n", 1) if outer.max_n is None else min(outer.max_n, body.get("n", 1))
-                choices = [
-                    {
-                        "index": i,
-                        "message": {"role": "assistant", "content": f"Thought: go.\nAction: move forward{i}"},
-                    }
-                    for i in range(n)
-                ]
-                self._send(
-                    200, {"choices": choices, "usage": {"prompt_tokens": 7, "completion_tokens": 3 * n}}
-                )
-
-            def _send(self, code, obj):
-                data = json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+SLACK = 1.0  # seconds allowed past a deadline (thread wake-ups, a loaded CI machine)
+HI = [{"role": "user", "content": "hi"}]
 
 
 def _history():
     return start_history("babyai/GoToRedBall", "Mission: go to the red ball.\nFacing east.")
 
 
+def _one_line(err: pytest.ExceptionInfo) -> str:
+    msg = str(err.value)
+    assert "\n" not in msg and len(msg) < 600, msg
+    return msg
+
+
+# --- requests ---------------------------------------------------------------------------------------------
+
+
 def test_propose_sends_chat_and_parses_n_actions():
-    with _Server() as srv:
+    with ChatServer() as srv:
         pol = OpenAIChatPolicy(srv.url, "tiny", api_key="sk-x", temperature=0.7, max_tokens=16, seed=5)
         acts = pol.propose(None, _history(), k=3)
     assert acts == ["move forward0", "move forward1", "move forward2"]
@@ -81,39 +44,199 @@ def test_propose_sends_chat_and_parses_n_actions():
 
 
 def test_server_ignoring_n_is_asked_again():
-    with _Server(max_n=1) as srv:
-        replies = OpenAIChatPolicy(srv.url, "tiny").chat([{"role": "user", "content": "hi"}], n=3)
+    with ChatServer(max_n=1) as srv:
+        replies = OpenAIChatPolicy(srv.url, "tiny").chat(HI, n=3)
     assert len(replies) == 3 and [r["n"] for r in srv.requests] == [3, 2, 1]
 
 
 @pytest.mark.parametrize("status", [503, 429])
 def test_retries_with_backoff_then_succeeds(status, monkeypatch):
     sleeps: list[float] = []
-    monkeypatch.setattr("agentrm.policies.openai_compat.time.sleep", sleeps.append)
-    with _Server(fail_first=2, fail_status=status) as srv:
+    monkeypatch.setattr("agentrm.policies.endpoint.time.sleep", sleeps.append)
+    with ChatServer(fail_first=2, fail_status=status) as srv:
         pol = OpenAIChatPolicy(srv.url, "tiny", max_retries=3, backoff=0.1)
         assert pol.propose(None, _history(), k=1) == ["move forward0"]
     assert len(srv.requests) == 3 and pol.usage["retries"] == 2
     assert sleeps == pytest.approx([0.1, 0.2])
 
 
+def test_503_then_200_recovers_in_real_time():
+    with ChatServer(fail_first=2, fail_status=503) as srv:
+        pol = OpenAIChatPolicy(srv.url, "tiny", max_retries=3, backoff=0.05, request_deadline_s=5)
+        t0 = time.monotonic()
+        assert pol.chat(HI) == ["Thought: go.\nAction: move forward0"]
+    assert time.monotonic() - t0 < 0.15 + SLACK  # two pauses: 0.05 + 0.1
+    assert pol.usage["requests"] == 3 and pol.usage["retries"] == 2
+
+
 def test_client_error_fails_fast():
-    with _Server(fail_first=5, fail_status=400) as srv:
-        with pytest.raises(EndpointError, match="HTTP 400"):
-            OpenAIChatPolicy(srv.url, "tiny", max_retries=3, backoff=0.0).chat(
-                [{"role": "user", "content": "x"}]
-            )
-    assert len(srv.requests) == 1
+    with ChatServer(fail_first=5, fail_status=400) as srv:
+        with pytest.raises(EndpointError, match="HTTP 400") as err:
+            OpenAIChatPolicy(srv.url, "tiny", max_retries=3, backoff=0.0).chat(HI)
+    assert len(srv.requests) == 1 and not isinstance(err.value, EndpointUnavailable)
+    assert f"{srv.url}/chat/completions" in _one_line(err)
 
 
 def test_down_server_error_names_url():
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()  # nothing listens there now
-    url = f"http://127.0.0.1:{port}/v1"
+    url = closed_port_url()
     pol = OpenAIChatPolicy(url, "tiny", max_retries=2, backoff=0.001, timeout=2)
-    with pytest.raises(EndpointError) as err:
+    with pytest.raises(EndpointUnavailable) as err:
         pol.propose(None, _history(), k=2)
-    assert f"{url}/chat/completions" in str(err.value) and "after 3 attempts" in str(err.value)
+    msg = _one_line(err)
+    assert f"{url}/chat/completions" in msg and "after 3 attempts" in msg and "cannot connect" in msg
     assert pol.usage["requests"] == 3
+
+
+# --- bounded waits ----------------------------------------------------------------------------------------
+
+
+def test_hung_server_fails_at_the_deadline_with_notices(capsys):
+    """A server that accepts connections and never answers costs one deadline, with throttled stderr lines."""
+    with HungServer() as srv:
+        pol = OpenAIChatPolicy(srv.url, "tiny", timeout=60, max_retries=5, request_deadline_s=1.5, wait_notice_s=0.4)
+        t0 = time.monotonic()
+        with pytest.raises(EndpointUnavailable) as err:
+            pol.chat(HI)
+        elapsed = time.monotonic() - t0
+    assert 1.5 <= elapsed < 1.5 + SLACK
+    msg = _one_line(err)
+    assert msg.startswith(f"openai policy: {srv.url}/chat/completions did not answer within 1.5 s (1 attempt in ")
+    assert "no answer within 1.5 s (read timeout)" in msg
+    notices = capsys.readouterr().err.strip().splitlines()
+    assert 2 <= len(notices) <= 4, notices  # at 0.4, 0.8, 1.2 s: never more than one per period
+    assert all(re.fullmatch(rf"openai policy: waiting for {re.escape(srv.url)}/chat/completions: \d+ s, "
+                            r"attempt 1/6", n) for n in notices), notices
+
+
+def test_read_timeout_per_attempt_then_retries_are_counted(capsys):
+    with HungServer() as srv:
+        pol = OpenAIChatPolicy(srv.url, "tiny", timeout=0.3, max_retries=2, backoff=0.01, request_deadline_s=30,
+                               wait_notice_s=0.5, label="judge")
+        t0 = time.monotonic()
+        with pytest.raises(EndpointUnavailable) as err:
+            pol.chat(HI)
+        elapsed = time.monotonic() - t0
+        assert srv.connections == 3
+    assert 0.9 <= elapsed < 0.9 + SLACK
+    assert re.match(rf"judge: {re.escape(srv.url)}/chat/completions failed after 3 attempts \(\d\.\d s\); "
+                    r"last error: no answer within 0\.3 s \(read timeout\)$", _one_line(err))
+    assert "attempt 2/3" in capsys.readouterr().err
+
+
+def test_retry_pause_never_outlasts_the_deadline():
+    """A server asking to come back in 10 s (Retry-After) is not waited for past a 1 s deadline."""
+    with ChatServer(fail_first=100, fail_status=503, retry_after="10") as srv:
+        pol = OpenAIChatPolicy(srv.url, "tiny", max_retries=5, max_backoff=10, request_deadline_s=1.0)
+        t0 = time.monotonic()
+        with pytest.raises(EndpointUnavailable, match=r"did not answer within 1 s \(1 attempt in .*HTTP 503") as err:
+            pol.chat(HI)
+    assert time.monotonic() - t0 < SLACK
+    _one_line(err)
+
+
+def test_trickling_answer_is_cut_at_the_deadline():
+    with TrickleServer(every=0.05) as srv:
+        pol = OpenAIChatPolicy(srv.url, "tiny", timeout=5, request_deadline_s=1.0)
+        t0 = time.monotonic()
+        with pytest.raises(EndpointUnavailable, match="still arriving at the deadline") as err:
+            pol.chat(HI)
+        assert 1.0 <= time.monotonic() - t0 < 1.0 + SLACK
+    _one_line(err)
+
+
+def test_concurrent_batch_on_a_hung_server_costs_one_deadline():
+    """Queued calls are cancelled once one fails: 6 calls, 2 at a time, end after one deadline, not three."""
+    with HungServer() as srv:
+        pol = OpenAIChatPolicy(srv.url, "tiny", max_concurrency=2, request_deadline_s=1.0, wait_notice_s=None)
+        t0 = time.monotonic()
+        with pytest.raises(EndpointUnavailable, match="did not answer within 1 s"):
+            pol.chat_many([(HI, 1)] * 6)
+        assert time.monotonic() - t0 < 1.0 + SLACK
+        assert srv.connections == 2
+
+
+@pytest.mark.parametrize("field", ["timeout", "connect_timeout", "request_deadline_s", "ready_timeout_s"])
+def test_nonpositive_timeouts_are_refused(field):
+    with pytest.raises(ValueError, match=f"{field} must be > 0"):
+        OpenAIChatPolicy("http://127.0.0.1:1/v1", "tiny", **{field: 0})
+
+
+# --- readiness --------------------------------------------------------------------------------------------
+
+
+def test_ready_when_the_model_is_listed():
+    with ChatServer(models=["tiny", "other"], accept={"tiny", "other"}) as srv:
+        OpenAIChatPolicy(srv.url, "tiny").check_ready()
+    assert srv.gets == ["/v1/models"] and srv.requests == []  # no chat request needed
+
+
+def test_ready_when_an_unlisted_name_is_accepted_or_there_is_no_model_list():
+    # llama.cpp lists its GGUF file but serves it under any name; a server without /models is asked to chat
+    for models in (["/models/smollm2.gguf"], None):
+        with ChatServer(models=models, accept=None) as srv:
+            OpenAIChatPolicy(srv.url, "smollm2").check_ready()
+        assert srv.requests[0]["max_tokens"] == 1 and srv.requests[0]["model"] == "smollm2"
+
+
+def test_model_not_served_lists_the_served_ones():
+    with ChatServer(models=["llama-3-8b", "qwen-7b"], accept={"llama-3-8b", "qwen-7b"}) as srv:
+        with pytest.raises(EndpointError) as err:
+            OpenAIChatPolicy(srv.url, "tiny").check_ready()
+    assert not isinstance(err.value, EndpointUnavailable)
+    assert _one_line(err).startswith(f"openai policy: {srv.url} does not serve model 'tiny' "
+                                     "(it serves 'llama-3-8b', 'qwen-7b'); a 1-token request for it got HTTP 404")
+
+
+def test_no_model_list_and_chat_refuses():
+    with ChatServer(models=None, accept={"other"}) as srv:
+        with pytest.raises(EndpointError, match=r"has no model list \(GET /models: HTTP 404\) and a 1-token "
+                                                r"request for model 'tiny' got HTTP 404") as err:
+            OpenAIChatPolicy(srv.url, "tiny").check_ready()
+    _one_line(err)
+
+
+def test_ready_check_on_a_hung_server_is_bounded():
+    with HungServer() as srv:
+        pol = OpenAIChatPolicy(srv.url, "tiny", ready_timeout_s=0.5)
+        t0 = time.monotonic()
+        with pytest.raises(EndpointUnavailable) as err:
+            pol.check_ready()
+        assert time.monotonic() - t0 < 0.5 + SLACK
+    assert _one_line(err) == (f"openai policy: {srv.url} is not reachable: "
+                              f"no answer to GET {srv.url}/models within 0.5 s")
+
+
+def test_ready_check_on_a_closed_port_fails_at_once():
+    url = closed_port_url()
+    t0 = time.monotonic()
+    with pytest.raises(EndpointUnavailable) as err:
+        OpenAIChatPolicy(url, "tiny").check_ready()
+    assert time.monotonic() - t0 < SLACK
+    assert re.fullmatch(rf"openai policy: {re.escape(url)} is not reachable: cannot connect \(.*refused.*\)",
+                        _one_line(err)), str(err.value)
+
+
+def test_ready_check_names_every_failing_replica():
+    down = closed_port_url()
+    with ChatServer(models=["tiny"]) as good, ChatServer(models=["big"], accept={"big"}) as wrong:
+        with pytest.raises(EndpointUnavailable) as err:
+            OpenAIChatPolicy([good.url, down, wrong.url], "tiny").check_ready()
+    msg = _one_line(err)
+    assert msg.startswith(f"openai policy: {down} is not reachable") and good.url not in msg
+    assert f"; {wrong.url} does not serve model 'tiny' (it serves 'big')" in msg
+
+
+@pytest.mark.parametrize("url", ["localhost:8000/v1", "ftp://127.0.0.1:21/v1"])
+def test_a_url_that_is_not_http_fails_in_one_line(url):
+    pol = OpenAIChatPolicy(url, "tiny", max_retries=5)
+    for call in (pol.check_ready, lambda: pol.chat(HI)):
+        with pytest.raises(EndpointError, match="not a valid http\\(s\\) URL") as err:
+            call()
+        assert url in _one_line(err) and not isinstance(err.value, EndpointUnavailable)
+    assert pol.usage["requests"] == 1  # not retried
+
+
+def test_ready_check_sends_the_api_key():
+    with ChatServer(models=None, accept=None) as srv:
+        OpenAIChatPolicy(srv.url, "tiny", api_key="sk-y").check_ready()
+    assert srv.requests[0]["auth"] == "Bearer sk-y"
