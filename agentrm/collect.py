@@ -23,14 +23,17 @@ import functools
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agentrm.data.jobs import Job, plan_jobs
-from agentrm.data.resumable import run_resumable, scan_blocks
-from agentrm.data.workers import Backend, make_pool
-from agentrm.envs.registry import check_specs, env_for, parse_specs
+from agentrm.checks import at_least, fail, in_range
+from agentrm.cli_config import parse_config
+from agentrm.cli_errors import run_cli
+from agentrm.data.jobs import Job, JobOptions
+from agentrm.data.resumable import OutputOptions, run_resumable, scan_blocks
+from agentrm.data.workers import WorkerOptions
+from agentrm.envs.registry import check_specs, env_for
 from agentrm.policies.expert import EnvExpertPolicy
 from agentrm.targets.monte_carlo import run_episode
 
@@ -127,66 +130,58 @@ def summarize(path: str | os.PathLike) -> dict[str, Any]:
     }
 
 
-def collect(
-    out: str = "data/trajectories.jsonl",
-    envs: list[str] | None = None,
-    episodes: int = 100,
-    error_rate: float = 0.3,
-    rollouts: int = 4,
-    siblings: int = 1,
-    seed: int = 0,
-    workers: int = 1,
-    backend: Backend = "local",
-    ray_address: str | None = None,
-    overwrite: bool = False,
-    limit: int | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
+@dataclass
+class CollectConfig(OutputOptions, JobOptions, WorkerOptions):
+    """``python -m agentrm.collect``: every field is a flag (``--envs``, ``--episodes``...) or a YAML key.
+
+    Inherits the shared groups :class:`~agentrm.data.jobs.JobOptions` (``envs``, ``episodes``, ``seed``),
+    :class:`~agentrm.data.resumable.OutputOptions` (``out``, ``overwrite``, ``limit``, ``progress``) and
+    :class:`~agentrm.data.workers.WorkerOptions` (``workers``, ``backend``, ``ray_address``).
+
+    Attributes:
+        error_rate: probability that the expert's action is replaced by another valid one.
+        rollouts: rollouts per Monte-Carlo value estimate; 0 skips the estimates (only the terminal step
+            gets a value: cheap expert demonstrations for behaviour cloning).
+        siblings: sibling branch records per main episode (needs ``rollouts >= 1``).
+    """
+
+    out: str = "data/trajectories.jsonl"
+    envs: list[str] = field(default_factory=lambda: ["babyai:GoToRedBall"])
+    episodes: int = 100
+    error_rate: float = 0.3
+    rollouts: int = 4
+    siblings: int = 1
+
+    def __post_init__(self) -> None:
+        WorkerOptions.__post_init__(self)
+        JobOptions.__post_init__(self)
+        OutputOptions.__post_init__(self)
+        in_range(self.error_rate, 0.0, 1.0, "error_rate")
+        at_least(self.rollouts, 0, "rollouts")
+        at_least(self.siblings, 0, "siblings")
+        if self.siblings and not self.rollouts:
+            fail("siblings", "sibling branches are valued by rollouts: set rollouts >= 1 or siblings 0")
+
+    @property
+    def settings(self) -> Settings:
+        return Settings(self.error_rate, self.rollouts, self.siblings, self.seed)
+
+
+def collect(config: CollectConfig) -> dict[str, Any]:
     """Run each environment's noisy expert and write trajectories with Monte-Carlo step values as JSONL.
 
-    Re-running the same command resumes after the last complete episode.
-
-    Args:
-        out: output JSONL path.
-        envs: env specs (e.g. ``babyai:GoToLocal?max_steps=24``, ``sciworld:boil@train``,
-            ``textworld:cooking``); default ``[babyai:GoToRedBall]``.
-        episodes: main episodes per spec.
-        error_rate: probability that the expert's action is replaced by another valid one.
-        rollouts: rollouts per Monte-Carlo value estimate; 0 skips the estimates (only the
-            terminal step gets a value: cheap expert demonstrations for behaviour cloning).
-        siblings: sibling branch records per main episode.
-        seed: base seed; every episode's seeds derive from (seed, task, episode index).
-        workers: worker processes (1: run in this process).
-        backend: ``local`` (spawned processes) or ``ray`` (``ray_address`` of a cluster, or a local Ray).
-        overwrite: start from scratch instead of resuming.
-        limit: stop after this many new episodes (rerun to continue).
-        progress: show a progress bar.
+    Re-running the same config resumes after the last complete episode.
 
     Returns:
         The summary of the whole file (see :func:`summarize`) plus ``seconds``.
     """
-    specs = parse_specs(envs or ["babyai:GoToRedBall"])
-    check_specs(specs)
-    if rollouts < 0 or episodes < 0 or siblings < 0 or (siblings and not rollouts):
-        raise ValueError("need rollouts >= 0, episodes >= 0, siblings >= 0 (and rollouts >= 1 for siblings)")
-    if not 0.0 <= error_rate <= 1.0:
-        raise ValueError(f"error_rate must be in [0, 1], got {error_rate}")
-    settings = Settings(error_rate, rollouts, siblings, seed)
-    jobs = plan_jobs(specs, episodes)
-    path = Path(out)
+    check_specs(config.specs)
+    jobs, path, settings = config.jobs(), Path(config.out), config.settings
     start = time.perf_counter()
     run_resumable(
-        path,
-        jobs,
-        functools.partial(run_job, settings=settings),
-        functools.partial(_check_head, path, jobs, settings),
-        _is_branch,
-        overwrite=overwrite,
-        limit=limit,
-        workers=make_pool(workers, backend, ray_address),
-        progress=progress,
-        desc="episodes",
-        unit="ep",
+        path, jobs, functools.partial(run_job, settings=settings), functools.partial(_check_head, path, jobs, settings),
+        _is_branch, overwrite=config.overwrite, limit=config.limit, workers=config.pool(),
+        progress=config.progress, desc="episodes", unit="ep",
     )
     summary = summarize(path)
     summary["seconds"] = time.perf_counter() - start
@@ -195,9 +190,7 @@ def collect(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Command-line entry point (``python -m agentrm.collect --help``)."""
-    from jsonargparse import auto_cli
-
-    summary = auto_cli(collect, args=argv)
+    summary = run_cli("agentrm.collect", lambda a: collect(parse_config(CollectConfig, a, "agentrm.collect")), argv)
     print(
         f"episodes {summary['episodes']} (+{summary['branch_records']} branch records), "
         f"success rate {summary['success_rate']:.3f}, mean steps {summary['mean_steps']:.1f}, "

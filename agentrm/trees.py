@@ -5,97 +5,95 @@ Example::
     python -m agentrm.trees --out data/trees.jsonl \
         --envs '[babyai:GoToLocal?max_steps=24, sciworld:find-living-thing@train]' \
         --episodes 10 --simulations 50 --k 3 --workers 2 --flat_out data/tree_targets.jsonl
+    python -m agentrm.trees --policy.kind hf --policy.model runs/tiny_policy/hf_model --envs '[babyai:GoToLocal]'
 
 Task instances are the collector's jobs (:mod:`agentrm.data.jobs`), so trees and
-collected trajectories of the same seed share episodes.  The expanding policy is each
-environment's expert with ``error_rate`` (``policy: expert``) or an exported SFT policy
-(a Hugging Face causal-LM directory, sampled with ``temperature``).  Workers own their
-environments and, for an LM policy, load it once per process.
+collected trajectories of the same seed share episodes.  The expanding policy is a
+:class:`~agentrm.search.specs.PolicySpec`: each environment's expert with ``error_rate``
+(``--policy.kind expert``, the default) or an exported SFT policy (``--policy.kind hf
+--policy.model <dir>``, sampled with ``temperature``).  Workers own their environments and, for an
+LM policy, load it once per process.  An LM policy's weights are fingerprinted into every tree's
+``meta``: a rerun with a retrained policy refuses to resume the file instead of mixing two models.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agentrm.checks import at_least
+from agentrm.cli_config import parse_config
 from agentrm.cli_errors import building, run_cli
-from agentrm.data.jobs import Job, plan_jobs
-from agentrm.data.resumable import run_resumable
-from agentrm.data.workers import Backend, make_pool
-from agentrm.envs.registry import check_specs, env_for, parse_specs
+from agentrm.data.jobs import Job, JobOptions
+from agentrm.data.resumable import OutputOptions, run_resumable
+from agentrm.data.schema import write_jsonl
+from agentrm.data.workers import WorkerOptions
+from agentrm.envs.registry import check_specs, env_for
 from agentrm.policies.base import Policy
+from agentrm.search.build import policy_factory
+from agentrm.search.resolve import ResolvedPolicy, resolve_policy
+from agentrm.search.specs import PolicySpec
 from agentrm.targets.mcts import MCTS, MCTSConfig, flatten_tree, read_trees
 
 
 @dataclass(frozen=True)
 class TreeSettings:
-    """Everything that determines the trees (stored in each tree's ``meta``)."""
+    """Everything that determines the trees (recorded in each tree's ``meta``; sent to workers)."""
 
-    simulations: int
-    k: int
-    c: float
-    max_depth: int
-    policy: str
-    error_rate: float
-    temperature: float
+    mcts: MCTSConfig
+    policy: ResolvedPolicy
     seed: int
-    device: str | None = None
-    dtype: str | None = None
-    quantization: str | None = None
-    attn_implementation: str = "auto"
-    commit: bool = False
-    parallel: int = 1
 
 
-_POLICY_CACHE: dict[tuple, Any] = {}
+_POLICY_CACHE: dict[str, Any] = {}
 
 
 def _make_policy(s: TreeSettings, seed: int) -> Policy:
-    """``expert`` (each env's noisy expert) or a path to an exported HF causal LM (SFT policy)."""
-    if s.policy in ("expert", "scripted"):
-        from agentrm.policies.expert import EnvExpertPolicy
-
-        return EnvExpertPolicy(s.error_rate, seed=seed)
-    from agentrm.policies.hf import HFPolicy, load_hf_policy
-
-    key = (s.policy, s.device, s.dtype, s.quantization, s.attn_implementation)
-    if key not in _POLICY_CACHE:  # load the LM once per process, fresh sampler state per tree
-        _POLICY_CACHE[key] = load_hf_policy(s.policy, device=s.device, dtype=s.dtype, quantization=s.quantization,
-                                            attn_implementation=s.attn_implementation)
-    base = _POLICY_CACHE[key]
-    return HFPolicy(  # parallel simulations batch their replies (per-reply sampling streams)
-        base.model, base.tokenizer, temperature=s.temperature, seed=seed, max_new_tokens=base.max_new_tokens,
-        batch_requests=s.parallel > 1,
-    )
+    """The expanding policy of one tree: the resolved policy, an LM loaded once per process."""
+    policy = s.policy
+    if s.mcts.parallel > 1 and policy.spec.kind == "hf":  # parallel simulations batch their replies
+        policy = dataclasses.replace(policy, spec=dataclasses.replace(policy.spec, batch_requests=True))
+    key = json.dumps(dataclasses.asdict(policy.spec), sort_keys=True)
+    if key not in _POLICY_CACHE:  # load an LM once per process; a fresh sampler state per tree
+        _POLICY_CACHE[key] = policy_factory(policy)
+    return _POLICY_CACHE[key](seed, False)
 
 
 def run_tree_job(job: Job, settings: TreeSettings) -> list[str]:
     """Build one tree; return it as a JSON line."""
     env = env_for(job.spec)
     env_seed, policy_seed, search_seed = job.seeds(settings.seed)
-    cfg = MCTSConfig(settings.simulations, settings.k, settings.c, settings.max_depth, commit=settings.commit,
-                     parallel=settings.parallel)
-    search = MCTS(_make_policy(settings, policy_seed), cfg, seed=search_seed)
+    search = MCTS(_make_policy(settings, policy_seed), settings.mcts, seed=search_seed)
     meta = {"env": str(job.spec), "env_seed": env_seed, "instance": env.instance_key(env_seed), **_settings_meta(settings)}
     tree = search.search(env, env_seed, tree_id=job.episode_id(settings.seed), task=job.spec.name, meta=meta)
     return [json.dumps(tree.to_dict(), ensure_ascii=False)]
 
 
+def _policy_name(spec: PolicySpec) -> str:
+    if spec.kind in ("expert", "scripted"):
+        return "expert"
+    return spec.model if spec.kind == "hf" else f"{spec.kind}:{spec.model}"
+
+
 def _settings_meta(s: TreeSettings) -> dict[str, Any]:
+    m, spec = s.mcts, s.policy.spec
+    lm = spec.kind == "hf"
     return {
-        "simulations": s.simulations,
-        "k": s.k,
-        "c": s.c,
-        "max_depth": s.max_depth,
-        "policy": s.policy,
-        "error_rate": s.error_rate,
-        "temperature": s.temperature,
-        **({"commit": True} if s.commit else {}),  # absent when off: files written before it existed still resume
-        **({"parallel": s.parallel} if s.parallel != 1 else {}),
+        "simulations": m.simulations,
+        "k": m.k,
+        "c": m.c,
+        "max_depth": m.max_depth,
+        "policy": _policy_name(spec),
+        "error_rate": spec.error_rate,
+        "temperature": spec.temperature,
+        **({"commit": True} if m.commit else {}),  # absent when off: files written before it existed still resume
+        **({"parallel": m.parallel} if m.parallel != 1 else {}),
+        **({"policy_fingerprint": s.policy.fingerprint} if lm else {}),
     }
 
 
@@ -103,6 +101,12 @@ def _check_tree(path: Path, jobs: list[Job], settings: TreeSettings, rec: dict, 
     want = jobs[index].episode_id(settings.seed)
     expected = {"env": str(jobs[index].spec), **_settings_meta(settings)}
     got = {k: rec.get("meta", {}).get(k) for k in expected}
+    if got.get("policy_fingerprint") != expected.get("policy_fingerprint") and rec.get("id") == want:
+        raise ValueError(
+            f"{path} was built with another policy model (fingerprint {got.get('policy_fingerprint')}, now "
+            f"{expected.get('policy_fingerprint')} for {settings.policy.spec.model}): the model changed since; pass "
+            "--overwrite true or choose another --out"
+        )
     if rec.get("id") != want or got != expected:
         raise ValueError(
             f"{path} was written with other arguments (found {rec.get('id')!r} {got}, expected "
@@ -111,118 +115,99 @@ def _check_tree(path: Path, jobs: list[Job], settings: TreeSettings, rec: dict, 
     return 0
 
 
-def build_trees(
-    out: str = "data/trees.jsonl",
-    envs: list[str] | None = None,
-    episodes: int = 10,
-    simulations: int = 50,
-    k: int = 3,
-    c: float = 1.0,
-    max_depth: int = 24,
-    commit: bool = False,
-    parallel: int = 1,
-    policy: str = "expert",
-    error_rate: float = 0.3,
-    temperature: float = 1.0,
-    seed: int = 0,
-    workers: int = 1,
-    backend: Backend = "local",
-    ray_address: str | None = None,
-    overwrite: bool = False,
-    limit: int | None = None,
-    flat_out: str | None = None,
-    min_visits: int = 1,
-    progress: bool = True,
-    device: str | None = None,
-    dtype: str | None = None,
-    quantization: str | None = None,
-    attn_implementation: str = "auto",
-) -> dict[str, Any]:
-    """Build one MCTS tree per task instance into a resumable JSONL file (one tree a line).
+@dataclass
+class TreesConfig(OutputOptions, JobOptions, WorkerOptions):
+    """``python -m agentrm.trees``: one MCTS tree per task instance into a resumable JSONL file (one tree a line).
 
-    Args:
-        out: output JSONL of trees.
-        envs: env specs (default ``[babyai:GoToRedBall?max_steps=24]``).
-        episodes: trees per spec.
-        simulations, k, c, max_depth, commit: see :class:`~agentrm.targets.mcts.MCTSConfig`
-            (``commit``: search while acting, ``simulations`` per committed step; ``parallel``:
-            simulations in flight per tree, their policy calls batched, see :mod:`agentrm.targets.mcts_parallel`).
-        policy: ``expert`` (each environment's expert with ``error_rate``) or the path of an
-            exported SFT policy (HF causal LM dir, sampled with ``temperature``).
-        seed: base seed.
-        workers: worker processes; backend ``local`` (spawned) or ``ray`` (``ray_address``).
-        overwrite: start from scratch instead of resuming.
-        limit: stop after this many new trees (rerun to continue).
+    Inherits :class:`~agentrm.data.jobs.JobOptions` (``envs``, ``episodes``, ``seed``),
+    :class:`~agentrm.data.resumable.OutputOptions` (``out``, ``overwrite``, ``limit``, ``progress``) and
+    :class:`~agentrm.data.workers.WorkerOptions` (``workers``, ``backend``, ``ray_address``).
+
+    Attributes:
+        simulations, k, c, max_depth, commit, parallel: the search budget, see
+            :class:`~agentrm.targets.mcts.MCTSConfig` (``commit``: search while acting, ``simulations`` per
+            committed step; ``parallel``: simulations in flight per tree, their policy calls batched).
+        policy: the expanding policy (:class:`~agentrm.search.specs.PolicySpec`): ``kind: expert`` (each
+            environment's expert with ``error_rate``), ``kind: hf`` with ``model`` an exported SFT policy
+            (sampled with ``temperature``; ``device``/``dtype``/``quantization`` as for search), or a served one.
         flat_out: also write :func:`~agentrm.targets.mcts.flatten_tree` records of all trees to this JSONL.
         min_visits: with ``flat_out``, nodes visited fewer times are not targets.
-        progress: show a progress bar.
-        device, dtype, quantization, attn_implementation: how an LM ``policy`` is loaded (default:
-            CUDA in bf16 when available, else CPU in fp32; ``nf4``/``int8`` need CUDA and bitsandbytes;
-            see :mod:`agentrm.models.placement`); checked before anything is built.
+    """
+
+    out: str = "data/trees.jsonl"
+    simulations: int = 50
+    k: int = 3
+    c: float = 1.0
+    max_depth: int = 24
+    commit: bool = False
+    parallel: int = 1
+    policy: PolicySpec = field(default_factory=lambda: PolicySpec(kind="expert", error_rate=0.3))
+    flat_out: str | None = None
+    min_visits: int = 1
+
+    def __post_init__(self) -> None:
+        WorkerOptions.__post_init__(self)
+        JobOptions.__post_init__(self)
+        OutputOptions.__post_init__(self)
+        for name in ("simulations", "k", "max_depth", "parallel", "min_visits"):
+            at_least(getattr(self, name), 1, name)
+        at_least(self.c, 0.0, "c")
+
+    @property
+    def mcts(self) -> MCTSConfig:
+        return MCTSConfig(self.simulations, self.k, self.c, self.max_depth, commit=self.commit, parallel=self.parallel)
+
+
+def build_trees(config: TreesConfig) -> dict[str, Any]:
+    """Build one MCTS tree per task instance into a resumable JSONL file (one tree a line).
 
     Returns:
         ``trees``, ``nodes``, ``env_steps``, ``simulations``, ``seconds`` (this run) and
         with ``flat_out``: ``records``, ``states_visited`` (non-root nodes with a visit) and
         ``states_kept`` (the labelled states left after the ``min_visits`` filter).
     """
-    specs = parse_specs(envs or ["babyai:GoToRedBall?max_steps=24"])
-    check_specs(specs)
-    if simulations < 1 or k < 1 or max_depth < 1 or parallel < 1:
-        raise ValueError("need simulations >= 1, k >= 1, max_depth >= 1, parallel >= 1")
-    load = dict(device=device, dtype=dtype, quantization=quantization, attn_implementation=attn_implementation)
-    if policy not in ("expert", "scripted"):
-        from agentrm.models.placement import resolve_placement
-        from agentrm.paths import resolve_path
-
-        with building():
-            resolve_placement(**load, what="trees")
-            try:
-                policy = str(resolve_path(policy))
-            except FileNotFoundError as e:
-                raise FileNotFoundError(f"trees.policy: {e}") from None
-    elif any(v is not None for k, v in load.items() if k != "attn_implementation"):
-        raise ValueError("device, dtype and quantization apply to an LM policy (a path), not policy='expert'")
-    settings = TreeSettings(simulations, k, c, max_depth, policy, error_rate, temperature, seed, **load, commit=commit,
-                            parallel=parallel)
-    jobs = plan_jobs(specs, episodes)
-    path = Path(out)
+    with building():  # the policy's placement and model, and every env spec, before any tree
+        resolved = resolve_policy(config.policy, "policy")
+        check_specs(config.specs)
+    settings = TreeSettings(config.mcts, resolved, config.seed)
+    jobs, path = config.jobs(), Path(config.out)
     t0 = time.perf_counter()
     run_resumable(
-        path,
-        jobs,
-        functools.partial(run_tree_job, settings=settings),
-        functools.partial(_check_tree, path, jobs, settings),
-        overwrite=overwrite,
-        limit=limit,
-        workers=make_pool(workers, backend, ray_address),
-        progress=progress,
-        desc="trees",
-        unit="tree",
+        path, jobs, functools.partial(run_tree_job, settings=settings), functools.partial(_check_tree, path, jobs, settings),
+        overwrite=config.overwrite, limit=config.limit, workers=config.pool(), progress=config.progress,
+        desc="trees", unit="tree",
     )
-    trees = read_trees(path)
-    summary: dict[str, Any] = {
+    summary = tree_summary(read_trees(path))
+    summary["seconds"] = time.perf_counter() - t0
+    if config.flat_out:
+        summary.update(write_targets(read_trees(path), config.flat_out, config.min_visits))
+    return summary
+
+
+def tree_summary(trees: list) -> dict[str, Any]:
+    """``trees``, ``nodes``, ``env_steps`` and ``simulations`` of a list of trees."""
+    return {
         "trees": len(trees),
         "nodes": sum(len(t.nodes) for t in trees),
         "env_steps": sum(int(t.stats.get("env_steps", 0)) for t in trees),
         "simulations": sum(int(t.stats.get("simulations", 0)) for t in trees),
-        "seconds": time.perf_counter() - t0,
     }
-    if flat_out:
-        from agentrm.data.schema import write_jsonl
 
-        records = [r for t in trees for r in flatten_tree(t, min_visits=min_visits)]
-        summary["records"] = write_jsonl(flat_out, records)
+
+def write_targets(trees: list, flat_out: str, min_visits: int) -> dict[str, int]:
+    """Flatten ``trees`` into value-target records at ``flat_out``; counts of records, visited and kept states."""
+    records = [r for t in trees for r in flatten_tree(t, min_visits=min_visits)]
+    return {
+        "records": write_jsonl(flat_out, records),
         # the low-visit filter: visited states (non-root nodes) and those kept as targets
-        summary["states_visited"] = sum(1 for t in trees for nd in t.nodes[1:] if nd.n >= 1)
-        summary["states_kept"] = sum(1 for r in records for s in r.steps if s.value is not None)
-    return summary
+        "states_visited": sum(1 for t in trees for nd in t.nodes[1:] if nd.n >= 1),
+        "states_kept": sum(1 for r in records for s in r.steps if s.value is not None),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """``python -m agentrm.trees --help``."""
-    from jsonargparse import auto_cli
-
-    summary = run_cli("agentrm.trees", lambda a: auto_cli(build_trees, args=a), argv)
+    summary = run_cli("agentrm.trees", lambda a: build_trees(parse_config(TreesConfig, a, "agentrm.trees")), argv)
     print(", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
     return summary
 

@@ -11,8 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from agentrm.collect import collect, main, summarize
+from agentrm.collect import CollectConfig, main, summarize
+from agentrm.collect import collect as run_collect
 from agentrm.data.schema import read_jsonl
+
+
+def collect(**fields):
+    """The Python API: one :class:`CollectConfig`."""
+    return run_collect(CollectConfig(**fields))
 
 ARGS = dict(
     envs=["babyai:GoToRedBall?max_steps=16", "babyai:PickupLoc?max_steps=16"],
@@ -176,7 +182,8 @@ def _state(pid: str) -> str:
 
 def test_collect_and_trees_run_on_sciworld_and_textworld(tmp_path):
     """The collector and the MCTS stage take any family's spec (resumably, like BabyAI)."""
-    from agentrm.trees import build_trees
+    from agentrm.search.specs import PolicySpec
+    from agentrm.trees import TreesConfig, build_trees
 
     envs = ["sciworld:lifespan-longest-lived?max_steps=12", "textworld:custom?games=2&max_steps=12"]
     out = tmp_path / "mixed.jsonl"
@@ -188,6 +195,7 @@ def test_collect_and_trees_run_on_sciworld_and_textworld(tmp_path):
     assert mains[0].meta["instance"].startswith("sciworld:lifespan-longest-lived#var=")
     assert collect(out=str(out), envs=envs, episodes=1, error_rate=0.2, rollouts=1, siblings=1, seed=3,
                    progress=False)["episodes"] == 2  # a rerun resumes: nothing left to do
-    trees = build_trees(out=str(tmp_path / "trees.jsonl"), envs=envs, episodes=1, simulations=3, k=2,
-                        max_depth=12, error_rate=0.2, seed=3, flat_out=str(tmp_path / "flat.jsonl"), progress=False)
+    trees = build_trees(TreesConfig(out=str(tmp_path / "trees.jsonl"), envs=envs, episodes=1, simulations=3, k=2,
+                                    max_depth=12, policy=PolicySpec(kind="expert", error_rate=0.2), seed=3,
+                                    flat_out=str(tmp_path / "flat.jsonl"), progress=False))
     assert trees["trees"] == 2 and trees["simulations"] == 6 and trees["records"] >= 2

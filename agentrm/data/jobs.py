@@ -8,14 +8,14 @@ on worker counts or on resuming, and the collector, tree builder and evaluation 
 on which episode a seed plays.
 """
 
-from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from agentrm.envs.registry import EnvSpec
+from agentrm.checks import ConfigError, at_least
+from agentrm.envs.registry import EnvSpec, parse_specs
 
 
 @dataclass(frozen=True)
@@ -42,3 +42,35 @@ class Job:
 def plan_jobs(specs: list[EnvSpec], episodes: int) -> list[Job]:
     """All jobs in output order (round-robin over ``specs``, ``episodes`` per spec)."""
     return [Job(specs[j % len(specs)], j // len(specs)) for j in range(episodes * len(specs))]
+
+
+@dataclass
+class JobOptions:
+    """Which episodes a command plays (shared by ``agentrm.collect`` and ``agentrm.trees``).
+
+    Attributes:
+        envs: env specs, e.g. ``babyai:GoToLocal?max_steps=24``, ``sciworld:boil@train``, ``textworld:cooking``.
+        episodes: episodes (jobs) per spec.
+        seed: base seed; every episode's seeds derive from ``(seed, task, episode index)`` (:class:`Job`).
+    """
+
+    envs: list[str] = field(default_factory=lambda: ["babyai:GoToRedBall?max_steps=24"])
+    episodes: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        at_least(self.episodes, 1, "episodes")
+        try:
+            specs = parse_specs(self.envs)
+        except ValueError as e:
+            raise ConfigError(f"envs: {e}") from None
+        if not specs:
+            raise ConfigError("envs: give at least one env spec (e.g. babyai:GoToLocal?max_steps=24)")
+
+    @property
+    def specs(self) -> list[EnvSpec]:
+        return parse_specs(self.envs)
+
+    def jobs(self) -> list[Job]:
+        """Every job of the run, in output order."""
+        return plan_jobs(self.specs, self.episodes)

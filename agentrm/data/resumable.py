@@ -8,16 +8,17 @@ run) and continues with the next job, so the final file equals an uninterrupted 
 as long as each job's output is a pure function of the job.
 """
 
-from __future__ import annotations
 
 import json
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from tqdm import tqdm
 
+from agentrm.checks import at_least, fail
 from agentrm.data.workers import WorkerPool, make_pool
 
 J = TypeVar("J")
@@ -118,3 +119,25 @@ def run_resumable(
             bar.update(1)
         bar.close()
     return done
+
+
+@dataclass
+class OutputOptions:
+    """A resumable JSONL output (shared by ``agentrm.collect`` and ``agentrm.trees``).
+
+    Attributes:
+        out: the output JSONL file; re-running the same command resumes after its last complete block.
+        overwrite: start from scratch instead of resuming.
+        limit: stop after this many new jobs (rerun to continue); ``None``: all.
+        progress: show a progress bar.
+    """
+
+    out: str = "data/out.jsonl"
+    overwrite: bool = False
+    limit: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.out:
+            fail("out", "give the output file")
+        at_least(self.limit, 1, "limit", allow_none=True)

@@ -18,13 +18,15 @@ and a killed run keeps what it wrote.
   points ``address`` at a cluster and changes nothing else.
 """
 
-from __future__ import annotations
 
 import multiprocessing as mp
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
+
+from agentrm.checks import at_least, fail, one_of
 
 J = TypeVar("J")
 
@@ -133,3 +135,28 @@ def make_pool(workers: int = 1, backend: Backend = "local", address: str | None 
     if backend != "local":
         raise ValueError(f"unknown worker backend {backend!r}; use 'local' or 'ray'")
     return InlinePool() if workers <= 1 else LocalProcessPool(workers)
+
+
+@dataclass
+class WorkerOptions:
+    """Where jobs run (shared by ``agentrm.collect`` and ``agentrm.trees``).
+
+    Attributes:
+        workers: worker processes (1: in this process).
+        backend: ``local`` (spawned processes on this machine) or ``ray`` (a Ray cluster at ``ray_address``,
+            or a local Ray when it is ``None``).
+        ray_address: the Ray cluster's address (``backend: ray`` only).
+    """
+
+    workers: int = 1
+    backend: Backend = "local"
+    ray_address: str | None = None
+
+    def __post_init__(self) -> None:
+        at_least(self.workers, 1, "workers")
+        one_of(self.backend, ("local", "ray"), "backend")
+        if self.ray_address and self.backend != "ray":
+            fail("ray_address", f"applies to backend 'ray', but backend is {self.backend!r}")
+
+    def pool(self) -> WorkerPool:
+        return make_pool(self.workers, self.backend, self.ray_address)

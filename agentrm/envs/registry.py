@@ -124,7 +124,21 @@ def parse_spec(spec: str | Mapping[str, Any] | EnvSpec) -> EnvSpec:
         raise ValueError(f"env spec {str(spec)!r}: unknown family {parsed.family!r}; known: {', '.join(FAMILIES)}")
     if parsed.family != "agentgym" and parsed.split not in SPLITS:
         raise ValueError(f"env spec {str(spec)!r}: unknown split {parsed.split!r}; use one of {', '.join(SPLITS)}")
+    _check_common_options(parsed, spec)
     return parsed
+
+
+COUNT_OPTIONS = ("max_steps", "max_objects", "games")
+"""Options every family that takes them reads as a positive count."""
+
+
+def _check_common_options(parsed: EnvSpec, given: Any) -> None:
+    """Options shared by convention across families (``max_steps``...) must be positive integers."""
+    for key in COUNT_OPTIONS:
+        if key in parsed.options:
+            value = parsed.options[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"env spec {str(given)!r}: option {key}={value!r} must be an integer >= 1")
 
 
 def _is_url_tail(rest: str) -> bool:

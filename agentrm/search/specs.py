@@ -1,26 +1,27 @@
-"""Config dataclasses for the evaluation harness and the factories that build policies and scorers from them.
+"""The specs of the models a search uses: the acting policy and the scorers (config dataclasses, no I/O).
+
+A spec goes one way, once: **checked** (:meth:`PolicySpec.check` / :meth:`ScorerSpec.check`: kinds, ranges,
+what each kind needs; pure, no file or device is touched), **resolved** (:mod:`agentrm.search.resolve`:
+paths, placement, reachability, the RM's recorded settings, a weights fingerprint) and **built**
+(:mod:`agentrm.search.build`: the model loaded, the policy or scorer made). Nothing downstream goes back.
 
 Every local model (value RM, implicit PRM, local judge, ``hf`` policy) takes ``device``, ``dtype``,
 ``quantization`` and ``attn_implementation`` (:func:`agentrm.models.placement.resolve_placement`:
-CUDA and bf16 when available, else CPU and fp32). :func:`check_policy_spec` and
-:func:`check_scorer_spec` check them, and that the model is there, before anything is loaded.
+CUDA and bf16 when available, else CPU and fp32).
 """
 
 from __future__ import annotations
 
-import json
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
-from agentrm.models.placement import Placement, resolve_placement
-from agentrm.paths import check_model_reachable, load_tokenizer, resolve_path
-from agentrm.policies.base import Policy
-from agentrm.scoring import Scorer
+from agentrm.checks import at_least, fail, in_range, one_of
 
 LOAD_FIELDS = ("device", "dtype", "quantization")
+POLICY_KINDS = ("expert", "scripted", "random", "hf", "openai")
+SCORER_KINDS = ("value_rm", "implicit_prm", "judge", "oracle")
+AGGREGATES = ("last", "min", "mean", "max", "sum")
 
 
 @dataclass
@@ -40,6 +41,11 @@ class PolicySpec:
         max_resample: LM policies: redraws of a reply without a valid action when sampling.
         base_url: ``openai``: the server's base URL, or a list of replicas serving the same model.
         max_concurrency: ``openai``: requests in flight at once per policy (beams, samples).
+        request_deadline_s, timeout, connect_timeout, max_retries, ready_timeout_s: ``openai``: the total time
+            one request may take, retries included; the per-attempt read and connect timeouts; retries of a
+            failed attempt; the time each replica has to answer the readiness check made before any episode
+            (``GET /models``; see :mod:`agentrm.policies.endpoint`). A server that stops answering fails the
+            run with one line after ``request_deadline_s``, never a silent wait.
         batch_requests: ``hf``: generate the replies of many requests (beams, Best-of-N samples in
             lock-step, and the episodes running at once with ``concurrency``, through a shared
             :class:`~agentrm.policies.batcher.GenerateBatcher`) in batches of ``batch_size`` rows, each
@@ -62,6 +68,11 @@ class PolicySpec:
     prompt: Literal["plain", "react"] = "plain"
     max_resample: int = 2
     max_concurrency: int = 4
+    request_deadline_s: float = 180.0
+    timeout: float = 60.0
+    connect_timeout: float = 10.0
+    max_retries: int = 5
+    ready_timeout_s: float = 15.0
     batch_requests: bool = False
     batch_size: int = 8
     device: str | None = None
@@ -129,6 +140,11 @@ class ScorerSpec:
         return self.name or self.kind
 
     @property
+    def is_local(self) -> bool:
+        """Whether a model is loaded in this process (an RM, or a judge without a server)."""
+        return self.kind in ("value_rm", "implicit_prm") or (self.kind == "judge" and not self.judge_base_url)
+
+    @property
     def blind(self) -> bool:
         """The effective ``outcome_blind`` (see the class doc; the deprecated alias counts when given)."""
         if self.kind == "oracle":
@@ -138,223 +154,61 @@ class ScorerSpec:
         return True if self.exclude_final_step is None else self.exclude_final_step
 
 
-def _placement(spec: PolicySpec | ScorerSpec, what: str, local: bool) -> Placement | None:
-    """The checked placement of a local model; ``None`` (after refusing loading options) for other kinds."""
-    if local:
-        return resolve_placement(spec.device, spec.dtype, spec.quantization, spec.attn_implementation, what)
+def _refuse_loading_options(spec: PolicySpec | ScorerSpec, what: str) -> None:
+    """Loading options (device, dtype, quantization, attention) apply to a locally loaded model only."""
     given = [f for f in LOAD_FIELDS if getattr(spec, f) is not None]
     if given or spec.attn_implementation != "auto":
         names = ", ".join(given or ["attn_implementation"])
-        raise ValueError(f"{what}: {names} applies to a locally loaded model; kind {spec.kind!r} loads none")
-    return None
+        fail(what, f"{names} applies to a locally loaded model; kind {spec.kind!r} loads none")
 
 
-def check_policy_spec(spec: PolicySpec, what: str = "policy") -> Placement | None:
-    """Check ``spec`` without loading anything: fields, the local model's placement and reachability.
-
-    Returns:
-        The placement of an ``hf`` policy's LM (``None`` for other kinds).
-    """
-    if spec.kind not in ("expert", "scripted", "random", "hf", "openai"):
-        raise ValueError(f"{what}.kind: unknown policy kind {spec.kind!r}")
-    placement = _placement(spec, what, spec.kind == "hf")
-    if spec.kind in ("expert", "scripted", "random"):
-        return placement
-    if not spec.model:
-        raise ValueError(f"{what}: policy kind {spec.kind!r} needs 'model'")
-    if spec.prompt not in ("plain", "react"):
-        raise ValueError(f"{what}.prompt must be 'plain' or 'react', got {spec.prompt!r}")
+def check_policy(spec: PolicySpec, what: str = "policy") -> None:
+    """Check the fields of ``spec`` (no I/O); a :class:`~agentrm.checks.ConfigError` names ``what.<field>``."""
+    one_of(spec.kind, POLICY_KINDS, f"{what}.kind")
+    in_range(spec.error_rate, 0.0, 1.0, f"{what}.error_rate")
+    at_least(spec.temperature, 0.0, f"{what}.temperature")
+    if isinstance(spec.top_p, bool) or not 0.0 < spec.top_p <= 1.0:
+        fail(f"{what}.top_p", f"must be in (0, 1], got {spec.top_p!r}")
+    for name in ("max_new_tokens", "max_concurrency", "batch_size"):
+        at_least(getattr(spec, name), 1, f"{what}.{name}")
+    at_least(spec.max_resample, 0, f"{what}.max_resample")
+    at_least(spec.max_retries, 0, f"{what}.max_retries")
+    for name in ("request_deadline_s", "timeout", "connect_timeout", "ready_timeout_s"):
+        value = getattr(spec, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            fail(f"{what}.{name}", f"must be a number of seconds > 0, got {value!r}")
+    one_of(spec.prompt, ("plain", "react"), f"{what}.prompt")
+    if spec.kind != "hf":
+        _refuse_loading_options(spec, what)
+    if spec.kind in ("hf", "openai") and not spec.model:
+        fail(f"{what}.model", f"policy kind {spec.kind!r} needs the model (a directory, known name or hub id)")
     if spec.kind == "openai" and not spec.base_url:
-        raise ValueError(f"{what}: policy kind 'openai' needs 'base_url'")
-    if spec.kind == "hf":
-        check_model_reachable(spec.model, f"{what}.model")
-    return placement
+        fail(f"{what}.base_url", "policy kind 'openai' needs the server's base URL (or a list of replicas)")
 
 
-def _reward_model_dir(spec: ScorerSpec, what: str) -> tuple[Path, dict]:
-    """The RM directory of ``spec`` and its ``agentrm_config.json``, checked (for an adapter, its base too)."""
-    if not spec.path:
-        raise ValueError(f"{what}: scorer kind {spec.kind!r} needs 'path' (an exported HF directory)")
-    try:
-        d = resolve_path(spec.path)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{what}.path: {e}") from None
-    cfg_file = d / "agentrm_config.json"
-    if not cfg_file.exists():
-        raise FileNotFoundError(f"{what}.path {str(d)!r} is not an exported agentrm reward model: "
-                                "agentrm_config.json missing")
-    cfg = json.loads(cfg_file.read_text())
-    want = "ValueRewardModel" if spec.kind == "value_rm" else "ImplicitPRM"
-    if cfg.get("model_class") != want:
-        raise ValueError(f"{what}: {cfg_file} holds a {cfg.get('model_class')!r}, kind {spec.kind!r} needs a {want!r}")
-    adapter_dir = d if spec.kind == "value_rm" else d / "policy"
-    if (adapter_dir / "adapter_config.json").exists():
-        from agentrm.models.adapters import resolve_adapter_base
-
-        base = spec.base or resolve_adapter_base(adapter_dir, cfg)
-        check_model_reachable(base, f"{what}.base" if spec.base else f"{what}: the LoRA base model")
-    return d, cfg
-
-
-FALLBACK_MAX_LENGTH = 1024
-"""Scoring context of an RM exported before its training ``max_length`` was recorded."""
-
-
-def scoring_defaults(spec: ScorerSpec, cfg: dict, what: str) -> dict:
-    """``max_length`` and ``aggregate`` for a scorer: the spec's where given, else what the RM was trained with.
-
-    The export's ``agentrm_config.json`` records the training ``max_length`` (the data module's) and the
-    implicit PRM's ``aggregate``; the chat template comes with the exported tokenizer. A ``max_length`` below
-    the training one drops older steps the RM was trained to read, so it is warned about.
-    """
-    trained = cfg.get("max_length")
-    if spec.max_length is not None and trained is not None and spec.max_length < trained:
-        warnings.warn(f"{what}.max_length={spec.max_length} is below the {trained} tokens the RM was trained with: "
-                      "older steps it was trained to read are dropped", UserWarning, stacklevel=3)
-    default_aggregate = "last" if spec.kind == "value_rm" else "min"
-    return {"max_length": spec.max_length or trained or FALLBACK_MAX_LENGTH,
-            "aggregate": spec.aggregate or cfg.get("aggregate") or default_aggregate}
-
-
-def _check_blindness(spec: ScorerSpec, what: str) -> None:
-    """Refuse contradictory blindness settings; warn about the deprecated name."""
+def check_scorer(spec: ScorerSpec, what: str = "scorer") -> None:
+    """Check the fields of ``spec`` (no I/O); a :class:`~agentrm.checks.ConfigError` names ``what.<field>``."""
+    one_of(spec.kind, SCORER_KINDS, f"{what}.kind")
     if spec.kind == "oracle" and (spec.outcome_blind or spec.exclude_final_step):
-        raise ValueError(f"{what}.outcome_blind: the oracle reads the environment's ground truth by design; "
-                         "it cannot be outcome-blind (drop the option)")
+        fail(f"{what}.outcome_blind", "the oracle reads the environment's ground truth by design; it cannot be "
+                                      "outcome-blind (drop the option)")
     if spec.exclude_final_step is not None:
         if spec.outcome_blind is not None and spec.outcome_blind != spec.exclude_final_step:
-            raise ValueError(f"{what}: exclude_final_step={spec.exclude_final_step} contradicts "
-                             f"outcome_blind={spec.outcome_blind}; keep outcome_blind only")
+            fail(what, f"exclude_final_step={spec.exclude_final_step} contradicts outcome_blind={spec.outcome_blind}; "
+                       "keep outcome_blind only")
         warnings.warn(f"{what}.exclude_final_step is deprecated: write outcome_blind: "
                       f"{str(spec.exclude_final_step).lower()}", FutureWarning, stacklevel=3)
-
-
-def check_scorer_spec(spec: ScorerSpec, what: str = "scorer") -> Placement | None:
-    """Check ``spec`` without loading anything: fields, the model's placement and that it is there.
-
-    Returns:
-        The placement of a local model (value RM, implicit PRM, local judge), else ``None``.
-    """
-    if spec.kind not in ("value_rm", "implicit_prm", "judge", "oracle"):
-        raise ValueError(f"{what}.kind: unknown scorer kind {spec.kind!r}")
-    _check_blindness(spec, what)
-    local = spec.kind in ("value_rm", "implicit_prm") or (spec.kind == "judge" and not spec.judge_base_url)
-    placement = _placement(spec, what, local)
-    if spec.kind in ("value_rm", "implicit_prm"):
-        _reward_model_dir(spec, what)  # the directory, its config and an adapter's base
-    elif spec.kind == "judge":
-        if not spec.judge_base_url and not spec.judge_model:
-            raise ValueError(f"{what}: scorer kind 'judge' needs 'judge_base_url' or a local 'judge_model'")
-        if local:
-            check_model_reachable(spec.judge_model, f"{what}.judge_model")
-    return placement
-
-
-def policy_factory(spec: PolicySpec) -> Callable[[int, bool], Policy]:
-    """``make(seed, greedy) -> Policy``; an LM is loaded once and shared by the policies it makes."""
-    placement = check_policy_spec(spec)
-    if spec.kind in ("expert", "scripted"):
-        from agentrm.policies.expert import EnvExpertPolicy
-
-        return lambda seed, greedy: EnvExpertPolicy(spec.error_rate, seed=seed)
-    if spec.kind == "random":
-        from agentrm.policies.random_policy import RandomPolicy
-
-        return lambda seed, greedy: RandomPolicy(seed=seed)
-    from agentrm.policies.prompt import AgentPrompt
-
-    prompt = AgentPrompt() if spec.prompt == "react" else None
-    if spec.kind == "hf":
-        from agentrm.models.backbone import build_backbone
-        from agentrm.policies.batcher import GenerateBatcher
-        from agentrm.policies.hf import HFPolicy
-
-        model = build_backbone(str(resolve_path(spec.model, must_exist=False)), causal_lm=True,
-                               **placement.load_kwargs())
-        tok = load_tokenizer(spec.model)
-        # one batcher for every policy made here: concurrently running episodes share generate calls
-        batcher = GenerateBatcher(max_rows=spec.batch_size) if spec.batch_requests else None
-        return lambda seed, greedy: HFPolicy(
-            model,
-            tok,
-            temperature=0.0 if greedy else spec.temperature,
-            top_p=spec.top_p,
-            max_new_tokens=spec.max_new_tokens,
-            seed=seed,
-            prompt=prompt,
-            max_resample=spec.max_resample,
-            batch_size=spec.batch_size,
-            batch_requests=spec.batch_requests,
-            batcher=batcher,
-        )
-    if spec.kind == "openai":
-        from agentrm.policies.openai_compat import OpenAIChatPolicy
-
-        return lambda seed, greedy: OpenAIChatPolicy(
-            spec.base_url,
-            spec.model,
-            api_key=spec.api_key,
-            temperature=0.0 if greedy else spec.temperature,
-            top_p=spec.top_p,
-            max_tokens=spec.max_new_tokens,
-            seed=seed,
-            prompt=prompt,
-            max_resample=spec.max_resample,
-            max_concurrency=spec.max_concurrency,
-        )
-    raise ValueError(f"unknown policy kind {spec.kind!r}")
-
-
-def build_scorer(spec: ScorerSpec, seed: int = 0) -> Scorer:
-    """Check ``spec`` (:func:`check_scorer_spec`), then load the model (if any) and build the scorer it describes."""
-    placement = check_scorer_spec(spec, f"scorer {spec.label!r}")
-    if spec.kind in ("value_rm", "implicit_prm"):
-        path, cfg = _reward_model_dir(spec, f"scorer {spec.label!r}")
-        defaults = scoring_defaults(spec, cfg, f"scorer {spec.label!r}")
-        load = {**placement.load_kwargs(), "base": spec.base}
-        tok = load_tokenizer(str(path))
-        if spec.kind == "value_rm":
-            from agentrm.models.value_rm import ValueRewardModel
-            from agentrm.scoring import ValueRMScorer
-
-            return ValueRMScorer(
-                ValueRewardModel.from_pretrained(path, **load),
-                tok,
-                batch_size=spec.batch_size,
-                outcome_blind=spec.blind,
-                **defaults,
-            )
-        from agentrm.models.implicit_prm import ImplicitPRM
-        from agentrm.scoring import ImplicitPRMScorer
-
-        return ImplicitPRMScorer(
-            ImplicitPRM.from_pretrained(path, **load),
-            tok,
-            outcome_blind=spec.blind,
-            batch_size=spec.batch_size,
-            **defaults,
-        )
-    if spec.kind == "judge":
-        from agentrm.judge import JudgeScorer
-
-        if spec.judge_base_url:
-            from agentrm.policies.openai_compat import OpenAIChatPolicy
-
-            client = OpenAIChatPolicy(
-                spec.judge_base_url, spec.judge_model or "default", max_tokens=spec.judge_max_tokens, seed=seed
-            )
-        elif spec.judge_model:
-            from agentrm.models.backbone import build_backbone
-            from agentrm.policies.hf import HFPolicy
-
-            model = build_backbone(str(resolve_path(spec.judge_model, must_exist=False)), causal_lm=True,
-                                   **placement.load_kwargs())
-            client = HFPolicy(model, load_tokenizer(spec.judge_model), max_new_tokens=spec.judge_max_tokens, seed=seed)
-        return JudgeScorer(client, spec.judge_mode, spec.judge_samples, spec.judge_temperature,
-                           outcome_blind=spec.blind)
-    if spec.kind == "oracle":
-        from agentrm.policies.expert import EnvExpertPolicy
-        from agentrm.search.oracle import OracleScorer
-
-        return OracleScorer(None, EnvExpertPolicy(spec.oracle_error_rate, seed=seed), rollouts=spec.oracle_rollouts)
-    raise ValueError(f"unknown scorer kind {spec.kind!r}")
+    if spec.aggregate is not None:
+        one_of(spec.aggregate, AGGREGATES, f"{what}.aggregate")
+    at_least(spec.max_length, 1, f"{what}.max_length", allow_none=True)
+    for name in ("batch_size", "judge_samples", "judge_max_tokens", "oracle_rollouts"):
+        at_least(getattr(spec, name), 1, f"{what}.{name}")
+    at_least(spec.judge_temperature, 0.0, f"{what}.judge_temperature", allow_none=True)
+    in_range(spec.oracle_error_rate, 0.0, 1.0, f"{what}.oracle_error_rate")
+    one_of(spec.judge_mode, ("pointwise", "listwise"), f"{what}.judge_mode")
+    if spec.kind in ("value_rm", "implicit_prm") and not spec.path:
+        fail(f"{what}.path", f"scorer kind {spec.kind!r} needs the exported RM directory")
+    if spec.kind == "judge" and not (spec.judge_base_url or spec.judge_model):
+        fail(what, "scorer kind 'judge' needs 'judge_base_url' (a server) or a local 'judge_model'")
+    if not spec.is_local:
+        _refuse_loading_options(spec, what)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from agentrm.data.schema import Step, Trajectory
-from agentrm.search.specs import PolicySpec, ScorerSpec, build_scorer, policy_factory
+from agentrm.search.build import build_scorer, policy_factory
+from agentrm.search.specs import PolicySpec, ScorerSpec
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,9 @@ from agentrm.models.backbone import build_backbone
 from agentrm.models.implicit_prm import ImplicitPRM
 from agentrm.models.value_rm import ValueRewardModel
 from agentrm.paths import load_tokenizer
-from agentrm.search.specs import FALLBACK_MAX_LENGTH, ScorerSpec, build_scorer
+from agentrm.search.build import build_scorer
+from agentrm.search.resolve import FALLBACK_MAX_LENGTH
+from agentrm.search.specs import ScorerSpec
 from tests.lit.conftest import TINY_BACKBONE
 
 

@@ -13,7 +13,9 @@ from agentrm.models.quant import QuantizationUnavailable
 from agentrm.models.value_rm import ValueRewardModel
 from agentrm.paths import ModelUnreachable, load_tokenizer
 from agentrm.search import evaluate as evaluate_mod
-from agentrm.search.specs import PolicySpec, ScorerSpec, build_scorer, check_policy_spec, check_scorer_spec
+from agentrm.search.build import build_scorer
+from agentrm.search.resolve import resolve_policy, resolve_scorer
+from agentrm.search.specs import PolicySpec, ScorerSpec
 from tests.lit.conftest import TINY_BACKBONE
 
 
@@ -34,31 +36,31 @@ def test_scorer_built_with_dtype_and_device(rm_dir):
 
 def test_options_on_kinds_that_load_nothing_are_refused():
     with pytest.raises(ValueError, match="policy: quantization applies to a locally loaded model; kind 'openai'"):
-        check_policy_spec(PolicySpec(kind="openai", model="m", base_url="http://x", quantization="nf4"))
+        resolve_policy(PolicySpec(kind="openai", model="m", base_url="http://x", quantization="nf4"))
     with pytest.raises(ValueError, match=r"scorers\[2\]: device applies"):
-        check_scorer_spec(ScorerSpec(kind="oracle", device="cpu"), "scorers[2]")
-    assert check_policy_spec(PolicySpec(kind="expert")) is None
+        resolve_scorer(ScorerSpec(kind="oracle", device="cpu"), "scorers[2]")
+    assert resolve_policy(PolicySpec(kind="expert")).placement is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
 def test_quantized_scorer_and_policy_fail_before_loading(rm_dir):
     with pytest.raises(QuantizationUnavailable, match=r"scorers\[0\]: quantization='nf4'"):
-        check_scorer_spec(ScorerSpec(path=str(rm_dir), quantization="nf4"), "scorers[0]")
+        resolve_scorer(ScorerSpec(path=str(rm_dir), quantization="nf4"), "scorers[0]")
     with pytest.raises(QuantizationUnavailable, match="policy: quantization='int8'"):
-        check_policy_spec(PolicySpec(kind="hf", model="smollm2-135m-instruct", quantization="int8"))
+        resolve_policy(PolicySpec(kind="hf", model="smollm2-135m-instruct", quantization="int8"))
 
 
 def test_reward_model_directory_is_checked(rm_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"s\.path: not found"):
-        check_scorer_spec(ScorerSpec(path=str(tmp_path / "none")), "s")
+        resolve_scorer(ScorerSpec(path=str(tmp_path / "none")), "s")
     with pytest.raises(FileNotFoundError, match="agentrm_config.json missing"):
-        check_scorer_spec(ScorerSpec(path=str(tmp_path)), "s")
+        resolve_scorer(ScorerSpec(path=str(tmp_path)), "s")
     with pytest.raises(ValueError, match="holds a 'ValueRewardModel', kind 'implicit_prm' needs a 'ImplicitPRM'"):
-        check_scorer_spec(ScorerSpec(kind="implicit_prm", path=str(rm_dir)), "s")
+        resolve_scorer(ScorerSpec(kind="implicit_prm", path=str(rm_dir)), "s")
     with pytest.raises(ModelUnreachable, match=r"policy\.model 'runs/none/hf_model'"):
-        check_policy_spec(PolicySpec(kind="hf", model="runs/none/hf_model"))
+        resolve_policy(PolicySpec(kind="hf", model="runs/none/hf_model"))
     with pytest.raises(ModelUnreachable, match=r"s\.judge_model"):
-        check_scorer_spec(ScorerSpec(kind="judge", judge_model=str(tmp_path / "judge")), "s")
+        resolve_scorer(ScorerSpec(kind="judge", judge_model=str(tmp_path / "judge")), "s")
 
 
 def test_lora_directory_base_is_checked_offline(tmp_path, monkeypatch):
@@ -70,29 +72,33 @@ def test_lora_directory_base_is_checked_offline(tmp_path, monkeypatch):
     (d / "adapter_config.json").write_text("{}")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelUnreachable, match=r"rm: the LoRA base model 'agentrm-tests/uncached-8b'.*HF_HUB_OFFLINE"):
-        check_scorer_spec(ScorerSpec(path=str(d), device="cpu"), "rm")
-    assert check_scorer_spec(ScorerSpec(path=str(d), device="cpu", base="agentrm/assets/tiny_tokenizer"), "rm")
+        resolve_scorer(ScorerSpec(path=str(d), device="cpu"), "rm")
+    assert resolve_scorer(ScorerSpec(path=str(d), device="cpu", base="agentrm/assets/tiny_tokenizer"), "rm").placement
 
 
 def test_evaluate_checks_every_model_before_building_environments(tmp_path, monkeypatch, rm_dir):
     built = []
     monkeypatch.setattr(evaluate_mod, "make_env", lambda spec: built.append(spec))
     with pytest.raises(BuildError, match=r"^scorers\[1\]\.path: not found"):
-        evaluate_mod.evaluate(out_dir=str(tmp_path), held_in=["babyai:GoToRedBall?max_steps=24"], episodes=1,
-                              scorers=[ScorerSpec(path=str(rm_dir)), ScorerSpec(path=str(tmp_path / "x"), name="b")],
-                              show=False, progress=False)
+        evaluate_mod.evaluate(evaluate_mod.EvalConfig(
+            out_dir=str(tmp_path), held_in=["babyai:GoToRedBall?max_steps=24"], episodes=1,
+            scorers=[ScorerSpec(path=str(rm_dir)), ScorerSpec(path=str(tmp_path / "x"), name="b")],
+            show=False, progress=False))
     assert built == []
 
 
 def test_tree_builder_checks_its_policy_options_first(tmp_path):
-    from agentrm.trees import build_trees
+    from agentrm.trees import TreesConfig, build_trees
 
-    with pytest.raises(BuildError, match=r"trees\.dtype: unknown dtype"):
-        build_trees(out=str(tmp_path / "t.jsonl"), policy=str(tmp_path), dtype="half-ish", progress=False)
-    with pytest.raises(BuildError, match=r"trees\.policy: not found"):
-        build_trees(out=str(tmp_path / "t.jsonl"), policy=str(tmp_path / "sft"), device="cpu", progress=False)
-    with pytest.raises(ValueError, match="apply to an LM policy"):
-        build_trees(out=str(tmp_path / "t.jsonl"), policy="expert", device="cpu", progress=False)
+    def trees(**policy):
+        return build_trees(TreesConfig(out=str(tmp_path / "t.jsonl"), policy=PolicySpec(**policy), progress=False))
+
+    with pytest.raises(BuildError, match=r"policy\.dtype: unknown dtype"):
+        trees(kind="hf", model=str(tmp_path), dtype="half-ish")
+    with pytest.raises(BuildError, match=r"policy\.model '.*sft': no such file"):
+        trees(kind="hf", model=str(tmp_path / "sft"), device="cpu")
+    with pytest.raises(ValueError, match="device applies to a locally loaded model; kind 'expert'"):
+        trees(kind="expert", device="cpu")
     assert not (tmp_path / "t.jsonl").exists()
 
 

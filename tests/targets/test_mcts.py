@@ -18,7 +18,14 @@ from agentrm.targets.mcts import (
     select_child,
     uct_score,
 )
-from agentrm.trees import build_trees
+from agentrm.search.specs import PolicySpec
+from agentrm.trees import TreesConfig
+from agentrm.trees import build_trees as run_trees
+
+
+def build_trees(error_rate: float = 0.3, **fields):
+    """The Python API: one :class:`TreesConfig` (the expert policy with ``error_rate``)."""
+    return run_trees(TreesConfig(policy=PolicySpec(kind="expert", error_rate=error_rate), **fields))
 
 
 class ChainEnv:
