@@ -14,10 +14,11 @@ Stages, each writing under ``<run_dir>/<stage>/`` and finishing with a ``DONE`` 
 ``policy.kind`` is ``sft`` (the LM of stage 2, the paper's pipeline) or ``expert`` (each environment's
 scripted expert with ``policy.error_rate``; stages 1-2 are then skipped).
 
-An interrupted stage restarts from scratch on rerun, except ``expert`` and ``trees``,
-which resume their JSONL files.  The files the config names (demonstrations, fit configs) are checked
-before any stage runs; a model a stage cannot build ends the command with one line naming the stage
-(:mod:`agentrm.cli_errors`; ``AGENTRM_DEBUG=1`` for the traceback).
+Before the first stage runs, every stage's command config is built and checked (:func:`plan_stages`: the
+collector's, the tree builder's and the evaluation's config objects; each fit config merged with its
+overrides and parsed by ``agentrm.fit``'s parser), so a typo in an override or a bad value fails at once in
+one line, not after an hour of trees. An interrupted stage restarts from scratch on rerun, except
+``expert`` and ``trees``, which resume their JSONL files.
 """
 
 from __future__ import annotations
@@ -33,8 +34,15 @@ from typing import Any, Literal
 import yaml
 from tqdm import tqdm
 
-from agentrm.cli_errors import BuildError, building, run_cli
+from agentrm.checks import ConfigError, at_least, fail, in_range, one_of
+from agentrm.cli_config import parse_config
+from agentrm.cli_errors import BuildError, building, one_line, run_cli
+from agentrm.collect import CollectConfig
+from agentrm.envs.registry import parse_spec, parse_specs
 from agentrm.paths import resolve_path
+from agentrm.search.evaluate import EvalConfig
+from agentrm.search.specs import PolicySpec, ScorerSpec
+from agentrm.trees import TreesConfig
 
 STAGES = ("expert", "sft", "trees", "rm", "eval")
 
@@ -70,7 +78,7 @@ class PolicyChoice:
 
 @dataclass
 class TreeStage:
-    """MCTS budget per tree (see :func:`agentrm.trees.build_trees`).
+    """MCTS budget per tree (see :class:`agentrm.trees.TreesConfig`).
 
     ``commit``: search while acting (``simulations`` per committed step, so the targets cover whole
     episodes); ``min_visits``: states visited fewer times are not targets (the stage reports how many
@@ -92,7 +100,7 @@ class TreeStage:
 
 @dataclass
 class EvalStage:
-    """Search evaluation (see :func:`agentrm.search.evaluate.evaluate`); ``enabled: false`` skips it."""
+    """Search evaluation (see :class:`agentrm.search.evaluate.EvalConfig`); ``enabled: false`` skips it."""
 
     enabled: bool = True
     episodes: int = 25
@@ -105,6 +113,58 @@ class EvalStage:
     num_threads: int | None = 1
 
 
+@dataclass
+class PipelineConfig:
+    """``python -m agentrm.pipeline``: expert data -> policy SFT -> MCTS trees -> value RM -> Best-of-N evaluation.
+
+    Attributes:
+        run_dir: every stage's outputs go to ``<run_dir>/<stage>/``.
+        envs: training env specs (held-in task types), e.g. ``babyai:GoToLocal?max_steps=24``.
+        seed: base seed of the expert episodes and the trees (evaluation uses ``eval.seed``).
+        policy: the SFT LM (``sft``, default) or the environments' scripted expert with an error rate.
+        expert, sft, trees, rm, eval: stage settings.
+        force: stages to redo even if finished (and every stage after them).
+        num_threads: torch CPU threads for the whole run (1 is much faster on a busy machine).
+        progress: progress bars and the per-stage tables.
+    """
+
+    run_dir: str = "runs/pipeline_tiny"
+    envs: list[str] = field(default_factory=list)
+    seed: int = 0
+    policy: PolicyChoice = field(default_factory=PolicyChoice)
+    expert: ExpertStage = field(default_factory=ExpertStage)
+    sft: FitStage = field(default_factory=lambda: FitStage("configs/tiny/policy_sft.yaml"))
+    trees: TreeStage = field(default_factory=TreeStage)
+    rm: FitStage = field(default_factory=lambda: FitStage("configs/tiny/value_rm.yaml"))
+    eval: EvalStage = field(default_factory=EvalStage)
+    force: list[str] = field(default_factory=list)
+    num_threads: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        try:
+            if not parse_specs(self.envs):
+                fail("envs", "give the training env specs (e.g. '[babyai:GoToLocal?max_steps=24]')")
+        except ValueError as e:
+            if isinstance(e, ConfigError):
+                raise
+            fail("envs", str(e))
+        unknown = sorted(set(self.force) - set(STAGES))
+        if unknown:
+            fail("force", f"unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")
+        one_of(self.policy.kind, ("sft", "expert"), "policy.kind")
+        in_range(self.policy.error_rate, 0.0, 1.0, "policy.error_rate")
+        at_least(self.expert.episodes, 1, "expert.episodes")
+        at_least(self.num_threads, 1, "num_threads", allow_none=True)
+
+    @property
+    def scripted(self) -> bool:
+        return self.policy.kind == "expert"
+
+    def stage_dir(self, stage: str) -> Path:
+        return Path(self.run_dir) / stage
+
+
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
@@ -114,8 +174,7 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def fit_config(base: str, overrides: dict[str, Any], out_dir: Path, train_path: Path) -> dict[str, Any]:
     """The YAML config of a fit stage, with every output path moved under ``out_dir``."""
-    cfg = yaml.safe_load(resolve_path(base).read_text())
-    cfg = _merge(cfg, overrides)
+    cfg = _merge(yaml.safe_load(resolve_path(base).read_text()), overrides)
     t = cfg.setdefault("trainer", {})
     t["default_root_dir"] = str(out_dir)
     t["enable_progress_bar"] = t.get("enable_progress_bar", True)
@@ -131,182 +190,159 @@ def fit_config(base: str, overrides: dict[str, Any], out_dir: Path, train_path: 
     return cfg
 
 
-def _fit(stage: FitStage, out_dir: Path, train_path: Path) -> dict[str, Any]:
+def check_fit_config(path: Path, what: str) -> None:
+    """Parse a fit config with ``agentrm.fit``'s parser, building nothing; a bad key or value raises one line."""
+    import lightning as L
+
+    from agentrm.fit import AgentRMCLI
+    from agentrm.lit.datamodule import TrajectoryDataModule
+
+    class ParseOnly(AgentRMCLI):
+        def before_instantiate_classes(self) -> None:
+            pass
+
+        def instantiate_classes(self) -> None:
+            pass
+
+    try:
+        ParseOnly(L.LightningModule, TrajectoryDataModule, subclass_mode_model=True, run=False,
+                  args=["--config", str(path)], parser_kwargs={"exit_on_error": False})
+    except Exception as e:  # jsonargparse's ArgumentError lists every Union alternative: keep the innermost cause
+        lines = [ln.strip(" -") for ln in str(e).splitlines() if "not accepted" in ln or "Problem with" in ln]
+        raise ConfigError(f"{what}: {'; '.join(lines) or one_line(e)}") from None
+
+
+@dataclass
+class StagePlan:
+    """Every stage's command config, built and checked before the first stage runs."""
+
+    expert: CollectConfig | None
+    sft_config: Path | None
+    trees: TreesConfig
+    rm_config: Path
+    eval: EvalConfig | None
+
+
+def plan_stages(cfg: PipelineConfig) -> StagePlan:
+    """Build each stage's config object (a later stage's inputs at the paths the earlier stages will write)."""
+    d, specs = cfg.stage_dir, [str(s) for s in parse_specs(cfg.envs)]
+    with building():
+        if cfg.expert.path:
+            resolve_path(cfg.expert.path)
+        expert = None if cfg.scripted or cfg.expert.path else CollectConfig(
+            out=str(d("expert") / "expert.jsonl"), envs=specs, episodes=cfg.expert.episodes, error_rate=0.0,
+            rollouts=0, siblings=0, seed=cfg.seed, progress=cfg.progress)
+        demos = Path(cfg.expert.path) if cfg.expert.path else d("expert") / "expert.jsonl"
+        sft_config = None if cfg.scripted else _write_fit_config(cfg.sft, d("sft"), demos, "sft")
+        t = cfg.trees
+        trees = TreesConfig(
+            out=str(d("trees") / "trees.jsonl"), envs=specs, episodes=t.episodes, seed=cfg.seed, workers=t.workers,
+            simulations=t.simulations, k=t.k, c=t.c, max_depth=t.max_depth, commit=t.commit, parallel=t.parallel,
+            policy=_policy(cfg, t.temperature, max_new_tokens=16), flat_out=str(d("trees") / "targets.jsonl"),
+            min_visits=t.min_visits, progress=cfg.progress)
+        rm_config = _write_fit_config(cfg.rm, d("rm"), d("trees") / "targets.jsonl", "rm")
+        return StagePlan(expert, sft_config, trees, rm_config, _eval_config(cfg, specs) if cfg.eval.enabled else None)
+
+
+def _policy(cfg: PipelineConfig, temperature: float, max_new_tokens: int) -> PolicySpec:
+    if cfg.scripted:
+        return PolicySpec(kind="expert", error_rate=cfg.policy.error_rate)
+    return PolicySpec(kind="hf", model=str(cfg.stage_dir("sft") / "hf_model"), error_rate=cfg.policy.error_rate,
+                      temperature=temperature, max_new_tokens=max_new_tokens)
+
+
+def _eval_config(cfg: PipelineConfig, specs: list[str]) -> EvalConfig:
+    ev = cfg.eval
+    return EvalConfig(
+        out_dir=str(cfg.stage_dir("eval")),
+        # the training task types on their evaluation instances: the test split where a family has
+        # official splits (ScienceWorld variations, TextWorld games), other seeds for BabyAI
+        held_in=[str(parse_spec(sp).with_split("test")) for sp in specs], train_envs=specs, held_out=ev.held_out,
+        episodes=ev.episodes, seed=ev.seed, train_seed=cfg.seed,
+        policy=_policy(cfg, ev.temperature, ev.max_new_tokens),
+        scorers=[ScorerSpec(path=str(cfg.stage_dir("rm") / "hf_model"), name="value_rm")],
+        best_of_n=ev.best_of_n, beam=[tuple(b) for b in ev.beam], num_threads=ev.num_threads,
+        progress=cfg.progress, show=cfg.progress)
+
+
+def _write_fit_config(stage: FitStage, out_dir: Path, train_path: Path, name: str) -> Path:
+    """The stage's merged fit config written to ``out_dir/fit_config.yaml`` and parsed (nothing built)."""
+    try:
+        resolve_path(stage.config)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{name}.config: {e}") from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "fit_config.yaml"
+    path.write_text(yaml.safe_dump(fit_config(stage.config, stage.overrides, out_dir, train_path)))
+    check_fit_config(path, f"{name} ({stage.config} with {name}.overrides)")
+    return path
+
+
+def _fit(config_path: Path, out_dir: Path) -> dict[str, Any]:
     from agentrm.fit import main as fit_main
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cfg_path = out_dir / "fit_config.yaml"
-    cfg_path.write_text(yaml.safe_dump(fit_config(stage.config, stage.overrides, out_dir, train_path)))
     t0 = time.perf_counter()
-    cli = fit_main(["--config", str(cfg_path), "--overwrite", "true"])  # a stage reruns only when not DONE or forced
+    cli = fit_main(["--config", str(config_path), "--overwrite", "true"])  # a stage reruns only when not DONE or forced
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
     return {"hf_model": str(out_dir / "hf_model"), "seconds": round(time.perf_counter() - t0, 1), **metrics}
 
 
-def run_pipeline(
-    run_dir: str = "runs/pipeline_tiny",
-    envs: list[str] | None = None,
-    seed: int = 0,
-    policy: PolicyChoice | None = None,
-    expert: ExpertStage | None = None,
-    sft: FitStage | None = None,
-    trees: TreeStage | None = None,
-    rm: FitStage | None = None,
-    eval: EvalStage | None = None,  # noqa: A002  (the config section's name)
-    force: list[str] | None = None,
-    num_threads: int | None = None,
-    progress: bool = True,
-) -> dict[str, dict[str, Any]]:
-    """Run (or resume) expert data -> policy SFT -> MCTS trees -> value RM -> Best-of-N evaluation.
+def _expert(cfg: PipelineConfig, plan: StagePlan) -> dict[str, Any]:
+    if cfg.scripted:
+        return {"skipped": "policy.kind is expert: no demonstrations needed"}
+    if plan.expert is None:
+        return {"path": str(resolve_path(cfg.expert.path))}
+    from agentrm.collect import collect
 
-    Args:
-        run_dir: every stage's outputs go to ``<run_dir>/<stage>/``.
-        envs: training env specs (held-in task types), e.g. ``babyai:GoToLocal?max_steps=24``;
-            required (the shipped tiny config lists four BabyAI levels).
-        seed: base seed of the expert episodes and the trees (evaluation uses ``eval.seed``).
-        policy: the SFT LM (``sft``, default) or the environments' scripted expert with an error rate.
-        expert, sft, trees, rm, eval: stage settings.
-        force: stages to redo even if finished.
-        num_threads: torch CPU threads for the whole run (1 is much faster on a busy machine).
-        progress: progress bars.
+    return {"path": plan.expert.out, **collect(plan.expert)}
 
-    Returns:
-        Each stage's summary (also in ``<run_dir>/<stage>/DONE`` and ``<run_dir>/summary.json``).
-    """
-    from agentrm.envs.registry import parse_spec, parse_specs
 
-    specs = [str(s) for s in parse_specs(envs)]
-    if not specs:
-        raise ValueError("pipeline: give the training env specs with --envs (e.g. '[babyai:GoToLocal?max_steps=24]')")
-    policy = policy or PolicyChoice()
-    expert = expert or ExpertStage()
-    sft = sft or FitStage("configs/tiny/policy_sft.yaml")
-    trees = trees or TreeStage()
-    rm = rm or FitStage("configs/tiny/value_rm.yaml")
-    ev = eval or EvalStage()
-    force = set(force or [])
-    if force - set(STAGES):
-        raise ValueError(f"unknown stage(s) {sorted(force - set(STAGES))}; stages: {STAGES}")
-    with building():  # the files the config names exist, before any stage runs
-        for field_name, value in (("expert.path", expert.path), ("sft.config", sft.config), ("rm.config", rm.config)):
-            if value:
-                try:
-                    resolve_path(value)
-                except FileNotFoundError as e:
-                    raise FileNotFoundError(f"{field_name}: {e}") from None
-    if num_threads:
+def _trees(plan: StagePlan) -> dict[str, Any]:
+    from agentrm.trees import build_trees
+
+    return {"targets": plan.trees.flat_out, **build_trees(plan.trees)}
+
+
+def _eval(plan: StagePlan) -> dict[str, Any]:
+    if plan.eval is None:
+        return {"skipped": True}
+    from agentrm.search.evaluate import evaluate
+
+    rows = evaluate(plan.eval)
+    keep = ("env_set", "method", "scorer", "n", "success_rate", "avg_reward")
+    comp_path = Path(plan.eval.out_dir) / "comparisons.csv"  # Best-of-N vs greedy / Best-of-1, with CIs
+    return {"out_dir": plan.eval.out_dir, "rows": [{k: r.get(k) for k in keep} for r in rows],
+            "comparisons": list(csv.DictReader(comp_path.open())) if comp_path.exists() else []}
+
+
+def _stage_actions(cfg: PipelineConfig, plan: StagePlan) -> dict[str, Callable[[], dict[str, Any]]]:
+    return {
+        "expert": lambda: _expert(cfg, plan),
+        "sft": lambda: {"skipped": "policy.kind is expert"} if cfg.scripted else _fit(plan.sft_config, cfg.stage_dir("sft")),
+        "trees": lambda: _trees(plan),
+        "rm": lambda: _fit(plan.rm_config, cfg.stage_dir("rm")),
+        "eval": lambda: _eval(plan),
+    }
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
+    """Run (or resume) the stages; returns each stage's summary (also in ``<stage>/DONE`` and ``summary.json``)."""
+    plan = plan_stages(cfg)  # every stage's config checked before the first stage runs
+    if cfg.num_threads:
         import torch
 
-        torch.set_num_threads(num_threads)
-    root = Path(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    d = {s: root / s for s in STAGES}
-
-    scripted = policy.kind == "expert"
-
-    def do_expert() -> dict[str, Any]:
-        if scripted:
-            return {"skipped": "policy.kind is expert: no demonstrations needed"}
-        if expert.path:
-            return {"path": str(resolve_path(expert.path))}
-        from agentrm.collect import collect
-
-        out = d["expert"] / "expert.jsonl"
-        s = collect(
-            out=str(out),
-            envs=specs,
-            episodes=expert.episodes,
-            error_rate=0.0,
-            rollouts=0,
-            siblings=0,
-            seed=seed,
-            progress=progress,
-        )
-        return {"path": str(out), **s}
-
-    def do_trees() -> dict[str, Any]:
-        from agentrm.trees import build_trees
-
-        s = build_trees(
-            out=str(d["trees"] / "trees.jsonl"),
-            envs=specs,
-            episodes=trees.episodes,
-            simulations=trees.simulations,
-            k=trees.k,
-            c=trees.c,
-            max_depth=trees.max_depth,
-            commit=trees.commit,
-            parallel=trees.parallel,
-            policy="expert" if scripted else summary["sft"]["hf_model"],
-            error_rate=policy.error_rate,
-            temperature=trees.temperature,
-            seed=seed,
-            workers=trees.workers,
-            flat_out=str(d["trees"] / "targets.jsonl"),
-            min_visits=trees.min_visits,
-            progress=progress,
-        )
-        return {"targets": str(d["trees"] / "targets.jsonl"), **s}
-
-    def do_eval() -> dict[str, Any]:
-        if not ev.enabled:
-            return {"skipped": True}
-        from agentrm.search.evaluate import evaluate
-        from agentrm.search.specs import PolicySpec, ScorerSpec
-
-        rows = evaluate(
-            out_dir=str(d["eval"]),
-            # the training task types on their evaluation instances: the test split where a family has
-            # official splits (ScienceWorld variations, TextWorld games), other seeds for BabyAI
-            held_in=[str(parse_spec(sp).with_split("test")) for sp in specs],
-            train_envs=specs,
-            held_out=ev.held_out,
-            episodes=ev.episodes,
-            seed=ev.seed,
-            train_seed=seed,
-            policy=PolicySpec(kind="expert", error_rate=policy.error_rate)
-            if scripted
-            else PolicySpec(
-                kind="hf",
-                model=summary["sft"]["hf_model"],
-                temperature=ev.temperature,
-                max_new_tokens=ev.max_new_tokens,
-            ),
-            scorers=[ScorerSpec(path=summary["rm"]["hf_model"], name="value_rm")],
-            best_of_n=ev.best_of_n,
-            beam=[tuple(b) for b in ev.beam],
-            num_threads=ev.num_threads,
-            progress=progress,
-            show=progress,
-        )
-        keep = ("env_set", "method", "scorer", "n", "success_rate", "avg_reward")
-        comp_path = d["eval"] / "comparisons.csv"  # written by evaluate: Best-of-N vs greedy / Best-of-1, with CIs
-        comparisons = list(csv.DictReader(comp_path.open())) if comp_path.exists() else []
-        return {
-            "out_dir": str(d["eval"]),
-            "rows": [{k: r.get(k) for k in keep} for r in rows],
-            "comparisons": comparisons,
-        }
-
-    actions: dict[str, Callable[[], dict[str, Any]]] = {
-        "expert": do_expert,
-        "sft": lambda: {"skipped": "policy.kind is expert"}
-        if scripted
-        else _fit(sft, d["sft"], Path(summary["expert"]["path"])),
-        "trees": do_trees,
-        "rm": lambda: _fit(rm, d["rm"], Path(summary["trees"]["targets"])),
-        "eval": do_eval,
-    }
-    summary: dict[str, dict[str, Any]] = {}
-    bar = tqdm(STAGES, desc="pipeline", unit="stage", disable=not progress)
+        torch.set_num_threads(cfg.num_threads)
+    root, force = Path(cfg.run_dir), set(cfg.force)
+    actions, summary = _stage_actions(cfg, plan), {}
+    bar = tqdm(STAGES, desc="pipeline", unit="stage", disable=not cfg.progress)
     for stage in bar:
-        marker = d[stage] / "DONE"
+        marker = cfg.stage_dir(stage) / "DONE"
         if marker.exists() and stage not in force:
             summary[stage] = {**json.loads(marker.read_text()), "skipped": True}
             bar.write(f"[pipeline] {stage}: done already ({marker}), skipping")
             continue
         bar.set_postfix_str(stage)
-        d[stage].mkdir(parents=True, exist_ok=True)
+        marker.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         try:
             result = actions[stage]()
@@ -317,42 +353,28 @@ def run_pipeline(
         summary[stage] = result
         force |= set(STAGES[STAGES.index(stage) + 1 :])  # later stages depend on this new output
     (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    (root / "pipeline_config.json").write_text(
-        json.dumps(
-            {
-                "envs": specs,
-                "seed": seed,
-                "policy": asdict(policy),
-                "expert": asdict(expert),
-                "sft": asdict(sft),
-                "trees": asdict(trees),
-                "rm": asdict(rm),
-                "eval": asdict(ev),
-            },
-            indent=2,
-        )
-    )
+    (root / "pipeline_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     return summary
 
 
-def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
-    """Command-line entry point (``python -m agentrm.pipeline --help``)."""
-    from jsonargparse import auto_cli
-
-    summary = run_cli("agentrm.pipeline", lambda a: auto_cli(run_pipeline, args=a), argv)
+def print_summary(summary: dict[str, dict[str, Any]]) -> None:
+    """One line per stage, then the evaluation's success rates and paired differences."""
     for stage, s in summary.items():
         brief = {k: v for k, v in s.items() if k not in ("rows",) and not isinstance(v, (list, dict))}
         print(f"{stage:7s}: {brief}")
     for r in summary.get("eval", {}).get("rows", []):
-        print(
-            f"  {r['env_set']:8s} {r['method']:10s} {r['scorer'] or '':9s} n={r['n'] or '':<3} "
-            f"success {r['success_rate']:.3f}"
-        )
+        print(f"  {r['env_set']:8s} {r['method']:10s} {r['scorer'] or '':9s} n={r['n'] or '':<3} "
+              f"success {r['success_rate']:.3f}")
     for c in summary.get("eval", {}).get("comparisons", []):
-        print(
-            f"  {c['env_set']:8s} {c['method']} - {c['baseline']}: {float(c['difference']):+.3f} "
-            f"[95% CI {float(c['ci_low']):+.3f}, {float(c['ci_high']):+.3f}] over {c['episodes']} episodes"
-        )
+        print(f"  {c['env_set']:8s} {c['method']} - {c['baseline']}: {float(c['difference']):+.3f} "
+              f"[95% CI {float(c['ci_low']):+.3f}, {float(c['ci_high']):+.3f}] over {c['episodes']} episodes")
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Command-line entry point (``python -m agentrm.pipeline --help``)."""
+    summary = run_cli("agentrm.pipeline", lambda a: run_pipeline(parse_config(PipelineConfig, a, "agentrm.pipeline")),
+                      argv)
+    print_summary(summary)
     return summary
 
 

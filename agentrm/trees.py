@@ -37,7 +37,7 @@ from agentrm.envs.registry import check_specs, env_for
 from agentrm.policies.base import Policy
 from agentrm.search.build import policy_factory
 from agentrm.search.resolve import ResolvedPolicy, resolve_policy
-from agentrm.search.specs import PolicySpec
+from agentrm.search.specs import PolicySpec, check_policy
 from agentrm.targets.mcts import MCTS, MCTSConfig, flatten_tree, read_trees
 
 
@@ -152,6 +152,7 @@ class TreesConfig(OutputOptions, JobOptions, WorkerOptions):
         for name in ("simulations", "k", "max_depth", "parallel", "min_visits"):
             at_least(getattr(self, name), 1, name)
         at_least(self.c, 0.0, "c")
+        check_policy(self.policy, "policy")
 
     @property
     def mcts(self) -> MCTSConfig:

@@ -30,12 +30,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agentrm.trees import build_trees  # noqa: E402
+from agentrm.search.specs import PolicySpec  # noqa: E402
+from agentrm.trees import TreesConfig, build_trees  # noqa: E402
 
 
 def evaluation(args) -> None:
     """Episodes per minute of the harness with 1 and 4 episodes at once (replies batched across episodes)."""
-    from agentrm.search.evaluate import evaluate
+    from agentrm.search.evaluate import EvalConfig, evaluate
     from agentrm.search.specs import PolicySpec, ScorerSpec
 
     policy = PolicySpec(kind="hf", model=args.policy, temperature=1.0, max_new_tokens=16, batch_requests=True,
@@ -48,10 +49,10 @@ def evaluation(args) -> None:
     base, first = None, None
     for c in (1, 4):
         t0 = time.perf_counter()
-        summary = evaluate(out_dir=f"{args.out}/eval_c{c}", held_in=["babyai:GoToRedBall?max_steps=16"],
+        summary = evaluate(EvalConfig(out_dir=f"{args.out}/eval_c{c}", held_in=["babyai:GoToRedBall?max_steps=16"],
                            held_out=["babyai:GoToRedBallGrey?max_steps=16"], episodes=args.eval_episodes,
                            policy=policy, scorers=[ScorerSpec(kind="oracle")], greedy=True, best_of_n=[4], beam=[],
-                           concurrency=c, num_threads=1, progress=False, show=False, resume=False)
+                           concurrency=c, num_threads=1, progress=False, show=False, resume=False))
         wall = time.perf_counter() - t0
         table = [{k: v for k, v in r.items() if k != "wall_s"} for r in summary]
         first = first or table
@@ -109,9 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     for par in [1, *args.parallel]:
         calls.update(n=0, rows=0)
         t0 = time.perf_counter()
-        s = build_trees(out=f"{args.out}/trees_p{par}.jsonl", envs=args.envs, episodes=args.episodes,
-                        simulations=args.simulations, commit=args.commit, parallel=par, policy=args.policy,
-                        overwrite=True, progress=False)
+        s = build_trees(TreesConfig(out=f"{args.out}/trees_p{par}.jsonl", envs=args.envs, episodes=args.episodes,
+                                    simulations=args.simulations, commit=args.commit, parallel=par,
+                                    policy=PolicySpec(kind="hf", model=args.policy, max_new_tokens=16),
+                                    overwrite=True, progress=False))
         wall = time.perf_counter() - t0
         rate = s["env_steps"] / wall
         base = base or rate

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agentrm.policies.llama_server import LlamaServer, smollm2_gguf, start_replicas  # noqa: E402
-from agentrm.search.evaluate import evaluate  # noqa: E402
+from agentrm.search.evaluate import EvalConfig, evaluate  # noqa: E402
 from agentrm.search.specs import PolicySpec  # noqa: E402
 
 
@@ -36,10 +36,10 @@ def run(urls: list[str], episodes: int, concurrency: int, out: Path) -> tuple[fl
     policy = PolicySpec(kind="openai", model="smollm2", base_url=urls, temperature=0.7, max_new_tokens=16,
                         max_concurrency=1 if concurrency == 1 else concurrency)
     t0 = time.perf_counter()
-    summary = evaluate(out_dir=str(out), held_in=["babyai:GoToRedBall?max_steps=6"],
+    summary = evaluate(EvalConfig(out_dir=str(out), held_in=["babyai:GoToRedBall?max_steps=6"],
                        held_out=["babyai:GoToRedBallGrey?max_steps=6"], episodes=episodes, policy=policy,
                        scorers=[], greedy=True, best_of_n=[], beam=[], concurrency=concurrency, num_threads=1,
-                       progress=False, show=False, resume=False)
+                       progress=False, show=False, resume=False))
     return time.perf_counter() - t0, summary
 
 

@@ -27,25 +27,26 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agentrm.trees import build_trees  # noqa: E402
+from agentrm.search.specs import PolicySpec  # noqa: E402
+from agentrm.trees import TreesConfig, build_trees  # noqa: E402
 
 
 def run(envs: list[str], trees: int, workers: int, backend: str, args, out: Path) -> dict:
     t0 = time.perf_counter()
-    s = build_trees(
+    s = build_trees(TreesConfig(
         out=str(out),
         envs=envs,
         episodes=max(1, trees // len(envs)),
         simulations=args.simulations,
         k=args.k,
         max_depth=args.max_depth,
-        error_rate=args.error_rate,
+        policy=PolicySpec(kind="expert", error_rate=args.error_rate),
         seed=args.seed,
         workers=workers,
         backend=backend,
         overwrite=True,
         progress=False,
-    )
+    ))
     wall = time.perf_counter() - t0
     return {"workers": workers, "trees": s["trees"], "env_steps": s["env_steps"], "wall_s": wall,
             "steps_per_s": s["env_steps"] / wall, "trees_per_min": 60 * s["trees"] / wall}

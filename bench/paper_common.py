@@ -69,10 +69,10 @@ def best_of_n_eval(
 
     Returns the paired comparisons (:mod:`agentrm.search.compare`) as dicts with float fields.
     """
-    from agentrm.search.evaluate import evaluate
+    from agentrm.search.evaluate import EvalConfig, evaluate
     from agentrm.search.specs import PolicySpec, ScorerSpec
 
-    evaluate(
+    evaluate(EvalConfig(
         out_dir=str(out_dir),
         held_in=held_in,
         held_out=held_out,
@@ -89,7 +89,7 @@ def best_of_n_eval(
         num_threads=1,
         progress=False,
         show=False,
-    )
+    ))
     floats = ("difference", "ci_low", "ci_high", "method_success", "baseline_success")
     with open(out_dir / "comparisons.csv", encoding="utf-8") as f:
         return [{**c, **{k: float(c[k]) for k in floats}} for c in csv.DictReader(f)]

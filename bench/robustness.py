@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="runs/paper/robustness")
     args = ap.parse_args(argv)
 
-    from agentrm.search.evaluate import evaluate
+    from agentrm.search.evaluate import EvalConfig, evaluate
     from agentrm.search.specs import PolicySpec, ScorerSpec
 
     policy = (
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict[str, dict] = {}
     for v in range(len(REPHRASINGS) + 1):
         opt = f"&rephrase={v}" if v else ""
-        rows = evaluate(
+        rows = evaluate(EvalConfig(
             out_dir=str(out / f"variant{v}"),
             held_in=[f"babyai:{lv}?max_steps=24{opt}" for lv in HELD_IN],
             held_out=[f"babyai:{lv}?max_steps=24{opt}" for lv in HELD_OUT],
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
             num_threads=1,
             progress=False,
             show=False,
-        )
+        ))
         results[NAMES[v]] = {
             f"{r['env_set']}/{r['method']}": round(r["success_rate"], 4)
             for r in rows

@@ -52,10 +52,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(level, info[level], flush=True)
     scorers["all_levels"] = args.all_rm
 
-    from agentrm.search.evaluate import evaluate
+    from agentrm.search.evaluate import EvalConfig, evaluate
     from agentrm.search.specs import PolicySpec, ScorerSpec
 
-    evaluate(
+    evaluate(EvalConfig(
         out_dir=str(out / "eval"),
         held_in=[spec(lv) for lv in HELD_IN],
         held_out=[spec(lv) for lv in HELD_OUT],
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
         num_threads=1,
         progress=False,
         show=False,
-    )
+    ))
     # per evaluation level: success of greedy and of Best-of-5 with each RM
     succ: dict[tuple[str, str], list[float]] = defaultdict(list)
     with open(out / "eval" / "episodes.jsonl", encoding="utf-8") as f:
