@@ -25,7 +25,13 @@ from pathlib import Path
 from typing import Any
 
 
-class DataFormatError(ValueError):
+class DataError(ValueError):
+    """Training data that cannot be trained on as given: a malformed record, labels that do not mean what
+    the trainer needs, truncation that leaves nothing. The message is one line naming the file, line and
+    field, or the option to change; commands print it as their error (exit code 2)."""
+
+
+class DataFormatError(DataError):
     """A record in a data file is malformed. The message names file, line and field."""
 
     def __init__(self, path: str | os.PathLike, line: int, field_name: str, problem: str):
@@ -120,8 +126,51 @@ def _finite(x: float, path, line: int, name: str) -> float:
     return float(x)
 
 
-def trajectory_from_dict(rec: Any, path: str | os.PathLike = "<dict>", line: int = 0) -> Trajectory:
+ValueRange = tuple[float, float]
+
+
+def format_range(value_range: ValueRange) -> str:
+    """``[0, 1]``: a value range as a user writes it."""
+    return f"[{value_range[0]:g}, {value_range[1]:g}]"
+
+
+def parse_value_range(value_range: object, option: str = "data.value_range") -> ValueRange:
+    """Validate a declared value range: two finite numbers ``lo < hi``.
+
+    Raises:
+        ValueError: naming ``option`` and what is wrong.
+    """
+    if isinstance(value_range, (str, bytes)) or not hasattr(value_range, "__len__") or len(value_range) != 2:
+        raise ValueError(f"{option} must be two numbers [low, high], got {value_range!r}")
+    lo, hi = value_range
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in (lo, hi)):
+        raise ValueError(f"{option} must be two finite numbers [low, high], got {value_range!r}")
+    if not lo < hi:
+        raise ValueError(f"{option} must have low < high, got {format_range((lo, hi))}")
+    return float(lo), float(hi)
+
+
+def require_in_range(value: float, value_range: ValueRange | None, path, line: int, name: str) -> float:
+    """``value`` unchanged if it lies in ``value_range`` (inclusive; ``None``: no range declared).
+
+    Raises:
+        DataFormatError: ``path:line: field 'steps[3].value': 7.0 is outside the declared value range [0, 1]``.
+    """
+    if value_range is not None and not value_range[0] <= value <= value_range[1]:
+        raise DataFormatError(
+            path, line, name,
+            f"{value!r} is outside the declared value range {format_range(value_range)} (declare another "
+            "with data.value_range; the loss must fit it)",
+        )
+    return value
+
+
+def trajectory_from_dict(
+    rec: Any, path: str | os.PathLike = "<dict>", line: int = 0, value_range: ValueRange | None = None
+) -> Trajectory:
     """Validate one decoded record and build a :class:`Trajectory`.
+
+    ``value_range`` (``(low, high)``, inclusive): every step value must lie in it (``None``: only finite).
 
     Raises:
         DataFormatError: naming ``path``, ``line`` and the offending field.
@@ -148,20 +197,23 @@ def trajectory_from_dict(rec: Any, path: str | os.PathLike = "<dict>", line: int
         if value is not None:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise DataFormatError(path, line, p + "value", f"expected number or null, got {type(value).__name__}")
-            value = _finite(value, path, line, p + "value")
+            value = require_in_range(_finite(value, path, line, p + "value"), value_range, path, line, p + "value")
         steps.append(Step(action=action, observation=obs, value=value))
     return Trajectory(
         id=str(tid), task=task, instruction=instruction, steps=steps, reward=reward, success=success, meta=meta
     )
 
 
-def iter_jsonl(path: str | os.PathLike, skip_invalid: bool = False) -> Iterator[Trajectory]:
+def iter_jsonl(
+    path: str | os.PathLike, skip_invalid: bool = False, value_range: ValueRange | None = None
+) -> Iterator[Trajectory]:
     """Yield trajectories from a JSONL file, validating every record.
 
     Args:
         path: the ``.jsonl`` file.
         skip_invalid: when True, malformed records are skipped and a count is printed
             at the end; when False (default) the first one raises :class:`DataFormatError`.
+        value_range: ``(low, high)`` every step value must lie in (``None``: any finite value).
     """
     skipped = 0
     with open(path, encoding="utf-8") as f:
@@ -173,7 +225,7 @@ def iter_jsonl(path: str | os.PathLike, skip_invalid: bool = False) -> Iterator[
                     rec = json.loads(text)
                 except json.JSONDecodeError as e:
                     raise DataFormatError(path, lineno, "<json>", f"invalid JSON: {e.msg} (column {e.colno})") from None
-                yield trajectory_from_dict(rec, path, lineno)
+                yield trajectory_from_dict(rec, path, lineno, value_range)
             except DataFormatError as e:
                 if not skip_invalid:
                     raise
@@ -184,9 +236,11 @@ def iter_jsonl(path: str | os.PathLike, skip_invalid: bool = False) -> Iterator[
         print(f"{path}: skipped {skipped} malformed record(s)")
 
 
-def read_jsonl(path: str | os.PathLike, skip_invalid: bool = False) -> list[Trajectory]:
+def read_jsonl(
+    path: str | os.PathLike, skip_invalid: bool = False, value_range: ValueRange | None = None
+) -> list[Trajectory]:
     """Read all trajectories of a JSONL file (see :func:`iter_jsonl`)."""
-    return list(iter_jsonl(path, skip_invalid=skip_invalid))
+    return list(iter_jsonl(path, skip_invalid=skip_invalid, value_range=value_range))
 
 
 def write_jsonl(path: str | os.PathLike, trajectories: Iterable[Trajectory], append: bool = False) -> int:

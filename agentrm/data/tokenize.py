@@ -61,6 +61,8 @@ class TokenizedTrajectory:
     num_steps_total: int = 0
     first_step: int = 0
     """Index in the trajectory of the first kept step (> 0 when truncation dropped the oldest steps)."""
+    labels_dropped: int = 0
+    """Step values (labels) lost with the steps truncation dropped."""
 
     def __post_init__(self) -> None:
         n = len(self.step_end_idx)
@@ -214,10 +216,67 @@ def tokenize_trajectory(tokenizer, traj: Trajectory, max_length: int | None = No
         reward=float(traj.reward),
         num_steps_total=len(traj.steps),
         first_step=min(first, len(traj.steps)),
+        labels_dropped=sum(not math.isnan(v) for v in values[: min(first, len(traj.steps))]),
     )
     n = len(out.step_end_idx)
     assert len(out.step_values) == n and (not n or out.step_end_idx[-1] < len(ids) <= (max_length or len(ids)))
     return out
+
+
+@dataclass
+class TruncationCounts:
+    """What ``max_length`` truncation dropped from a set of tokenised trajectories.
+
+    Attributes:
+        trajectories / truncated: trajectories, and those that lost at least one step.
+        steps / steps_dropped: steps before truncation, and those dropped.
+        labels / labels_dropped: steps with a value target before truncation, and those dropped.
+    """
+
+    trajectories: int = 0
+    truncated: int = 0
+    steps: int = 0
+    steps_dropped: int = 0
+    labels: int = 0
+    labels_dropped: int = 0
+
+    @classmethod
+    def of(cls, items: list[TokenizedTrajectory]) -> TruncationCounts:
+        c = cls(trajectories=len(items))
+        for it in items:
+            kept_labels = sum(not math.isnan(v) for v in it.step_values)
+            c.truncated += it.first_step > 0
+            c.steps += it.num_steps_total
+            c.steps_dropped += it.first_step
+            c.labels += kept_labels + it.labels_dropped
+            c.labels_dropped += it.labels_dropped
+        return c
+
+    @property
+    def steps_kept(self) -> int:
+        return self.steps - self.steps_dropped
+
+    @property
+    def labels_kept(self) -> int:
+        return self.labels - self.labels_dropped
+
+    def fraction(self, what: str = "labels") -> float:
+        """Fraction of ``labels`` (or ``steps``) dropped; 0 when there were none."""
+        total, dropped = (self.labels, self.labels_dropped) if what == "labels" else (self.steps, self.steps_dropped)
+        return dropped / total if total else 0.0
+
+    def summary(self) -> str:
+        """``1,234 steps (693 labelled) of 555 trajectories; truncation dropped 12 steps (1.0%) and 8 labels (1.2%) from 4``."""
+        s = f"{self.steps:,} steps ({self.labels:,} labelled) of {self.trajectories:,} trajectories; truncation dropped "
+        if not self.truncated:
+            return s + "nothing"
+        return (s + f"{self.steps_dropped:,} steps ({100 * self.fraction('steps'):.1f}%) and {self.labels_dropped:,} "
+                f"labels ({100 * self.fraction('labels'):.1f}%) from {self.truncated:,} trajectories")
+
+    def as_metrics(self, prefix: str) -> dict[str, float]:
+        """``{prefix}/steps``, ``{prefix}/steps_dropped``, ``{prefix}/labels``, ``{prefix}/labels_dropped``..."""
+        names = ("trajectories", "truncated", "steps", "steps_dropped", "labels", "labels_dropped")
+        return {f"{prefix}/{n}": float(getattr(self, n)) for n in names}
 
 
 def tokenize_initial_state(tokenizer, traj: Trajectory, max_length: int | None = None) -> TokenizedTrajectory:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Iterator
 from functools import partial
@@ -10,14 +11,26 @@ from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from agentrm.data.agentgym import load_trajectories
+from agentrm.data.agentgym import is_agentgym_file, load_trajectories, outcome_summary, success_rule
 from agentrm.data.collate import collate_trajectories
-from agentrm.data.schema import Trajectory
-from agentrm.data.tokenize import TokenizedTrajectory, tokenize_trajectory
+from agentrm.data.labels import (
+    LabelError,
+    UnlabeledPolicy,
+    apply_unlabeled_policy,
+    check_outcomes,
+    check_step_values,
+    check_steps_left,
+    check_unlabeled_for,
+    truncation_warning,
+)
+from agentrm.data.schema import Trajectory, format_range, parse_value_range
+from agentrm.data.tokenize import TokenizedTrajectory, TruncationCounts, tokenize_trajectory
 from agentrm.paths import load_tokenizer, resolve_path
+
+__all__ = ["TrajectoryDataModule", "apply_unlabeled_policy", "split_by_group"]
 
 
 def split_by_group(trajs: list[Trajectory], val_fraction: float, seed: int) -> tuple[list[Trajectory], list[Trajectory]]:
@@ -130,32 +143,13 @@ class GroupBatchSampler(Sampler[list[int]]):
         return -(-len(self._batches()) // self.num_replicas)
 
 
-def apply_unlabeled_policy(trajs: list[Trajectory], path: str, policy: str) -> list[Trajectory]:
-    """Refuse, label as successes, or keep records without an outcome label (``meta["unlabeled"]``).
-
-    Raises:
-        ValueError: (``policy="error"``) naming the file, how many records lack a label and the options.
-    """
-    missing = [t for t in trajs if t.meta.get("unlabeled")]
-    if not missing or policy == "ignore":
-        return trajs
-    if policy == "error":
-        raise ValueError(
-            f"{path}: {len(missing)} of {len(trajs)} records have no 'reward' (e.g. {missing[0].id!r}; an AgentGym "
-            f"AgentTraj file?); reward models need outcome labels: add 'reward' to each record, or pass "
-            f"--data.unlabeled success if every record is a successful demonstration"
-        )
-    if policy != "success":
-        raise ValueError(f"unlabeled must be 'error', 'success' or 'ignore', got {policy!r}")
-    for t in missing:
-        t.reward, t.success = 1.0, True
-        if t.steps and t.steps[-1].value is None:
-            t.steps[-1].value = 1.0
-    return trajs
-
-
 class TrajectoryDataModule(L.LightningDataModule):
     """Tokenised trajectories with step ends, for the value RM and the implicit PRM.
+
+    Labels are checked against what the model trains on before training starts (see
+    :mod:`agentrm.data.labels`): the model declares it in a ``trains_on`` class attribute
+    (``"step_values"``: the value RM; ``"outcomes"``: the implicit PRM; absent: no label check, as
+    for policy SFT). Every error is one line (a :class:`~agentrm.data.schema.DataError`).
 
     Args:
         train_path: trajectory JSONL (or AgentGym .json/.jsonl), or a list of such files (read in
@@ -163,15 +157,31 @@ class TrajectoryDataModule(L.LightningDataModule):
         val_path: held-out file (or list); if ``None``, ``val_fraction`` of the trajectory groups
             of ``train_path`` are held out (split by ``meta.group``, seeded by ``split_seed``).
         tokenizer: local path or hub id of a fast tokenizer with a chat template.
-        max_length: right truncation in tokens; steps beyond it lose their labels.
+        max_length: context budget in tokens; over it, the oldest whole steps are dropped with their
+            labels. What it drops is counted per split (``truncation``, printed at setup and logged as
+            ``data/<split>/...`` metrics), warned about above ``truncation_warning`` and an error when
+            it leaves nothing to train on.
         batching: ``shuffle`` (items shuffled independently) or ``groups`` (:class:`GroupBatchSampler`:
             a trajectory group's records share micro-batches; use it with the value RM's
             ``pairwise_weight`` so sibling pairs meet in a batch).
         unlabeled: what to do with records that carry no outcome (AgentGym AgentTraj files have no
             ``reward``): ``error`` (default: reward models need labels), ``success`` (every such
-            record is a successful demonstration: reward 1) or ``ignore`` (the labels are not used,
-            as in policy SFT).
+            record is a successful demonstration: reward 1, no step values: for the implicit PRM),
+            ``success_values`` (as ``success``, and each of its steps gets the value
+            ``value_range[1]``: for a value RM, mixed with failures) or ``ignore`` (kept as reward 0:
+            only for policy SFT, which uses no labels; reward models refuse it).
         skip_invalid: skip malformed records (a count is printed) instead of failing.
+        value_range: ``[low, high]`` every step value must lie in (default ``[0, 1]``); a value
+            outside fails naming file, line and field. The value RM's loss must fit it (BCE: ``[0, 1]``).
+        success_threshold: AgentGym records are successes when ``reward >= success_threshold``
+            (default 1.0: only full rewards; lower it for environments with partial rewards).
+        success_field: name of a boolean field of AgentGym records that says success instead.
+        min_labels: a value RM needs at least this many labelled training steps, an implicit PRM this
+            many training trajectories with a step.
+        allow_degenerate: train anyway on fewer than ``min_labels`` labels or on labels of one class
+            (all step values equal, or all outcomes the same).
+        truncation_warning: warn when truncation drops more than this fraction of a split's labelled
+            steps (value RM) or steps (other models).
     """
 
     def __init__(
@@ -186,34 +196,81 @@ class TrajectoryDataModule(L.LightningDataModule):
         num_workers: int = 0,
         split_seed: int = 0,
         batching: Literal["shuffle", "groups"] = "shuffle",
-        unlabeled: Literal["error", "success", "ignore"] = "error",
+        unlabeled: UnlabeledPolicy = "error",
         skip_invalid: bool = False,
+        value_range: tuple[float, float] = (0.0, 1.0),
+        success_threshold: float = 1.0,
+        success_field: str | None = None,
+        min_labels: int = 32,
+        allow_degenerate: bool = False,
+        truncation_warning: float = 0.05,
     ):
         super().__init__()
+        value_range = parse_value_range(value_range)
+        if not math.isfinite(success_threshold):
+            raise ValueError(f"data.success_threshold must be a finite number, got {success_threshold}")
+        if min_labels < 0:
+            raise ValueError(f"data.min_labels must be >= 0, got {min_labels}")
+        if not 0.0 <= truncation_warning <= 1.0:
+            raise ValueError(f"data.truncation_warning must be a fraction in [0, 1], got {truncation_warning}")
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"data.max_length must be >= 1, got {max_length}")
         self.save_hyperparameters()
+        self.hparams.value_range = value_range
         self.tokenizer = None
         self.train_items: list[TokenizedTrajectory] = []
         self.val_items: list[TokenizedTrajectory] = []
+        self.truncation: dict[str, TruncationCounts] = {}
+        """Per split (``train``, ``val``): what ``max_length`` truncation dropped (set by :meth:`setup`)."""
+        self.summary_lines: list[str] = []
+        """The data report printed at setup (per file, per split), for the end-of-run report."""
+        self._unlabeled = 0
+        self._success_rule: str | None = None
 
     def _load(self, paths: str | list[str]) -> list[Trajectory]:
+        hp = self.hparams
         out: list[Trajectory] = []
         for path in [paths] if isinstance(paths, str) else paths:
-            trajs = load_trajectories(resolve_path(path), skip_invalid=self.hparams.skip_invalid)
-            out.extend(apply_unlabeled_policy(trajs, path, self.hparams.unlabeled))
+            resolved = resolve_path(path)
+            agentgym = resolved.exists() and is_agentgym_file(resolved)
+            trajs = load_trajectories(
+                resolved, skip_invalid=hp.skip_invalid, value_range=hp.value_range,
+                success_threshold=hp.success_threshold, success_field=hp.success_field,
+            )
+            rule = success_rule(hp.success_threshold, hp.success_field) if agentgym else None
+            self._success_rule = self._success_rule or rule
+            self._unlabeled += sum(bool(t.meta.get("unlabeled")) for t in trajs)
+            self._say(outcome_summary(path, trajs, rule) + (f" (data.unlabeled={hp.unlabeled})" if any(
+                t.meta.get("unlabeled") for t in trajs) else ""))
+            out.extend(apply_unlabeled_policy(trajs, path, hp.unlabeled, top_value=hp.value_range[1]))
         return out
+
+    def _say(self, line: str) -> None:
+        self.summary_lines.append(line)
+        rank_zero_info(f"data: {line}")
+
+    def _trains_on(self) -> str | None:
+        """What the attached model trains on (its ``trains_on`` attribute); ``None`` outside a trainer."""
+        trainer = getattr(self, "trainer", None)
+        return getattr(getattr(trainer, "lightning_module", None), "trains_on", None) if trainer is not None else None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_items or self.val_items:
             return
         hp = self.hparams
+        trains_on = self._trains_on()
+        source = hp.train_path if isinstance(hp.train_path, str) else ", ".join(hp.train_path)
         self.tokenizer = load_tokenizer(hp.tokenizer)
+        self.summary_lines, self._unlabeled, self._success_rule = [], 0, None
         trajs = self._load(hp.train_path)
         if hp.val_path:
             train, val = trajs, self._load(hp.val_path)
         else:
             train, val = split_by_group(trajs, hp.val_fraction, hp.split_seed)
         if not train:
-            raise ValueError(f"{hp.train_path}: no training trajectories after the split")
+            raise LabelError(f"{source}: no training trajectories after the split (data.val_fraction={hp.val_fraction})")
+        if trains_on:
+            check_unlabeled_for(trains_on, hp.unlabeled, self._unlabeled, source, hp.value_range[1])
         outcomes = {t.success for t in val}
         if val and len(outcomes) < 2:
             rank_zero_warn(
@@ -221,12 +278,39 @@ class TrajectoryDataModule(L.LightningDataModule):
                 f"{'successes' if True in outcomes else 'failures'}: AUROC metrics are undefined (nan)"
             )
         tok = partial(tokenize_trajectory, self.tokenizer, max_length=hp.max_length)
-        self.train_items = [tok(t) for t in train]
-        self.val_items = [tok(t) for t in val]
+        train_items, val_items = [tok(t) for t in train], [tok(t) for t in val]
+        self.truncation = {"train": TruncationCounts.of(train_items), "val": TruncationCounts.of(val_items)}
+        self._report_truncation(trains_on)
+        check_steps_left(self.truncation["train"], source, hp.max_length)
+        if trains_on == "step_values":
+            note = (f" (data.unlabeled=success_values gives every demonstration step {hp.value_range[1]:g})"
+                    if hp.unlabeled == "success_values" and self._unlabeled else "")
+            check_step_values(train_items, self.truncation["train"], source, hp.max_length, hp.min_labels,
+                              hp.allow_degenerate, note)
+        elif trains_on == "outcomes":
+            check_outcomes(train_items, source, hp.min_labels, hp.allow_degenerate, self._success_rule)
+        self.train_items, self.val_items = train_items, val_items
         index: dict[str, list[int]] = {}
         for i, t in enumerate(train):
             index.setdefault(t.group, []).append(i)
         self.train_groups = list(index.values())
+
+    def _report_truncation(self, trains_on: str | None) -> None:
+        """One line per split, ``data/<split>/...`` metrics to the logger, a warning above the threshold."""
+        hp = self.hparams
+        what = "labels" if trains_on == "step_values" else "steps"
+        for split, counts in self.truncation.items():
+            if not counts.trajectories:
+                continue
+            self._say(f"{split}: {counts.summary()} (data.max_length={hp.max_length}, values in "
+                      f"{format_range(hp.value_range)})")
+            warning = truncation_warning(counts, split, hp.max_length, hp.truncation_warning, what)
+            if warning:
+                rank_zero_warn(warning)
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.logger is not None and trainer.is_global_zero:
+            metrics = {k: v for split, c in self.truncation.items() for k, v in c.as_metrics(f"data/{split}").items()}
+            trainer.logger.log_metrics(metrics, step=0)
 
     def _loader(self, items: list[TokenizedTrajectory], shuffle: bool, batch_size: int) -> DataLoader:
         seed = int(os.environ.get("PL_GLOBAL_SEED", self.hparams.split_seed))

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric, MeanSquaredError
 
+from agentrm.data.labels import LabelError
+from agentrm.data.schema import format_range
 from agentrm.lit.dist_metrics import synced_compute
 from agentrm.lit.metrics import AUROCOrNaN, PairwiseRankingAccuracy
 from agentrm.lit.optim import adamw_with_warmup_cosine
@@ -39,7 +41,12 @@ class ValueRMModule(ModelBuiltInConfigure, L.LightningModule):
             targets, e.g. MCTS siblings): ``-log sigmoid(pred_better - pred_worse)``.
 
     The model is built in ``configure_model`` (see :class:`~agentrm.lit.trainable.ModelBuiltInConfigure`).
+    It trains on step values (``trains_on``): the data module refuses data without enough of them, or
+    with one value only (:mod:`agentrm.data.labels`), and :meth:`setup` refuses a loss that does not fit
+    the declared ``data.value_range`` (BCE needs ``[0, 1]``; MSE takes any range).
     """
+
+    trains_on = "step_values"
 
     def __init__(
         self,
@@ -80,8 +87,13 @@ class ValueRMModule(ModelBuiltInConfigure, L.LightningModule):
         return ValueRewardModel(bb, value_activation="sigmoid" if hp.loss == "bce" else "none")
 
     def setup(self, stage: str) -> None:
-        """Reject quantisation under a sharding strategy before the strategy wraps the model."""
+        """Reject quantisation under a sharding strategy before the strategy wraps the model, and a loss
+        that does not fit the data module's declared value range (runs after the data module's setup)."""
         validate_training_setup(self.hparams.quantization, self.hparams.lora, self.trainer.strategy)
+        dm = self.trainer.datamodule
+        value_range = dm.hparams.get("value_range") if dm is not None and hasattr(dm, "hparams") else None
+        if value_range is not None:
+            check_loss_fits_range(self.hparams.loss, tuple(value_range))
 
     def on_fit_start(self) -> None:
         """Refuse to train when no training step has a value target (the loss would be 0 and mean nothing)."""
@@ -93,8 +105,8 @@ class ValueRMModule(ModelBuiltInConfigure, L.LightningModule):
                 "pairwise loss seldom fires; set --data.batching groups"
             )
         items = getattr(dm, "train_items", None) if dm else None
-        if items and not any(v == v for it in items for v in it.step_values):
-            raise ValueError(
+        if items and not any(v == v for it in items for v in it.step_values):  # a data module without label checks
+            raise LabelError(
                 f"none of the {len(items)} training trajectories has a step value target ('value' on a step); "
                 "collect them with python -m agentrm.collect (Monte-Carlo values) or python -m agentrm.trees"
             )
@@ -106,8 +118,8 @@ class ValueRMModule(ModelBuiltInConfigure, L.LightningModule):
         if pred.numel() == 0:
             # keep every parameter in the graph so DDP ranks without labels do not hang
             return raw.sum() * 0.0, labeled
-        if self.hparams.loss == "bce":
-            return F.binary_cross_entropy_with_logits(pred, target.clamp(0, 1)), labeled
+        if self.hparams.loss == "bce":  # targets in [0, 1]: checked against data.value_range at setup
+            return F.binary_cross_entropy_with_logits(pred, target), labeled
         return F.mse_loss(pred, target), labeled
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -172,6 +184,21 @@ class ValueRMModule(ModelBuiltInConfigure, L.LightningModule):
         ``agentrm_config.json`` with the loss, so scorers default to what the RM was trained with.
         """
         return self.model.save_pretrained(directory, tokenizer=self.tokenizer, loss=self.hparams.loss, **training)
+
+
+def check_loss_fits_range(loss: str, value_range: tuple[float, float]) -> None:
+    """BCE reads targets as probabilities: the declared value range must lie in ``[0, 1]``; MSE takes any.
+
+    Raises:
+        LabelError: one line naming ``model.init_args.loss``, ``data.value_range`` and the ways out.
+    """
+    lo, hi = value_range
+    if loss == "bce" and not (0.0 <= lo and hi <= 1.0):
+        raise LabelError(
+            f"model.init_args.loss=bce needs value targets in [0, 1], but data.value_range is "
+            f"{format_range(value_range)}: pass --model.init_args.loss mse (any range), or rescale the values "
+            f"to [0, 1] and declare --data.value_range [0, 1]"
+        )
 
 
 def sibling_pairs(batch: dict[str, torch.Tensor], labeled: torch.Tensor, margin: float = 1e-6) -> torch.Tensor:

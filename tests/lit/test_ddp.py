@@ -208,6 +208,7 @@ def test_ddp_rank_without_labels_does_not_hang(tmp_path):
     train = fixed_length_trajectories(4, 2, seed=3) + fixed_length_trajectories(4, 2, seed=4, labeled=False)
     val = fixed_length_trajectories(1, 3, seed=5) + fixed_length_trajectories(1, 2, seed=6, labeled=False)
     cfg = write_setup(tmp_path, train, val, epochs=1)
+    cfg.write_text(cfg.read_text().replace("data:\n", "data:\n  allow_degenerate: true\n"))  # 8 labels on purpose
     run = tmp_path / "run"
     run_ddp(cfg, run, 1)
     logged = epoch_metrics(run, "val/mse")
