@@ -147,11 +147,19 @@ def test_unlabeled_agentgym_data_fails_clearly_and_values_are_required(tiny_setu
             {"from": "human", "value": "3 results"}, {"from": "gpt", "value": "Action: click[buy]"}]
     traj_l = tmp_path / "agenttraj_l.json"
     traj_l.write_text(json.dumps([{"item_id": f"webshop_{i}", "conversations": conv} for i in range(10)]))
-    with pytest.raises(ValueError, match=r"10 of 10 records have no 'reward'.*--data.unlabeled success"):
+    from agentrm.data.labels import LabelError
+
+    with pytest.raises(LabelError, match=r"10 of 10 records have no 'reward'.*--data.unlabeled success"):
         main(["--config", str(cfg), "--data.train_path", str(traj_l)])
-    # declared successful demonstrations load; but without step values the value RM refuses to train
-    with pytest.raises(ValueError, match="has a step value target"):
+    # kept as failures (ignore), or declared successes with no step value (success): refused, with the reason
+    with pytest.raises(LabelError, match="data.unlabeled=ignore keeps 10 records .* as failures"):
         main(["--config", str(cfg), "--data.train_path", str(traj_l), "--data.unlabeled", "ignore"])
+    with pytest.raises(LabelError, match="data.unlabeled=success makes 10 records .* no value.*success_values"):
+        main(["--config", str(cfg), "--data.train_path", str(traj_l), "--data.unlabeled", "success"])
+    # the stated rule (every demonstration step = 1.0) gives one class: refused, not a constant RM
+    with pytest.raises(LabelError, match="has the value 1: a value RM would learn a constant"):
+        main(["--config", str(cfg), "--data.train_path", str(traj_l), "--data.unlabeled", "success_values",
+              "--data.min_labels", "1"])
     assert not (run / "hf_model").exists()
 
 
