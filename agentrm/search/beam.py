@@ -124,18 +124,7 @@ def beam_search(
     beams, finished = [root], []
     stats = {"env_steps": 0, "policy_calls": 0, "candidates_scored": 0, "depth": 0, "stop": "budget"}
     for depth in range(max_depth):
-        # all beams' proposals at once (concurrent requests for a served policy), in beam order
-        proposals = propose_many(policy, [(b.env, b.history, k) for b in beams])
-        stats["policy_calls"] += len(beams)
-        stepped = [_step(beam, cands, dedupe, stats) for beam, cands in zip(beams, proposals)]
-        # all beams' candidates scored together (one forward per depth on the RM scorers' cached path)
-        scores = score_children(scorer, [(b.history, [(c.step, c.done) for c in s]) for b, s in zip(beams, stepped)])
-        children: list[Node] = []
-        for beam, s, sc in zip(beams, stepped, scores):
-            stats["candidates_scored"] += len(s)
-            children.extend(Node.child(beam, c, score) for c, score in zip(s, sc.tolist()))
-            if beam is not root:
-                beam.env.close()
+        children = _expand(beams, root, policy, scorer, k, dedupe, stats)
         stats["depth"] = depth + 1
         for c in children:
             if c.done:
@@ -151,11 +140,7 @@ def beam_search(
         if finished and max(n.key for n in finished) >= beams[0].key:
             stats["stop"] = "finished"
             break
-    after = scorer.counters.as_dict()
-    stats["tokens_scored"] = after["forward_tokens"] - before["forward_tokens"]
-    stats["forward_passes"] = after["forward_passes"] - before["forward_passes"]
-    stats["cached_tokens"] = after.get("cached_tokens", 0) - before.get("cached_tokens", 0)
-    stats["scoring_paths"] = path_calls(before, after)
+    _work_stats(stats, before, scorer.counters.as_dict())
     pool = finished + [b for b in beams if b is not root] or [root]
     chosen = max(range(len(pool)), key=lambda i: (pool[i].key, -i))
     for b in beams:
@@ -165,14 +150,34 @@ def beam_search(
         finish(p.history, p.reward if p.done else 0.0, p.success, ended=p.done, depth=len(p.history.steps))
         for p in pool
     ]
-    return SearchResult(
-        method="beam",
-        trajectory=trajs[chosen],
-        candidates=trajs,
-        scores=[p.score for p in pool],
-        chosen=chosen,
-        stats=stats,
-    )
+    return SearchResult(method="beam", trajectory=trajs[chosen], candidates=trajs, scores=[p.score for p in pool],
+                        chosen=chosen, stats=stats)
+
+
+def _expand(beams: list[Node], root: Node, policy: Policy, scorer: Scorer, k: int,
+            dedupe: Callable[[str], str] | None, stats: dict) -> list[Node]:
+    """One depth: every beam's ``k`` proposals stepped on clones and scored together; the beams' envs closed."""
+    # all beams' proposals at once (concurrent requests for a served policy), in beam order
+    proposals = propose_many(policy, [(b.env, b.history, k) for b in beams])
+    stats["policy_calls"] += len(beams)
+    stepped = [_step(beam, cands, dedupe, stats) for beam, cands in zip(beams, proposals)]
+    # all beams' candidates scored together (one forward per depth on the RM scorers' cached path)
+    scores = score_children(scorer, [(b.history, [(c.step, c.done) for c in s]) for b, s in zip(beams, stepped)])
+    children: list[Node] = []
+    for beam, s, sc in zip(beams, stepped, scores):
+        stats["candidates_scored"] += len(s)
+        children.extend(Node.child(beam, c, score) for c, score in zip(s, sc.tolist()))
+        if beam is not root:
+            beam.env.close()
+    return children
+
+
+def _work_stats(stats: dict, before: dict, after: dict) -> None:
+    """The scorer's work during the search: tokens forwarded, forward passes, cached tokens, paths."""
+    stats["tokens_scored"] = after["forward_tokens"] - before["forward_tokens"]
+    stats["forward_passes"] = after["forward_passes"] - before["forward_passes"]
+    stats["cached_tokens"] = after.get("cached_tokens", 0) - before.get("cached_tokens", 0)
+    stats["scoring_paths"] = path_calls(before, after)
 
 
 def _step(beam: Node, cands: list[str], dedupe: Callable[[str], str] | None, stats: dict) -> list[Stepped]:
