@@ -34,7 +34,7 @@ class ValueRMModule(ModelBuiltInConfigure, L.LightningModule):
         lora: LoRA fields (``r``, ``lora_alpha``, ``target_modules``...) to train an
             adapter instead of the full backbone.
         quantization: ``"nf4"``/``"int8"``: load the pretrained backbone through
-            bitsandbytes and train a LoRA adapter on it (QLoRA); needs CUDA, bitsandbytes,
+            bitsandbytes and train a LoRA adapter on it (QLoRA) on a CUDA GPU or the CPU; needs
             ``lora`` and a non-sharding strategy, all checked before anything is loaded.
         pairwise_weight: weight of an extra Bradley-Terry loss on sibling pairs in the batch
             (steps with the same ``step_parent``, different ``step_action`` and different

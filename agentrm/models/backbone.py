@@ -61,18 +61,20 @@ def build_backbone(
         config: a dict with ``model_type`` (e.g. ``"llama"``) and that architecture's
             fields; ``vocab_size`` is filled from the tokenizer when given.
         causal_lm: load with the LM head (implicit PRM, policy) or without (value RM).
-        quantization: ``"nf4"`` (4-bit, double quant, bf16 compute) or ``"int8"`` through
-            bitsandbytes, ``lm_head`` kept unquantised; checked before anything is loaded
-            (:class:`agentrm.models.quant.QuantizationUnavailable` without CUDA/bitsandbytes).
+        quantization: ``"nf4"`` (4-bit, double quant) or ``"int8"`` through bitsandbytes, on a CUDA GPU
+            or the CPU, ``lm_head`` kept unquantised, compute in ``dtype`` (``None``: bf16 on CUDA, fp32
+            on CPU); checked before anything is loaded (:class:`agentrm.models.quant.QuantizationUnavailable`
+            without bitsandbytes or on another device type).
         device: where the model goes (``None``: left where it was built, CPU). A quantised load is
-            placed on that GPU by ``device_map`` (``None``: ``cuda:<LOCAL_RANK>``); any other is moved there.
+            placed on that device by ``device_map`` (``None``: ``cuda:<LOCAL_RANK>`` when CUDA is
+            available, else the CPU); any other is moved there.
     A name or path is checked to be reachable (:func:`agentrm.paths.check_model_reachable`) before
     anything is fetched.
     """
     if quantization is not None:
-        from agentrm.models.quant import check_quantization
+        from agentrm.models.quant import check_quantization, quantization_device
 
-        check_quantization(quantization)
+        check_quantization(quantization, quantization_device(device))
         if config is not None:
             raise ValueError("quantization needs a pretrained checkpoint: save the config-built model "
                              "(save_pretrained) and load it by path")
@@ -102,10 +104,16 @@ def build_backbone(
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     if quantization is not None:
-        from agentrm.models.quant import quantized_load_kwargs
+        from agentrm.models.quant import default_compute_dtype, quantization_device, quantized_load_kwargs
 
-        kwargs = {**quantized_load_kwargs(quantization, torch_dtype, device), **kwargs}
+        # one dtype for the compute and the unquantised modules (embeddings, norms, lm_head)
+        torch_dtype = torch_dtype or default_compute_dtype(quantization_device(device))
+        kwargs = {"dtype": torch_dtype, **quantized_load_kwargs(quantization, torch_dtype, device), **kwargs}
     model = auto.from_pretrained(resolve_model(name_or_path), attn_implementation=attn, **kwargs)
+    if quantization is not None:
+        from agentrm.models.quant import own_unquantized_tensors
+
+        own_unquantized_tensors(model)
     if name_or_path in KNOWN_MODELS:
         model.name_or_path = model.config._name_or_path = name_or_path
     if device is not None and quantization is None and "device_map" not in kwargs:

@@ -8,8 +8,9 @@ at once, before anything is loaded or fetched, when the machine cannot honour th
   ``cuda``/``cuda:N`` needs a visible GPU with that index.
 * ``dtype``: ``None``/``"auto"`` is bf16 on CUDA and fp32 on CPU; otherwise any name of
   :data:`agentrm.models.backbone.DTYPES`.
-* ``quantization``: ``nf4``/``int8`` through bitsandbytes (:func:`agentrm.models.quant.check_quantization`:
-  CUDA and bitsandbytes); the weights are placed by ``device_map`` on the chosen GPU, compute in ``dtype``.
+* ``quantization``: ``nf4``/``int8`` through bitsandbytes, on a CUDA GPU or the CPU
+  (:func:`agentrm.models.quant.check_quantization`); the weights are placed by ``device_map`` on the
+  chosen device (``{"": "cpu"}`` on the CPU), compute in ``dtype`` (default bf16 on CUDA, fp32 on CPU).
 * ``attn_implementation``: ``auto`` (flash-attention on CUDA when installed, else sdpa), ``eager``,
   ``sdpa``, ``flash_attention_2`` (needs flash-attn and a CUDA device) or ``flex_attention``.
 """
@@ -95,14 +96,11 @@ def resolve_placement(
         ValueError, DeviceUnavailable, QuantizationUnavailable, ImportError: with a one-line
             message naming ``what`` and the field.
     """
+    dev = resolve_device(device, f"{what}.device")
     try:
-        check_quantization(quantization)
+        check_quantization(quantization, dev)
     except Exception as e:
         raise type(e)(f"{what}: {e}") from None
-    dev = resolve_device(device, f"{what}.device")
-    if quantization is not None and dev.type != "cuda":
-        raise ValueError(f"{what}: quantization={quantization!r} runs on a CUDA device, but {what}.device is "
-                         f"{device!r}; drop the device (or set cuda:N) or drop quantization")
     if dtype is None or dtype == "auto":
         torch_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     else:

@@ -111,7 +111,7 @@ class ValueRewardModel(nn.Module):
 
         Args:
             quantization: ``"nf4"``/``"int8"`` to load the backbone weights through
-                bitsandbytes (CUDA only; fails at once otherwise).
+                bitsandbytes, on a CUDA GPU or the CPU (another device fails at once).
             adapter: a peft adapter directory to put on top of the loaded backbone; if it
                 holds a ``value_head.safetensors`` (an agentrm LoRA directory) that head is used.
             base: override the base model recorded for an adapter-only directory.

@@ -235,7 +235,7 @@ def load_hf_policy(
 
     ``device``, ``dtype``, ``quantization`` and ``attn_implementation`` are checked before anything
     is loaded (:func:`agentrm.models.placement.resolve_placement`: CUDA in bf16 when available, else
-    CPU in fp32; ``nf4``/``int8`` need CUDA and bitsandbytes).
+    CPU in fp32; ``nf4``/``int8`` through bitsandbytes on either).
     """
     from agentrm.models.backbone import build_backbone
     from agentrm.models.placement import resolve_placement

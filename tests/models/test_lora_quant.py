@@ -1,4 +1,7 @@
-"""LoRA save/load round trips, adapter merging, and quantisation failing early with clear messages."""
+"""LoRA save/load round trips, adapter merging, and unsupported quantisation setups failing early with clear messages.
+
+Quantised loading and QLoRA that run on the CPU are in ``tests/models/test_quant_cpu.py``.
+"""
 
 from __future__ import annotations
 
@@ -127,16 +130,16 @@ def test_implicit_prm_lora_round_trip_adapter_and_merge(base_dirs):
 
 
 @pytest.mark.parametrize("scheme", ["nf4", "int8"])
-def test_quantization_without_cuda_fails_at_once(scheme, tmp_path):
+def test_quantization_on_a_device_without_a_backend_fails_at_once(scheme, tmp_path):
+    """CUDA and the CPU run nf4/int8 (tests/models/test_quant_cpu.py); any other device is refused before loading."""
     from agentrm.models.backbone import build_backbone
 
-    with mock.patch.object(quant.torch.cuda, "is_available", return_value=False):
-        with mock.patch("transformers.AutoModel.from_pretrained") as load:
-            with pytest.raises(QuantizationUnavailable, match="needs a CUDA GPU"):
-                build_backbone("meta-llama/Meta-Llama-3-8B-Instruct", quantization=scheme)
-            with pytest.raises(QuantizationUnavailable, match="CUDA"):
-                ValueRewardModel.from_pretrained(_fake_rm_dir(tmp_path), quantization=scheme)
-            load.assert_not_called()
+    with mock.patch("transformers.AutoModel.from_pretrained") as load:
+        with pytest.raises(QuantizationUnavailable, match="runs on a CUDA GPU or the CPU"):
+            build_backbone("meta-llama/Meta-Llama-3-8B-Instruct", quantization=scheme, device="mps")
+        with pytest.raises(QuantizationUnavailable, match="device='mps'"):
+            ValueRewardModel.from_pretrained(_fake_rm_dir(tmp_path), quantization=scheme, device="mps")
+        load.assert_not_called()
 
 
 def _fake_rm_dir(tmp_path):
@@ -144,13 +147,11 @@ def _fake_rm_dir(tmp_path):
     return tmp_path
 
 
-def test_quantization_without_bitsandbytes_names_the_extra():
-    with (
-        mock.patch.object(quant.torch.cuda, "is_available", return_value=True),
-        mock.patch.object(quant.importlib.util, "find_spec", return_value=None),
-    ):
-        with pytest.raises(QuantizationUnavailable, match=r"agentrm\[quant\]"):
-            quant.check_quantization("nf4")
+def test_quantization_without_bitsandbytes_names_the_install_line():
+    with mock.patch.object(quant.importlib.util, "find_spec", return_value=None):
+        for device in ("cpu", "cuda:0"):
+            with pytest.raises(QuantizationUnavailable, match=r"pip install -c constraints.txt 'bitsandbytes>=0\.48"):
+                quant.check_quantization("nf4", device)
     with pytest.raises(ValueError, match="quantization must be one of"):
         quant.check_quantization("fp3")
 
@@ -184,7 +185,7 @@ def test_module_rejects_quantization_before_loading():
     with mock.patch("agentrm.lit.trainable.build_backbone") as build:
         with pytest.raises(UnsupportedTrainingSetup, match="without a LoRA adapter"):
             ValueRMModule(backbone="meta-llama/Meta-Llama-3-8B-Instruct", quantization="nf4")
-        with mock.patch.object(quant.torch.cuda, "is_available", return_value=False):
-            with pytest.raises(QuantizationUnavailable):
+        with mock.patch.object(quant.importlib.util, "find_spec", return_value=None):  # bitsandbytes missing
+            with pytest.raises(QuantizationUnavailable, match="needs bitsandbytes"):
                 ValueRMModule(backbone="meta-llama/Meta-Llama-3-8B-Instruct", quantization="nf4", lora=LORA)
         build.assert_not_called()

@@ -42,12 +42,14 @@ def test_options_on_kinds_that_load_nothing_are_refused():
     assert resolve_policy(PolicySpec(kind="expert")).placement is None
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
-def test_quantized_scorer_and_policy_fail_before_loading(rm_dir):
-    with pytest.raises(QuantizationUnavailable, match=r"scorers\[0\]: quantization='nf4'"):
-        resolve_scorer(ScorerSpec(path=str(rm_dir), quantization="nf4"), "scorers[0]")
+def test_quantized_scorer_and_policy_are_placed_or_refused_before_loading(rm_dir):
+    """nf4/int8 run on CUDA or the CPU (bitsandbytes); another device fails at once, naming the section."""
+    with pytest.raises(QuantizationUnavailable, match=r"scorers\[0\]: quantization='nf4' runs on a CUDA GPU or the CPU"):
+        resolve_scorer(ScorerSpec(path=str(rm_dir), quantization="nf4", device="mps"), "scorers[0]")
     with pytest.raises(QuantizationUnavailable, match="policy: quantization='int8'"):
-        resolve_policy(PolicySpec(kind="hf", model="smollm2-135m-instruct", quantization="int8"))
+        resolve_policy(PolicySpec(kind="hf", model="smollm2-135m-instruct", quantization="int8", device="mps"))
+    placement = resolve_scorer(ScorerSpec(path=str(rm_dir), quantization="nf4", device="cpu"), "scorers[0]").placement
+    assert placement.device.type == "cpu" and placement.quantization == "nf4"
 
 
 def test_reward_model_directory_is_checked(rm_dir, tmp_path):
