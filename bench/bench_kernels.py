@@ -4,11 +4,15 @@ Compares, per shape and mode (``fwd`` = no-grad scoring, ``fwd+bwd`` = training 
 
 * ``eager``: the obvious torch implementation (materialises ``[N, V]`` logits / runs the head on all tokens);
 * ``chunked`` (``step_logratio``) / ``gather`` (``step_values``): the pure-torch reference paths;
-* ``triton``: the Triton kernels (CUDA only; the CPU interpreter is a correctness tool, not timed);
-* ``liger`` (``step_logratio``, CUDA, when ``liger-kernel`` is importable; optional, never required):
-  Liger-Kernel's fused linear cross-entropy with ``reduction="sum"``, the closest public kernel (log-sum-exp
-  over V without materialising logits; it computes its gradients during the forward, so its ``fwd`` row
-  includes that work whenever inputs require grad).
+* ``triton``: the Triton kernels (CUDA only; the CPU interpreter is a correctness tool, not timed), with
+  the backward's gradient filter at its default threshold; ``triton-nofilter``: the same with the filter
+  off (``grad_filter="off"``), so the two ``fwd+bwd`` rows show what the filter saves;
+* ``liger`` / ``cce`` (``step_logratio``, CUDA, when ``liger-kernel`` / ``cut-cross-entropy`` is
+  importable): the public fused linear cross-entropy kernels run per token (``reduction="none"``) plus the
+  same segment sum (:mod:`kernel_peers`); same-dtype cases only.
+
+A case may carry ``weight_dtype`` (e.g. fp32 hidden states with a bf16 ``lm_head``); ``eager`` then casts
+the weight to the hidden dtype, as plain PyTorch code must.
 
 Measurements:
 
@@ -48,26 +52,12 @@ from typing import Any
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+PEER_BACKENDS = ("liger", "cce")
 DEFAULT_CSV = REPO / "bench" / "results" / "kernels.csv"
 CSV_FIELDS = [
-    "timestamp",
-    "device",
-    "device_name",
-    "torch",
-    "triton",
-    "commit",
-    "op",
-    "mode",
-    "backend",
-    "tokens",
-    "hidden",
-    "vocab",
-    "steps",
-    "dtype",
-    "median_ms",
-    "peak_mb",
-    "floor_ms",
-    "status",
+    "timestamp", "device", "device_name", "torch", "triton", "commit", "op", "mode", "backend",
+    "tokens", "hidden", "vocab", "steps", "dtype", "median_ms", "peak_mb", "floor_ms", "status",
+    "label", "weight_dtype",
 ]
 
 
@@ -75,6 +65,9 @@ CSV_FIELDS = [
 # environment facts
 # ------------------------------------------------------------------------------------------------------
 def git_commit() -> str:
+    """``$AGENTRM_COMMIT`` (a tree copied without ``.git``, e.g. to a lent GPU), else ``git rev-parse``."""
+    if os.environ.get("AGENTRM_COMMIT"):
+        return os.environ["AGENTRM_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
@@ -108,16 +101,42 @@ def hbm_bandwidth(name: str) -> float:
 # ------------------------------------------------------------------------------------------------------
 # case construction and the callables under test
 # ------------------------------------------------------------------------------------------------------
+def peers():
+    """``bench/kernel_peers.py`` (loaded by path: ``bench`` is not a package)."""
+    import importlib.util
+
+    name = "agentrm_bench_kernel_peers"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "bench" / "kernel_peers.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
+
+
+def weight_dtype(case: dict[str, Any]) -> str:
+    return case.get("weight_dtype") or case["dtype"]
+
+
+def input_bytes(case: dict[str, Any]) -> int:
+    """Bytes of the hidden states plus the weight (``lm_head`` or value head): the HBM floor's numerator."""
+    esize = torch.finfo(getattr(torch, case["dtype"])).bits // 8
+    wsize = torch.finfo(getattr(torch, weight_dtype(case))).bits // 8
+    rows = case["vocab"] if case["op"] == "step_logratio" else 1
+    return case["tokens"] * case["hidden"] * esize + rows * case["hidden"] * wsize
+
+
 def make_inputs(case: dict[str, Any], device: str, train: bool) -> dict[str, Any]:
-    """Inputs for one case. ``case``: op, tokens, hidden, vocab, steps, dtype."""
+    """Inputs for one case. ``case``: op, tokens, hidden, vocab, steps, dtype (, weight_dtype)."""
     dtype = getattr(torch, case["dtype"])
+    wdtype = getattr(torch, weight_dtype(case))
     n, h = case["tokens"], case["hidden"]
     g = torch.Generator(device="cpu").manual_seed(0)
     hidden = torch.randn(n, h, generator=g).to(device=device, dtype=dtype).requires_grad_(train)
     if case["op"] == "step_logratio":
         v = case["vocab"]
         weight = (
-            (torch.randn(v, h, generator=g) / h**0.5).to(device=device, dtype=dtype).requires_grad_(train)
+            (torch.randn(v, h, generator=g) / h**0.5).to(device=device, dtype=wdtype).requires_grad_(train)
         )
         targets = torch.randint(0, v, (n,), generator=g).to(device)
         steps = case["steps"]
@@ -142,23 +161,21 @@ def make_fn(case: dict[str, Any], backend: str, inp: dict[str, Any], train: bool
         if backend == "eager":
 
             def op():
-                return K.step_logratio_eager(*args, return_token_logp=train)
+                w = inp["weight"].to(inp["hidden"].dtype)  # (a no-op unless the weight dtype differs)
+                return K.step_logratio_eager(args[0], w, *args[2:], return_token_logp=train)
         elif backend == "chunked":
 
             def op():
                 return K.step_logratio_chunked(*args, return_token_logp=train)
-        elif backend == "liger":
-            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-            flce = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="sum")
-            tgt = torch.where(inp["step_ids"] >= 0, inp["targets"], -100)
+        elif backend in PEER_BACKENDS:
+            op = peers().step_logratio_peer(backend, inp, s, 0.05)
+        elif backend in ("triton", "triton-nofilter"):
+            grad_filter = "off" if backend == "triton-nofilter" else "auto"
 
             def op():
-                return flce(inp["weight"], inp["hidden"], tgt)
+                return K.step_logratio(*args, return_token_logp=train, backend="triton", grad_filter=grad_filter)
         else:
-
-            def op():
-                return K.step_logratio(*args, return_token_logp=train, backend="triton")
+            raise ValueError(f"unknown step_logratio backend {backend!r}")
     else:
         args = (inp["hidden"], inp["head_w"], inp["head_b"], inp["idx"])
         if backend == "eager":
@@ -280,6 +297,9 @@ def run_cuda_case(spec: dict[str, Any]) -> dict[str, Any]:
 
     case, backend, train = spec["case"], spec["backend"], spec["mode"] == "fwd+bwd"
     torch.cuda.empty_cache()
+    if backend in PEER_BACKENDS and not peers().available(backend):
+        return {"median_ms": float("nan"), "peak_mb": float("nan"), "status": "not installed"}
+    inp = fn = None
     try:
         inp = make_inputs(case, "cuda", train)
         fn = make_fn(case, backend, inp, train)
@@ -295,6 +315,9 @@ def run_cuda_case(spec: dict[str, Any]) -> dict[str, Any]:
         return {"median_ms": ms, "peak_mb": peak / 2**20, "status": "ok"}
     except torch.cuda.OutOfMemoryError:
         return {"median_ms": float("nan"), "peak_mb": float("nan"), "status": "OOM"}
+    except Exception as e:  # noqa: BLE001 (a peer or a kernel failing is a row, not the end of the sweep)
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return {"median_ms": float("nan"), "peak_mb": float("nan"), "status": f"error: {msg[:100]}"}
     finally:
         inp = fn = None  # noqa: F841
         torch.cuda.empty_cache()
@@ -325,17 +348,22 @@ def sweep(device: str, quick: bool) -> list[dict[str, Any]]:
     return cases
 
 
-def liger_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("liger_kernel") is not None
-
-
-def backends_for(op: str, device: str) -> list[str]:
+def backends_for(op: str, device: str, case: dict[str, Any] | None = None, mode: str = "fwd+bwd",
+                 include_missing: bool = False) -> list[str]:
+    """Backends to run for ``op`` on ``device``. CUDA adds ``triton``; for ``step_logratio`` also
+    ``triton-nofilter`` (``fwd+bwd`` only: the filter acts in the backward) and the peers for same-dtype
+    cases, when installed (or always, with ``include_missing``: a plan that reports them as not run)."""
     base = ["eager", "chunked"] if op == "step_logratio" else ["eager", "gather"]
     if device != "cuda":
         return base
-    return base + ["triton"] + (["liger"] if op == "step_logratio" and liger_available() else [])
+    out = base + ["triton"]
+    if op != "step_logratio":
+        return out
+    if mode == "fwd+bwd":
+        out.append("triton-nofilter")
+    same_dtype = case is None or weight_dtype(case) == case["dtype"]
+    out += [p for p in PEER_BACKENDS if same_dtype and (include_missing or peers().available(p))]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -349,17 +377,8 @@ def print_table(rows: list[dict[str, Any]], device: str) -> str:
     """Plain-text table grouped per (op, shape, mode); returns the text (also printed)."""
     ref_col = "triton" if device == "cuda" else None
     header = [
-        "op",
-        "mode",
-        "N",
-        "H",
-        "V",
-        "S",
-        "backend",
-        "median ms",
-        "peak MB",
-        "eager/this mem",
-        "eager/this time",
+        "op", "mode", "N", "H", "V", "S",
+        "backend", "median ms", "peak MB", "eager/this mem", "eager/this time",
     ]
     if device == "cuda":
         header += ["floor ms"]
@@ -397,8 +416,21 @@ def print_table(rows: list[dict[str, Any]], device: str) -> str:
 
 
 def append_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Append ``rows``; a file written before a column existed gets it (empty for its old rows)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+            f.seek(0)
+            old = list(csv.DictReader(f))
+        if header != CSV_FIELDS:
+            if header != CSV_FIELDS[: len(header)]:
+                raise ValueError(f"{path}: columns {header} are not a prefix of {CSV_FIELDS}; not appending")
+            with open(path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+                w.writeheader()
+                w.writerows(old)
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         if new:
@@ -446,13 +478,10 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     for case in sweep(device, a.quick):
         for mode in ("fwd", "fwd+bwd"):
-            for backend in backends_for(case["op"], device):
+            for backend in backends_for(case["op"], device, case, mode):
                 spec = {"case": case, "backend": backend, "mode": mode}
                 res = run_cuda_case(spec) if device == "cuda" else run_cpu_case(spec, a.timeout)
-                esize = torch.finfo(getattr(torch, case["dtype"])).bits // 8
-                nbytes = case["tokens"] * case["hidden"] * esize
-                nbytes += (case["vocab"] if case["op"] == "step_logratio" else 1) * case["hidden"] * esize
-                floor = nbytes / bw * 1e3 * (1 if mode == "fwd" else 2)  # bwd reads both again
+                floor = input_bytes(case) / bw * 1e3 * (1 if mode == "fwd" else 2)  # bwd reads both again
                 rows.append({**meta, **case, "mode": mode, "backend": backend, "floor_ms": floor, **res})
                 print(
                     f"  {case['op']:<13} {mode:<7} N={case['tokens']:<6} V={case['vocab']:<7} {backend:<8}"

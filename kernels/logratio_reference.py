@@ -6,17 +6,70 @@
   online log-sum-exp in fp32; peak extra memory ``O(chunk_tokens * chunk_vocab)``, independent of ``N`` and
   ``V``. The CPU path (reached through :func:`agentrm.kernels.step_logratio` with ``backend="torch"``).
 * input checks and the ``O(N)`` segment sum shared by every path.
+* :func:`grad_filter_eps`: the threshold of the backward's gradient filter, shared by both backends.
+
+Gradient filtering (Cut Cross-Entropy's idea, Wijmans et al. 2024). The backward multiplies
+``dlogits = g * (onehot - softmax)`` into ``grad_hidden`` and ``grad_weight``; where ``|onehot - p|`` is
+below a threshold ``eps`` for every entry of a block, that block's products are skipped. The Triton
+backward skips ``BLOCK_N x BLOCK_V`` tiles; the chunked torch path drops vocabulary columns of a chunk
+(gathering the kept ones into a narrower GEMM). The error this introduces is at most the sum of the dropped
+terms: ``|d grad_hidden[n, k]| <= |g_n| * sum_{v: |onehot - p|_nv < eps} |onehot - p|_nv * |W[v, k]|``
+(and symmetrically for ``grad_weight``); ``tests/kernels`` check exactly this bound against the eager
+reference. Default threshold (``"auto"``): ``finfo(dtype).eps / 32`` of the coarser of the hidden and weight
+dtypes, i.e. ``2**-12`` for bf16 (Cut Cross-Entropy's value), ``2**-15`` for fp16 and ``2**-28`` for fp32: a
+dropped entry is below 1/32 of the spacing of the gradient's own dtype at ``|g|``. ``grad_filter="off"`` (or
+``$AGENTRM_KERNEL_GRAD_FILTER=off``) turns it off, and the backward is then exactly the unfiltered one.
 
 The Triton kernels computing the same quantities are beside this file, in :mod:`.logratio_triton`.
 """
 
 import math
+import os
 
 import torch
 from torch import Tensor
 
 DEFAULT_CHUNK_TOKENS = 1024
 DEFAULT_CHUNK_VOCAB = 8192
+GRAD_FILTER_ENV = "AGENTRM_KERNEL_GRAD_FILTER"
+GRAD_FILTER_SCALE = 2.0**-5  # "auto" threshold = finfo(dtype).eps * GRAD_FILTER_SCALE (2**-12 for bf16)
+_OFF = ("off", "0", "false", "no", "none")
+_ON = ("auto", "on", "1", "true", "yes")
+
+
+def grad_filter_eps(setting: str | float | bool | None, hidden_dtype: torch.dtype, weight_dtype: torch.dtype) -> float:
+    """Threshold of the backward's gradient filter (module doc); ``0.0`` means off.
+
+    Args:
+        setting: ``None`` (use ``$AGENTRM_KERNEL_GRAD_FILTER``, default ``"auto"``), ``"auto"``/``"on"``/
+            ``True`` (``finfo(dtype).eps / 32`` of the coarser of the two dtypes), ``"off"``/``False``/``0``,
+            or an explicit threshold in ``[0, 1)`` (a float or a numeric string).
+        hidden_dtype, weight_dtype: dtypes of the op's ``hidden`` and ``weight``.
+
+    Raises:
+        ValueError: an unknown setting or a threshold outside ``[0, 1)`` (naming the variable if it came
+            from the environment).
+    """
+    source = "grad_filter"
+    if setting is None:
+        setting, source = os.environ.get(GRAD_FILTER_ENV, "auto"), f"${GRAD_FILTER_ENV}"
+    if isinstance(setting, bool):
+        setting = "auto" if setting else "off"
+    if isinstance(setting, str):
+        key = setting.strip().lower() or "auto"
+        if key in _OFF:
+            return 0.0
+        if key in _ON:
+            eps = max(torch.finfo(hidden_dtype).eps, torch.finfo(weight_dtype).eps)
+            return float(eps * GRAD_FILTER_SCALE)
+        try:
+            setting = float(key)
+        except ValueError:
+            raise ValueError(f"{source}={setting!r}: expected 'auto', 'off' or a threshold in [0, 1)") from None
+    value = float(setting)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{source}={setting!r}: a threshold must lie in [0, 1)")
+    return value
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -168,8 +221,13 @@ def chunked_backward(
     need_w: bool,
     chunk_tokens: int,
     chunk_vocab: int,
+    filter_eps: float = 0.0,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Recompute-per-chunk backward. ``g[N]`` fp32 (already 0 at ignored tokens).
+
+    ``filter_eps > 0``: within each chunk, vocabulary columns whose ``|onehot - p|`` is below ``filter_eps``
+    for every token row with ``g != 0`` are left out of both GEMMs (gradient filtering, module doc);
+    ``0`` runs exactly the unfiltered computation.
 
     Returns fp32 ``grad_hidden[N, H]`` and ``grad_weight[V, H]`` (``None`` where not needed).
     """
@@ -188,10 +246,22 @@ def chunked_backward(
         for v0 in range(0, v, chunk_vocab):
             v1 = min(v0 + chunk_vocab, v)
             w = weight[v0:v1]
-            dl = mm_fp32(h, w.T).sub_(lse_c).exp_().mul_(-g_c.unsqueeze(1))  # -g * softmax
+            dl = mm_fp32(h, w.T).sub_(lse_c).exp_()  # softmax p
             in_chunk = (t >= v0) & (t < v1)
             local = (t - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)
+            cols = None
+            if filter_eps > 0.0:
+                active = g_c != 0
+                keep = ((dl >= filter_eps) & active.unsqueeze(1)).any(0)  # p >= eps off the target
+                keep[local.squeeze(1)[in_chunk & active]] = True  # target columns: kept (conservative)
+                if not bool(keep.all()):
+                    cols = keep.nonzero().squeeze(1)
+                    if cols.numel() == 0:
+                        continue
+            dl.mul_(-g_c.unsqueeze(1))  # -g * softmax
             dl.scatter_add_(1, local, torch.where(in_chunk, g_c, 0.0).unsqueeze(1))  # + g * onehot
+            if cols is not None:  # the filter dropped some columns: narrower GEMMs over the kept ones
+                dl, w = dl[:, cols], w[cols]
             if low_cuda:
                 dl_op, w_op, h_op = dl.to(hidden.dtype), w.to(hidden.dtype), h
             else:
@@ -199,6 +269,9 @@ def chunked_backward(
             if gh is not None:
                 gh[n0:n1] += dl_op @ w_op
             if gw is not None:
-                gw[v0:v1] += dl_op.T @ h_op
+                if cols is None:
+                    gw[v0:v1] += dl_op.T @ h_op
+                else:
+                    gw.index_add_(0, cols + v0, dl_op.T @ h_op)
     return gh, gw
 

@@ -18,12 +18,15 @@
   impossible) or recomputes the logit tile once per ``H`` slice; writing ``dlogits`` chunks to HBM and
   calling cuBLAS (Liger-style, our chunked torch path on CUDA) costs ``chunk * V`` memory and a second read
   of it. Tiles whose ``dlogits`` are all zero (token block fully ignored, or softmax underflow) skip the
-  accumulation loop (exact), and ``grad_W`` / ``grad_hidden`` are skipped when not needed. Atomic fp32
-  accumulation makes the Triton backward non-deterministic in the last bits.
+  accumulation loop (exact), and ``grad_W`` / ``grad_hidden`` are skipped when not needed. Gradient
+  filtering (``FILTER_EPS``; threshold and error bound in :mod:`.logratio_reference`) also skips tiles
+  whose ``|onehot - softmax|`` is below the threshold everywhere; ``FILTER_EPS = 0`` leaves the exact skips
+  only. Atomic fp32 accumulation makes the Triton backward non-deterministic in the last bits.
 
-Precision of the dots (:func:`dot_precision`): both operands 16-bit: native ``tl.dot`` (fp32 accumulate).
-One operand fp32 and the other 16-bit (QLoRA upcasts ``lm_head`` to fp32): the fp32 tile is cast to the
-16-bit type in registers, so tensor cores are used, as ``F.linear`` under autocast does. Both fp32: TF32
+Precision of the dots (:func:`dot_precision`, applied by one helper, ``_tile_dot``, for all four dots): both
+operands 16-bit: native ``tl.dot`` (fp32 accumulate). One operand fp32 and the other 16-bit (QLoRA upcasts
+``lm_head`` to fp32): the fp32 tile is cast to the 16-bit type in registers, so tensor cores are used, as
+``F.linear`` under autocast does; the backward's ``dlogits`` are cast to that type too. Both fp32: TF32
 tensor-core dots. ``AGENTRM_KERNEL_DOT=ieee`` forces exact fp32 (IEEE) dots everywhere (the opt-out).
 Under the Triton interpreter (CPU tests) dots are always fp32 IEEE: triton 3.9's interpreter computes
 ``tl.dot`` on bf16 operands incorrectly. Logits, LSE and rewards are fp32 everywhere.
@@ -46,11 +49,22 @@ from .dispatch import interpreting, triton_available
 
 DOT_ENV = "AGENTRM_KERNEL_DOT"
 N_BUCKET_CAP = 16384
+# The dot helper the kernels call, ``triton.jit(_tile_dot_impl)``; bound by triton_kernels() (decorated
+# lazily, like the kernels, so that TRITON_INTERPRET is read at first use).
+_tile_dot: Any = None
 
 
 if triton_available():
     import triton
     import triton.language as tl
+
+    def _tile_dot_impl(a, b, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, LOW: tl.constexpr):
+        """``acc + a @ b`` (``acc`` may be ``None``) under the dot policy of :func:`dot_precision`: fp32
+        operands with ``PRECISION`` when ``DOT_FP32``, else both operands rounded to the 16-bit type ``LOW``
+        in registers (a no-op for an operand already of that type); fp32 accumulation either way."""
+        if DOT_FP32:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+        return tl.dot(a.to(LOW), b.to(LOW), acc)
 
     def _lse_fwd_kernel(
         h_ptr,
@@ -75,6 +89,7 @@ if triton_available():
         PRECISION: tl.constexpr,
         LOW_FROM_W: tl.constexpr,
     ):
+        LOW: tl.constexpr = w_ptr.dtype.element_ty if LOW_FROM_W else h_ptr.dtype.element_ty
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -102,12 +117,7 @@ if triton_available():
                     mask=mask_v[None, :] & mask_k[:, None],
                     other=0.0,
                 )
-                if DOT_FP32:
-                    acc = tl.dot(h.to(tl.float32), w.to(tl.float32), acc, input_precision=PRECISION)
-                elif LOW_FROM_W:  # fp32 hidden, 16-bit weight
-                    acc = tl.dot(h.to(w_ptr.dtype.element_ty), w, acc)
-                else:  # 16-bit hidden; an fp32 weight tile is rounded to it in registers
-                    acc = tl.dot(h, w.to(h_ptr.dtype.element_ty), acc)
+                acc = _tile_dot(h, w, acc, DOT_FP32, PRECISION, LOW)
             logits = tl.where(mask_v[None, :], acc, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(logits, axis=1))
             s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
@@ -175,6 +185,7 @@ if triton_available():
         stride_hd,
         stride_wv,
         stride_wd,
+        FILTER_EPS,  # gradient filter threshold on |onehot - softmax| (0.0 = off; see grad_filter_eps)
         BLOCK_N: tl.constexpr,
         BLOCK_V: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -185,6 +196,7 @@ if triton_available():
         NEED_GH: tl.constexpr,
         NEED_GW: tl.constexpr,
     ):
+        LOW: tl.constexpr = w_ptr.dtype.element_ty if LOW_FROM_W else h_ptr.dtype.element_ty
         pid_n = tl.program_id(0)
         pid_v = tl.program_id(1)
         offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -207,24 +219,21 @@ if triton_available():
                     mask=mask_v[None, :] & mask_k[:, None],
                     other=0.0,
                 )
-                if DOT_FP32:
-                    acc = tl.dot(h.to(tl.float32), w.to(tl.float32), acc, input_precision=PRECISION)
-                elif LOW_FROM_W:  # fp32 hidden, 16-bit weight
-                    acc = tl.dot(h.to(w_ptr.dtype.element_ty), w, acc)
-                else:  # 16-bit hidden; an fp32 weight tile is rounded to it in registers
-                    acc = tl.dot(h, w.to(h_ptr.dtype.element_ty), acc)
+                acc = _tile_dot(h, w, acc, DOT_FP32, PRECISION, LOW)
             lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
             tgt = tl.load(tgt_ptr + offs_n, mask=mask_n, other=-1).to(tl.int64)
             p = tl.where(mask_v[None, :] & mask_n[:, None], tl.exp(acc - lse[:, None]), 0.0)
             onehot = tl.where(offs_v[None, :] == tgt[:, None], 1.0, 0.0)
             dl = g[:, None] * (onehot - p)  # [BLOCK_N, BLOCK_V] fp32 d logp / d logits
-            if tl.max(tl.max(tl.abs(dl), axis=1), axis=0) > 0.0:  # exact skip: softmax underflowed
-                if DOT_FP32:
-                    dl_op = dl
-                elif LOW_FROM_W:
-                    dl_op = dl.to(w_ptr.dtype.element_ty)
-                else:
-                    dl_op = dl.to(h_ptr.dtype.element_ty)
+            # |onehot - p| over the token rows that carry a gradient: the gradient filter's test
+            unit = tl.where(g[:, None] != 0.0, tl.abs(onehot - p), 0.0)
+            # skip: every dlogit is exactly 0 (softmax underflow), or (filter on) every |onehot - p| is
+            # below FILTER_EPS; FILTER_EPS = 0 (filter off) leaves only the exact skip
+            if (tl.max(tl.max(tl.abs(dl), axis=1), axis=0) > 0.0) & (
+                tl.max(tl.max(unit, axis=1), axis=0) >= FILTER_EPS
+            ):
+                # cast once, outside the loop (the helper's cast is then a no-op)
+                dl_op = dl if DOT_FP32 else dl.to(LOW)
                 for k0 in range(0, D, BLOCK_K):
                     offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
                     mask_k = offs_k < D
@@ -234,10 +243,7 @@ if triton_available():
                             mask=mask_v[:, None] & mask_k[None, :],
                             other=0.0,
                         )
-                        if DOT_FP32:
-                            gh = tl.dot(dl_op, w2.to(tl.float32), input_precision=PRECISION)
-                        else:
-                            gh = tl.dot(dl_op, w2.to(dl_op.dtype))
+                        gh = _tile_dot(dl_op, w2, None, DOT_FP32, PRECISION, LOW)
                         tl.atomic_add(
                             gh_ptr + offs_n[:, None] * D + offs_k[None, :],
                             gh,
@@ -250,10 +256,7 @@ if triton_available():
                             mask=mask_n[:, None] & mask_k[None, :],
                             other=0.0,
                         )
-                        if DOT_FP32:
-                            gw = tl.dot(tl.trans(dl_op), h2.to(tl.float32), input_precision=PRECISION)
-                        else:
-                            gw = tl.dot(tl.trans(dl_op), h2.to(dl_op.dtype))
+                        gw = _tile_dot(tl.trans(dl_op), h2, None, DOT_FP32, PRECISION, LOW)
                         tl.atomic_add(
                             gw_ptr + offs_v[:, None] * D + offs_k[None, :],
                             gw,
@@ -286,6 +289,9 @@ _TUNE_KEY = ["D", "V", "N_BUCKET", "DOT_FP32", "PRECISION", "LOW_FROM_W"]
 @functools.lru_cache(maxsize=4)
 def triton_kernels(interpret: bool) -> dict[str, Any]:
     """Decorate the kernels (``triton.jit``; plus ``triton.autotune`` when compiling for a GPU)."""
+    global _tile_dot
+    if _tile_dot is None:
+        _tile_dot = triton.jit(_tile_dot_impl)
     fwd = triton.jit(_lse_fwd_kernel)
     bwd = triton.jit(_lse_bwd_kernel)
     combine = triton.jit(_combine_kernel)
@@ -420,9 +426,20 @@ def triton_forward(
 
 
 def triton_backward(
-    hidden: Tensor, weight: Tensor, targets: Tensor, lse: Tensor, g: Tensor, need_h: bool, need_w: bool
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    lse: Tensor,
+    g: Tensor,
+    need_h: bool,
+    need_w: bool,
+    filter_eps: float = 0.0,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """Triton backward. ``g[N]`` fp32 (0 at ignored tokens). Returns fp32 grads (``None`` if not needed)."""
+    """Triton backward. ``g[N]`` fp32 (0 at ignored tokens). Returns fp32 grads (``None`` if not needed).
+
+    ``filter_eps``: skip tiles whose ``|onehot - softmax|`` is below it everywhere (gradient filtering, see
+    :func:`agentrm.kernels.logratio_reference.grad_filter_eps`); ``0.0`` = off (exact skips only).
+    """
     interp = interpreting()
     k = triton_kernels(interp)
     n, d = hidden.shape
@@ -445,6 +462,7 @@ def triton_backward(
         hidden.stride(1),
         weight.stride(0),
         weight.stride(1),
+        float(filter_eps),
     )
     flags = {**_flags(hidden, weight, n, interp), "NEED_GH": need_h, "NEED_GW": need_w}
     if k["tuned"]:

@@ -27,6 +27,7 @@ from .logratio_reference import (
     check_step_inputs,
     chunked_backward,
     chunked_forward,
+    grad_filter_eps,
     segment_sum,
     step_logratio_eager,
     token_logprobs_eager,
@@ -48,11 +49,17 @@ class _TokenLogprobsFn(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, hidden: Tensor, weight: Tensor, targets: Tensor, backend: str, chunks: tuple[int, int]
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        backend: str,
+        chunks: tuple[int, int],
+        filter_eps: float,
     ) -> Tensor:
         logp, lse = _forward(hidden, weight, targets, backend, chunks)
         ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.backend, ctx.chunks = backend, chunks
+        ctx.backend, ctx.chunks, ctx.filter_eps = backend, chunks, filter_eps
         return logp
 
     @staticmethod
@@ -61,12 +68,14 @@ class _TokenLogprobsFn(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         g = torch.where(targets >= 0, grad_logp.float(), 0.0)
         if ctx.backend == "triton":
-            gh, gw = triton_backward(hidden, weight, targets, lse, g, need_h, need_w)
+            gh, gw = triton_backward(hidden, weight, targets, lse, g, need_h, need_w, ctx.filter_eps)
         else:
-            gh, gw = chunked_backward(hidden, weight, targets, lse, g, need_h, need_w, *ctx.chunks)
+            gh, gw = chunked_backward(
+                hidden, weight, targets, lse, g, need_h, need_w, *ctx.chunks, filter_eps=ctx.filter_eps
+            )
         gh = gh.to(hidden.dtype) if gh is not None else None
         gw = gw.to(weight.dtype) if gw is not None else None
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None
 
 
 def _forward(
@@ -91,6 +100,7 @@ def token_logprobs(
     backend: str | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     chunk_vocab: int = DEFAULT_CHUNK_VOCAB,
+    grad_filter: str | float | bool | None = None,
 ) -> Tensor:
     """``log_softmax(hidden @ weight.T)[t, targets[t]]`` without materialising ``[N, V]`` logits.
 
@@ -101,6 +111,9 @@ def token_logprobs(
         backend: ``"torch"`` | ``"triton"`` | ``None``/``"auto"`` (see :mod:`agentrm.kernels.dispatch`).
         chunk_tokens, chunk_vocab: chunk sizes of the torch path (peak extra memory
             ``O(chunk_tokens * chunk_vocab)`` fp32).
+        grad_filter: the backward's gradient filter: ``None`` (``$AGENTRM_KERNEL_GRAD_FILTER``, default
+            ``"auto"``), ``"auto"``, ``"off"`` or a threshold (see
+            :func:`agentrm.kernels.logratio_reference.grad_filter_eps`).
 
     Returns:
         ``[N]`` fp32 log-probabilities; differentiable w.r.t. ``hidden`` and ``weight``.
@@ -109,7 +122,8 @@ def token_logprobs(
     be = resolve_backend(backend, hidden)
     chunks = (chunk_tokens, chunk_vocab)
     if _needs_grad(hidden, weight):
-        return _TokenLogprobsFn.apply(hidden, weight, targets, be, chunks)
+        eps = grad_filter_eps(grad_filter, hidden.dtype, weight.dtype)
+        return _TokenLogprobsFn.apply(hidden, weight, targets, be, chunks, eps)
     return _forward(hidden, weight, targets, be, chunks)[0]
 
 
@@ -131,6 +145,7 @@ def step_logratio(
     backend: str | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     chunk_vocab: int = DEFAULT_CHUNK_VOCAB,
+    grad_filter: str | float | bool | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Implicit-PRM step rewards ``r_s = beta * sum_{t in step s} (logp_t - ref_logp_t)``.
 
@@ -148,6 +163,7 @@ def step_logratio(
         return_token_logp: also return the policy ``logp[N]``.
         backend: ``"torch"`` | ``"triton"`` | ``None``/``"auto"``.
         chunk_tokens, chunk_vocab: chunk sizes of the torch path.
+        grad_filter: the backward's gradient filter (as in :func:`token_logprobs`).
 
     Returns:
         ``rewards[S]`` fp32, or ``(rewards[S], logp[N])`` fp32 if ``return_token_logp``.
@@ -161,7 +177,13 @@ def step_logratio(
         assert rewards is not None
     else:
         logp = token_logprobs(
-            hidden, weight, targets, backend=be, chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab
+            hidden,
+            weight,
+            targets,
+            backend=be,
+            chunk_tokens=chunk_tokens,
+            chunk_vocab=chunk_vocab,
+            grad_filter=grad_filter,
         )
         rewards = segment_sum(logp, ref_logp, targets, step_ids, beta, num_steps)
     return (rewards, logp) if return_token_logp else rewards

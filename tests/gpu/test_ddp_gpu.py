@@ -19,7 +19,10 @@ def fit_on_gpus(cfg, run, devices: int, batch_size: int) -> None:
     cmd = [sys.executable, "-m", "agentrm.fit", "--config", str(cfg), "--trainer.accelerator", "gpu",
            "--trainer.devices", str(devices), *(["--trainer.strategy", "ddp"] if devices > 1 else []),
            *run_args(run, batch_size)]
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    # keep the caller's PYTHONPATH: on a bare lent machine it holds the carried packages and the tree's import
+    # bootstrap (scripts/device_check.sh)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)}
+    env.pop("TRITON_INTERPRET", None)
     env.pop("MASTER_PORT", None)
     try:
         proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,

@@ -4,6 +4,7 @@ Forward and backward of ``step_logratio`` and ``step_values`` against the chunke
 fp32 copies of the same inputs (exact math for bf16 inputs), in fp32 and bf16, with ignored tokens,
 one-token steps and tokens outside every step. Tolerances are per dtype: bf16 operands give fp32-accumulated
 logits (close to the oracle), but ``dlogits`` is rounded to bf16 for the backward dots (~2^-8 relative).
+Other vocabularies, fp16, fp32 hidden states with a bf16 head and the gradient filter: test_kernels_more_gpu.py.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ H, V = 4096, 128256
 REL = {
     torch.float32: {"rewards": 1e-5, "logp": 1e-5, "grad": 1e-4},
     torch.bfloat16: {"rewards": 2e-3, "logp": 1e-3, "grad": 2e-2},
+    torch.float16: {"rewards": 2e-3, "logp": 1e-3, "grad": 2e-2},
 }
 
 
@@ -25,12 +27,13 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-12))
 
 
-def make_case(n: int, dtype: torch.dtype, seed: int, v: int = V) -> dict:
+def make_case(n: int, dtype: torch.dtype, seed: int, v: int = V, weight_dtype: torch.dtype | None = None) -> dict:
     """``n`` tokens: a 1/8 prompt outside every step, then steps of 1 to 40 tokens (every 5th of length 1)
-    separated by observation gaps; ~10% of targets ignored."""
+    separated by observation gaps; ~10% of targets ignored. The weight is drawn on the GPU (fast at V=262k)."""
     g = torch.Generator().manual_seed(seed)
     hidden = (torch.randn(n, H, generator=g) * 1.5).to(dtype)
-    weight = (torch.randn(v, H, generator=g) / H**0.5 * 2.0).to(dtype)
+    gw = torch.Generator(device="cuda").manual_seed(seed)
+    weight = (torch.randn(v, H, generator=gw, device="cuda") / H**0.5 * 2.0).to(weight_dtype or dtype)
     targets = torch.randint(0, v, (n,), generator=g)
     targets[torch.rand(n, generator=g) < 0.1] = -100
     step_ids = torch.full((n,), -1, dtype=torch.long)
@@ -133,3 +136,4 @@ def test_step_values_forward_backward_at_real_shapes(dtype, sigmoid, seed):
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     for name, a, b in zip(("values", "grad_h", "grad_w", "grad_b"), got, want):
         assert rel_err(a, b) < tol, (name, rel_err(a, b))
+
