@@ -34,6 +34,7 @@ needs_triton = pytest.mark.skipif(
     not HAS_TRITON_HERE, reason="triton missing, or imported before TRITON_INTERPRET=1 (rerun in subprocess)"
 )
 
+INTERPRETER_TEST_FILES = ("test_step_logratio.py", "test_step_values.py", "test_grad_filter.py")
 # backends: "triton" (interpreter on CPU), "chunked" (pure torch with small, odd chunks)
 BACKENDS = [pytest.param("triton", marks=needs_triton), "chunked"]
 TOL = {torch.float32: dict(atol=2e-4, rtol=1e-4), torch.bfloat16: dict(atol=2e-3, rtol=2e-3)}
@@ -89,9 +90,11 @@ def oracle(c: dict, beta=0.1, num_steps=None):
     not triton_available() or HAS_TRITON_HERE, reason="triton missing, or the Triton tests run in-process"
 )
 def test_triton_paths_in_fresh_process():
-    """triton was imported before TRITON_INTERPRET=1 took effect: rerun this folder where it is set first."""
+    """triton was imported before TRITON_INTERPRET=1 took effect: rerun this folder's interpreter tests (the
+    files that run kernels on CPU tensors; the others start their own processes) where it is set first."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).parent)]
+    files = [str(Path(__file__).with_name(f)) for f in INTERPRETER_TEST_FILES]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     summary = proc.stdout.strip().splitlines()[-1]
