@@ -25,6 +25,8 @@ class ScoringCounters:
         padded_tokens: ``B * T`` summed over forward passes (``== forward_tokens`` when packed).
         cached_tokens: prefix tokens read from a KV cache instead of being forwarded (per model).
         cached_calls / packed_calls / plain_calls: candidate-scoring calls by the path they took.
+        server_wait_ms: milliseconds spent waiting for a scoring server's answers (the remote scorer,
+            :mod:`agentrm.scoring.remote`; 0 for in-process scorers).
     """
 
     candidates: int = 0
@@ -36,6 +38,7 @@ class ScoringCounters:
     cached_calls: int = 0
     packed_calls: int = 0
     plain_calls: int = 0
+    server_wait_ms: int = 0
 
     def reset(self) -> None:
         for k in asdict(self):

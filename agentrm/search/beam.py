@@ -178,6 +178,7 @@ def _work_stats(stats: dict, before: dict, after: dict) -> None:
     stats["forward_passes"] = after["forward_passes"] - before["forward_passes"]
     stats["cached_tokens"] = after.get("cached_tokens", 0) - before.get("cached_tokens", 0)
     stats["scoring_paths"] = path_calls(before, after)
+    stats["server_wait_s"] = (after.get("server_wait_ms", 0) - before.get("server_wait_ms", 0)) / 1000
 
 
 def _step(beam: Node, cands: list[str], dedupe: Callable[[str], str] | None, stats: dict) -> list[Stepped]:

@@ -83,6 +83,7 @@ def rank_samples(
             "tokens_scored": after["forward_tokens"] - before["forward_tokens"],
             "forward_passes": after["forward_passes"] - before["forward_passes"],
             "score_wall_s": wall,
+            "server_wait_s": (after.get("server_wait_ms", 0) - before.get("server_wait_ms", 0)) / 1000,
             "pass": any(t.success for t in samples),
         },
     )

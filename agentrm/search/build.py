@@ -11,7 +11,13 @@ from collections.abc import Callable
 from agentrm.paths import load_tokenizer
 from agentrm.policies.base import Policy
 from agentrm.scoring import Scorer
-from agentrm.search.resolve import ResolvedPolicy, ResolvedScorer, resolve_policy, resolve_scorer
+from agentrm.search.resolve import (
+    ResolvedPolicy,
+    ResolvedScorer,
+    remote_api_key,
+    resolve_policy,
+    resolve_scorer,
+)
 from agentrm.search.specs import PolicySpec, ScorerSpec
 
 PolicyFactory = Callable[[int, bool], Policy]
@@ -84,6 +90,11 @@ def build_scorer(scorer: ResolvedScorer | ScorerSpec, seed: int = 0) -> Scorer:
         return ImplicitPRMScorer(ImplicitPRM.from_pretrained(resolved.path, **load), tok, **common)
     if spec.kind == "judge":
         return _judge(resolved, seed)
+    if spec.kind == "remote":
+        from agentrm.scoring.remote import RemoteScorer
+
+        return RemoteScorer(spec.url, remote_api_key(spec, f"scorer {spec.label!r}"), outcome_blind=spec.blind,
+                            request_deadline_s=spec.request_deadline_s, info=resolved.config.get("server"))
     from agentrm.policies.expert import EnvExpertPolicy
     from agentrm.search.oracle import OracleScorer
 

@@ -18,6 +18,7 @@ COLUMNS = (
     "tokens_scored",
     "scoring_path",
     "wall_s",
+    "server_wait_s",
 )
 _METHOD_ORDER = {"greedy": 0, "sampling": 1, "pass@N": 2, "best_of_n": 3, "beam": 4}
 
@@ -42,6 +43,8 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "scoring_path": "+".join(sorted({p for r in rs for p in (r.get("scoring_path") or "").split("+") if p}))
                 or None,
                 "wall_s": sum(r.get("wall_s", 0.0) for r in rs),
+                # time spent waiting for a scoring server's answers (remote scorers; 0 in process), a part of wall_s
+                "server_wait_s": sum(r.get("server_wait_s", 0.0) for r in rs),
             }
         )
     out.sort(

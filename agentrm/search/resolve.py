@@ -11,6 +11,7 @@ Evaluation and tree outputs record the fingerprints and refuse to resume with a 
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -52,7 +53,9 @@ class ResolvedScorer:
         placement: a local model's placement.
         settings: what the scorer is built with beyond the spec: ``max_length`` and ``aggregate`` (the
             spec's where given, else what the RM recorded, see :func:`scoring_settings`).
-        fingerprint: the weights fingerprint (and its adapter base's), or ``<model>@<url>`` for a served judge.
+        fingerprint: the weights fingerprint (and its adapter base's), or ``<model>@<url>`` for a served judge;
+            for a remote scorer the served model's fingerprint (from the server's ``/info``) with its kind and
+            scoring settings, so a resume against a server now serving another model is refused.
     """
 
     spec: ScorerSpec
@@ -148,6 +151,17 @@ def scoring_settings(spec: ScorerSpec, cfg: dict[str, Any], what: str) -> dict[s
             "aggregate": spec.aggregate or cfg.get("aggregate") or default_aggregate}
 
 
+def remote_api_key(spec: ScorerSpec, what: str = "scorer") -> str | None:
+    """A remote scorer's API key, read from the environment variable its spec names (``None``: none named)."""
+    if spec.api_key_env is None:
+        return None
+    key = os.environ.get(spec.api_key_env)
+    if not key:
+        raise ConfigError(f"{what}.api_key_env: the environment variable {spec.api_key_env} is not set "
+                          "(it should hold the server's API key)")
+    return key
+
+
 def resolve_scorer(spec: ScorerSpec, what: str = "scorer") -> ResolvedScorer:
     """Check ``spec`` fully, read the RM's recorded settings and fingerprint its weights (nothing is loaded)."""
     check_scorer(spec, what)
@@ -156,6 +170,14 @@ def resolve_scorer(spec: ScorerSpec, what: str = "scorer") -> ResolvedScorer:
         d, cfg, base = _rm_dir(spec, what)
         fingerprint = model_fingerprint(d) + ("" if base is None else f"+{_fingerprint_of(base)}")
         return ResolvedScorer(spec, d, cfg, placement, scoring_settings(spec, cfg, what), fingerprint)
+    if spec.kind == "remote":
+        from agentrm.scoring.remote import server_info
+
+        info = server_info(spec.url, remote_api_key(spec, what), ready_timeout_s=spec.request_deadline_s)
+        settings = {"max_length": info.get("max_length"), "aggregate": info.get("aggregate")}
+        fingerprint = (f"{info['fingerprint']} ({info['kind']}, max_length={settings['max_length']}, "
+                       f"aggregate={settings['aggregate']})")
+        return ResolvedScorer(spec, config={"server": info}, settings=settings, fingerprint=fingerprint)
     if spec.kind == "judge":
         if spec.judge_base_url:
             return ResolvedScorer(spec, fingerprint=f"{spec.judge_model or 'default'}@{spec.judge_base_url}")

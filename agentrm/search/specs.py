@@ -12,6 +12,7 @@ CUDA and bf16 when available, else CPU and fp32).
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Literal
@@ -20,7 +21,7 @@ from agentrm.checks import at_least, fail, in_range, one_of
 
 LOAD_FIELDS = ("device", "dtype", "quantization")
 POLICY_KINDS = ("expert", "scripted", "random", "hf", "openai")
-SCORER_KINDS = ("value_rm", "implicit_prm", "judge", "oracle")
+SCORER_KINDS = ("value_rm", "implicit_prm", "judge", "oracle", "remote")
 AGGREGATES = ("last", "min", "mean", "max", "sum")
 
 
@@ -87,8 +88,9 @@ class ScorerSpec:
 
     Attributes:
         kind: ``value_rm`` / ``implicit_prm`` (HF directory at ``path``), ``judge`` (LLM judge: a server
-            at ``judge_base_url`` serving ``judge_model``, or a local causal LM at ``judge_model``), or
-            ``oracle`` (Monte-Carlo ground truth from the environment: an upper bound).
+            at ``judge_base_url`` serving ``judge_model``, or a local causal LM at ``judge_model``),
+            ``oracle`` (Monte-Carlo ground truth from the environment: an upper bound), or ``remote`` (a
+            value RM or implicit PRM served by ``python -m agentrm.serve`` at ``url``; see docs/serving.md).
         name: label in the tables (default: ``kind``).
         aggregate: trajectory aggregation (default: the one recorded in the export, else value RM ``last``,
             implicit PRM ``min``).
@@ -107,13 +109,17 @@ class ScorerSpec:
             policy (the environment's expert).
         base: value RM / implicit PRM saved as a LoRA adapter: load the adapter on this base model
             (a local copy of the recorded base, say) instead of the one recorded in the directory.
+        url: ``remote``: the server's base URL (``http://host:port``).
+        api_key_env: ``remote``: the environment variable holding the server's API key (never the key itself).
+        request_deadline_s: ``remote``: one call's total time, retries included (a server restarted within it
+            answers the retry); the server must also be ready within it at startup.
         device, dtype, quantization, attn_implementation: value RM, implicit PRM and local judge:
             where and how the model is loaded (default: CUDA in bf16 when available, else CPU in fp32;
             ``quantization`` ``nf4``/``int8`` needs CUDA and bitsandbytes; the value head and the
             LM head stay unquantised); see :mod:`agentrm.models.placement`.
     """
 
-    kind: Literal["value_rm", "implicit_prm", "judge", "oracle"] = "value_rm"
+    kind: Literal["value_rm", "implicit_prm", "judge", "oracle", "remote"] = "value_rm"
     path: str | None = None
     name: str | None = None
     aggregate: str | None = None
@@ -130,6 +136,9 @@ class ScorerSpec:
     oracle_rollouts: int = 1
     oracle_error_rate: float = 0.0
     base: str | None = None
+    url: str | None = None
+    api_key_env: str | None = None
+    request_deadline_s: float = 120.0
     device: str | None = None
     dtype: str | None = None
     quantization: str | None = None
@@ -210,5 +219,25 @@ def check_scorer(spec: ScorerSpec, what: str = "scorer") -> None:
         fail(f"{what}.path", f"scorer kind {spec.kind!r} needs the exported RM directory")
     if spec.kind == "judge" and not (spec.judge_base_url or spec.judge_model):
         fail(what, "scorer kind 'judge' needs 'judge_base_url' (a server) or a local 'judge_model'")
+    if spec.kind == "remote" or spec.url is not None or spec.api_key_env is not None:
+        _check_remote(spec, what)
     if not spec.is_local:
         _refuse_loading_options(spec, what)
+
+
+def _check_remote(spec: ScorerSpec, what: str) -> None:
+    """``kind: remote`` needs an http(s) ``url``; the model's settings are the server's (refused here)."""
+    if spec.kind != "remote":
+        fail(f"{what}.url", f"url and api_key_env apply to scorer kind 'remote', not {spec.kind!r}")
+    if not isinstance(spec.url, str) or not spec.url.startswith(("http://", "https://")):
+        fail(f"{what}.url", f"scorer kind 'remote' needs the server's http(s) base URL, got {spec.url!r}")
+    if spec.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", spec.api_key_env):
+        fail(f"{what}.api_key_env", f"must name an environment variable (the key itself never goes in a config), "
+                                    f"got {spec.api_key_env!r}")
+    for name in ("path", "aggregate", "max_length", "base", "judge_base_url", "judge_model"):
+        if getattr(spec, name) is not None:
+            fail(f"{what}.{name}", "a remote scorer's model and scoring settings are the server's "
+                                   "(python -m agentrm.serve options); drop it here")
+    if isinstance(spec.request_deadline_s, bool) or not isinstance(spec.request_deadline_s, (int, float)) \
+            or spec.request_deadline_s <= 0:
+        fail(f"{what}.request_deadline_s", f"must be a number of seconds > 0, got {spec.request_deadline_s!r}")

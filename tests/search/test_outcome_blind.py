@@ -4,8 +4,10 @@ The ``canary`` environment (:mod:`tests.search.canary_env`) puts a unique token 
 episode and nowhere else. The evaluation command (``agentrm.search``'s ``main``, as ``python -m agentrm.search``
 runs it: YAML config, specs built into real scorers, :class:`~agentrm.search.runner.SharedScorer`, two
 episodes at once, then a resume) runs Best-of-N and beam search with a value RM, an implicit PRM and a local
-LLM judge. Recorded: every argument handed to a scorer's scoring methods, and every string handed to a
-tokenizer (everything any of these models reads). With the scorers outcome-blind (the default) the token
+LLM judge, and with a remote scorer (``kind: remote``: the value RM behind a real ``python -m agentrm.serve``
+process). Recorded: every argument handed to a scorer's scoring methods, every string handed to a tokenizer
+(everything any of these models reads) and every request body a remote scorer sends (everything the served
+model reads). With the scorers outcome-blind (the default) the token
 must never be seen; with ``outcome_blind: false`` the same config must see it, for every scorer kind and
 both methods, so the test can fail.
 """
@@ -25,9 +27,11 @@ from agentrm.models.implicit_prm import ImplicitPRM
 from agentrm.models.value_rm import ValueRewardModel
 from agentrm.paths import load_tokenizer
 from agentrm.scoring import ImplicitPRMScorer, ValueRMScorer
+from agentrm.scoring.remote import RemoteScorer
 from agentrm.search.evaluate import main
 from tests.lit.conftest import TINY_BACKBONE
 from tests.search.canary_env import TOKEN, register_canary
+from tests.serve.server_proc import KEY, KEY_ENV, ServerProcess
 
 TOKENIZER = "agentrm/assets/tiny_tokenizer"
 SPECS = {"held_in": ["canary:corridor?max_steps=5"], "held_out": ["canary:hall?max_steps=4"]}
@@ -53,9 +57,20 @@ def models(tmp_path_factory) -> dict[str, str]:
     }
 
 
-def _scorer(kind: str, models: dict[str, str], blind: bool | None) -> dict:
+@pytest.fixture(scope="module")
+def served(models, tmp_path_factory):
+    """The value RM behind a real server process; the remote scorer's key in the environment."""
+    with pytest.MonkeyPatch.context() as mp, \
+            ServerProcess(models["value_rm"], log=tmp_path_factory.mktemp("served") / "server.log") as server:
+        mp.setenv(KEY_ENV, KEY)
+        yield server.url
+
+
+def _scorer(kind: str, models: dict[str, str], blind: bool | None, url: str | None = None) -> dict:
     spec = {"kind": kind, "name": kind}
-    if kind == "judge":
+    if kind == "remote":
+        spec.update(url=url, api_key_env=KEY_ENV)
+    elif kind == "judge":
         spec.update(judge_model=models["judge"], judge_max_tokens=4)
     else:
         spec["path"] = models[kind]
@@ -77,10 +92,20 @@ def _run(tmp_path, name: str, scorers: list[dict], **extra) -> tuple:
 @pytest.fixture
 def sightings(monkeypatch) -> dict[str, list[str]]:
     """Where the canary token was seen: ``handed`` (in the arguments of a scorer's scoring method) and ``read``
-    (in a text given to a tokenizer: ``__call__``, ``apply_chat_template``; what a model actually reads)."""
+    (in a text given to a tokenizer: ``__call__``, ``apply_chat_template``; what a model actually reads; or in a
+    request a remote scorer sends: what the served model reads)."""
     seen: dict[str, list[str]] = {"handed": [], "read": []}
     lock = threading.Lock()
-    for cls in (ValueRMScorer, ImplicitPRMScorer, JudgeScorer):
+    import agentrm.scoring.remote as remote_module
+
+    def sent(url, body, *args, _original=remote_module.post_json, **kwargs):
+        if TOKEN in json.dumps(body):
+            with lock:
+                seen["read"].append(f"POST {url}: {json.dumps(body)[:300]}")
+        return _original(url, body, *args, **kwargs)
+
+    monkeypatch.setattr(remote_module, "post_json", sent)
+    for cls in (ValueRMScorer, ImplicitPRMScorer, JudgeScorer, RemoteScorer):
         for name in ("score_candidates", "score_candidates_many", "score_trajectories"):
             original = getattr(cls, name, None)
             if original is None:
@@ -109,13 +134,14 @@ def sightings(monkeypatch) -> dict[str, list[str]]:
     return seen
 
 
-def test_blind_scorers_never_see_what_a_finished_step_returned(tmp_path, models, sightings):
-    scorers = [_scorer(k, models, None) for k in ("value_rm", "implicit_prm", "judge")]  # the default: blind
+def test_blind_scorers_never_see_what_a_finished_step_returned(tmp_path, models, served, sightings):
+    kinds = ("value_rm", "implicit_prm", "judge", "remote")
+    scorers = [_scorer(k, models, None, served) for k in kinds]  # the default: blind
     summary, out, cfg = _run(tmp_path, "blind", scorers, concurrency=2)
     assert sightings == {"handed": [], "read": []}
     rows = [json.loads(x) for x in (out / "episodes.jsonl").read_text().splitlines()]
     scored = {(r["method"], r["scorer"]) for r in rows if r.get("candidates_scored")}
-    assert scored == {(m, k) for m in ("best_of_n", "beam") for k in ("value_rm", "implicit_prm", "judge")}
+    assert scored == {(m, k) for m in ("best_of_n", "beam") for k in kinds}
     ended = [r for r in rows if r["method"] in ("best_of_n", "beam")]
     assert ended and all(r["steps"] >= 1 for r in ended)
     # a killed run resumes: drop the last episode's rows, rerun the same config, nothing seen either
@@ -131,13 +157,14 @@ def test_blind_scorers_never_see_what_a_finished_step_returned(tmp_path, models,
     assert [{k: r[k] for k in keys} for r in resumed] == [{k: r[k] for k in keys} for r in summary]
 
 
-@pytest.mark.parametrize("kind", ["value_rm", "implicit_prm", "judge"])
+@pytest.mark.parametrize("kind", ["value_rm", "implicit_prm", "judge", "remote"])
 @pytest.mark.parametrize("method", ["best_of_n", "beam"])
-def test_the_same_run_reading_the_outcome_sees_the_canary(tmp_path, models, sightings, kind, method):
+def test_the_same_run_reading_the_outcome_sees_the_canary(tmp_path, models, sightings, kind, method, request):
     """The control: with ``outcome_blind: false`` each scorer kind is handed the token in each method, and its
     model reads it (but the implicit PRM in beam search: it scores a candidate's action tokens only, so no
     candidate's reply ever reaches its model, blind or not)."""
     only = {"best_of_n": [2], "beam": []} if method == "best_of_n" else {"best_of_n": [], "beam": [[2, 2]]}
-    _run(tmp_path, f"{kind}_{method}", [_scorer(kind, models, False)], greedy=False, **only)
+    url = request.getfixturevalue("served") if kind == "remote" else None
+    _run(tmp_path, f"{kind}_{method}", [_scorer(kind, models, False, url)], greedy=False, **only)
     assert sightings["handed"], f"{kind} in {method} was never handed an episode-ending reply: the canary cannot fail"
     assert bool(sightings["read"]) != (kind == "implicit_prm" and method == "beam")
