@@ -34,10 +34,12 @@ def config_parser(cls: type, prog: str) -> Any:
     """The jsonargparse parser of the dataclass ``cls`` (flags at the top level, ``--config`` files)."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
+    from agentrm.cli_errors import one_line_parser
+
     _resolve_init_annotations(cls)
 
     doc = (cls.__doc__ or "").strip().split("\n\n")[0]
-    parser = ArgumentParser(prog=prog, description=doc)
+    parser = one_line_parser(ArgumentParser, prog)(prog=prog, description=doc)  # a rejected key: one line
     parser.add_argument("--config", action=ActionConfigFile,
                         help="a YAML config; repeat to compose (later files and flags override earlier ones)")
     parser.add_class_arguments(cls, as_group=False)

@@ -3,47 +3,96 @@
 Without arguments it trains the embedded default, ``configs/tiny/value_rm.yaml`` (a
 tiny LLaMA-architecture value RM on the shipped BabyAI sample, CPU, a few minutes).
 Every Lightning trainer flag works (``--trainer.devices 2``, ``--trainer.max_epochs``...).
-``--ckpt_path last`` resumes from the newest checkpoint of the run directory.  A new run
-never replaces another run's exported model: if the export directory already holds one,
-the run stops before training unless it resumes (``--ckpt_path``) or ``--overwrite true``
-says to replace it.  An error while building the model, data module or trainer from the config
-(4-bit without CUDA, a model that is not there...) ends the command with one line naming the config
-file, the section and the cause, exit code 2 (``AGENTRM_DEBUG=1``: the traceback; see
-:mod:`agentrm.cli_errors`).
+
+Checkpoints: every ``ModelCheckpoint`` of the config runs as
+:class:`~agentrm.lit.checkpoints.ResumableCheckpoint` (one is added, into
+``<default_root_dir>/checkpoints``, when the config has none): ``last.ckpt`` is rewritten at every
+epoch end whatever the monitored metric did, and on Ctrl-C/SIGTERM; every file is written atomically.
+``--ckpt_path last`` resumes from the newest checkpoint of the run's checkpoint directories that
+loads, naming any newer one it skips (empty, truncated by a kill); with none it says so and trains
+from scratch. While a fit runs, ``<dir>.lock`` beside each checkpoint and export directory keeps a
+second fit out (one line, exit code 2); a lock left by a killed fit on this host is taken over.
+
+Exports (:class:`~agentrm.lit.callbacks.ExportHF`) are written atomically and record their run id. A
+run never replaces another run's exported model: if the export directory holds one, the run stops
+before training unless it resumes that same run (``--ckpt_path``) or ``--overwrite true`` says to
+replace it. A config that cannot be built (4-bit without CUDA, a model that is not there...), training
+data that cannot be trained on (a malformed JSONL line, a NaN value, an empty file) or a mistyped key
+ends the command with one line naming the file, the field and the cause, exit code 2
+(``AGENTRM_DEBUG=1``: the traceback; see :mod:`agentrm.cli_errors`).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
+from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from agentrm.cli_errors import BuildError, building, one_line, root_cause, run_cli
+from agentrm.cli_errors import (
+    BuildError,
+    building,
+    is_usage_error,
+    one_line,
+    one_line_parser,
+    root_cause,
+    run_cli,
+)
+from agentrm.lit.checkpoints import (
+    CheckpointInfo,
+    InvalidCheckpoint,
+    inspect_checkpoint,
+    newest_valid_checkpoint,
+)
 from agentrm.lit.datamodule import TrajectoryDataModule
 from agentrm.paths import PROJECT_ROOT
 
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "tiny" / "value_rm.yaml"
+RESUMABLE = "agentrm.lit.checkpoints.ResumableCheckpoint"
+PLAIN_CHECKPOINTS = ("lightning.pytorch.callbacks.ModelCheckpoint",
+                     "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint")
+CKPT_HELP = (
+    "resume a run: 'last' = the newest checkpoint (by time written) in the run's checkpoint directories that "
+    "loads; newer ones that do not (empty, truncated) are named and skipped; with none, a line says so and "
+    "training starts from scratch. A path resumes from that file (refused if it does not load)")
+
+
+class ExportConflict(BuildError):
+    """The export directory holds another run's model; the message names it and the ways out."""
+
+
+FitArgumentParser = one_line_parser(LightningArgumentParser, "agentrm.fit")
 
 
 class AgentRMCLI(LightningCLI):
-    """LightningCLI with the DataModule's tokenizer linked into the model and a resume flag."""
+    """LightningCLI with the DataModule's tokenizer linked into the model, resumable checkpoints and a resume flag.
+
+    Its parser reports a rejected key in one line with the closest valid names (:class:`FitArgumentParser`).
+    """
+
+    def __init__(self, *args, parser_class: type[LightningArgumentParser] = FitArgumentParser, **kwargs):
+        super().__init__(*args, parser_class=parser_class, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.tokenizer", "model.init_args.tokenizer")
-        parser.add_argument("--ckpt_path", type=str | None, default=None,
-                            help="checkpoint to resume from; 'last' = newest in the run's checkpoint dir")
+        parser.add_argument("--ckpt_path", type=str | None, default=None, help=CKPT_HELP)
         parser.add_argument("--overwrite", type=bool, default=False,
-                            help="replace an exported model that an earlier run left in the export directory")
+                            help="replace a model that another run exported into the export directory")
 
     def _config_files(self) -> str:
         return ", ".join(str(f) for f in (self.config.get("config") or []))
 
     def before_instantiate_classes(self) -> None:
-        """Check quantisation, LoRA and strategy together from the config, before anything is built or fetched."""
+        """Checkpoints that resume (:func:`use_resumable_checkpoints`); quantisation, LoRA and strategy checked
+        together from the config, before anything is built or fetched."""
         from agentrm.models.quant import validate_training_setup
 
+        use_resumable_checkpoints(self.config)
         init = self.config.get("model.init_args") or {}
         quantization = init.get("quantization")
         if quantization is None:
@@ -65,6 +114,38 @@ class AgentRMCLI(LightningCLI):
             files = self._config_files()
             prefix = f"{files}: " if files else ""
             raise BuildError(f"{prefix}{failed_section(root)}: {one_line(root)}") from e
+
+
+def use_resumable_checkpoints(config) -> None:
+    """Every ``ModelCheckpoint`` of the parsed config becomes a ``ResumableCheckpoint`` (a checkpoint
+    directory defaults to ``<default_root_dir>/checkpoints``); one is added when there is none and
+    checkpointing is not switched off (``trainer.enable_checkpointing: false``)."""
+    from jsonargparse import Namespace
+
+    callbacks = config.get("trainer.callbacks")
+    if callbacks is None:
+        callbacks = []
+    elif not isinstance(callbacks, list):
+        callbacks = [callbacks]
+    root = Path(config.get("trainer.default_root_dir") or os.getcwd())
+    found = False
+    for cb in callbacks:
+        class_path = getattr(cb, "class_path", "")
+        if class_path in PLAIN_CHECKPOINTS or class_path == RESUMABLE:
+            cb.class_path = RESUMABLE
+            found = True
+        elif class_path.rsplit(".", 1)[-1] in ("ModelCheckpoint", "ResumableCheckpoint", "OnExceptionCheckpoint"):
+            found = True  # a checkpoint callback of another name: left as it is
+        else:
+            continue
+        if getattr(cb, "init_args", None) is None:
+            cb.init_args = Namespace()
+        if cb.class_path == RESUMABLE and cb.init_args.get("dirpath") is None:
+            cb.init_args.dirpath = str(root / "checkpoints")
+    if not found and config.get("trainer.enable_checkpointing") is not False:
+        callbacks.append(Namespace(class_path=RESUMABLE, init_args=Namespace(dirpath=str(root / "checkpoints"),
+                                                                             save_top_k=0)))
+    config["trainer.callbacks"] = callbacks
 
 
 def configured_strategy(strategy: object) -> str | None:
@@ -102,40 +183,142 @@ def failed_section(exc: BaseException) -> str:
     return "config"
 
 
-def check_export_targets(trainer: L.Trainer, resuming: bool, overwrite: bool) -> None:
-    """Stop before training if an export directory already holds another run's model.
+def note(message: str) -> None:
+    print(f"agentrm.fit: {message}", file=sys.stderr, flush=True)
+
+
+def launching_process() -> bool:
+    """This process starts the run (global rank 0), not a worker a launcher (Lightning's DDP, torchrun,
+    SLURM) started for another rank: it alone takes the locks and prints the notes."""
+    return all(int(os.environ.get(v, "0") or 0) == 0 for v in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+def checkpoint_dirs(trainer: L.Trainer) -> list[Path]:
+    return sorted({Path(cb.dirpath) for cb in trainer.checkpoint_callbacks
+                   if isinstance(cb, ModelCheckpoint) and cb.dirpath})
+
+
+def export_callbacks(trainer: L.Trainer) -> list:
+    from agentrm.lit.callbacks import ExportHF
+
+    return [cb for cb in trainer.callbacks if isinstance(cb, ExportHF)]
+
+
+def resolve_resume(ckpt_path: str | None, dirs: list[Path], say=note) -> CheckpointInfo | str | None:
+    """What ``--ckpt_path`` resumes from: a checked checkpoint, a Lightning keyword (``best``...), or ``None``.
 
     Raises:
-        SystemExit: with a one-line message naming the directory and the ways out.
+        BuildError: a path that is not a checkpoint that loads.
     """
-    from agentrm.lit.callbacks import ExportHF
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last":
+        if not dirs:
+            say("--ckpt_path last: this config writes no checkpoints (trainer.enable_checkpointing is false); "
+                "training from scratch")
+            return None
+        info, skipped = newest_valid_checkpoint(dirs)
+        for path, why in skipped:
+            say(f"skipping {path}: {why}")
+        where = ", ".join(str(d) for d in dirs)
+        if info is None:
+            found = f"{len(skipped)} checkpoint(s), none loads" if skipped else "no checkpoint"
+            say(f"--ckpt_path last: {found} in {where}; training from scratch")
+            return None
+        say(f"resuming from {info.describe()}")
+        return info
+    if ckpt_path in ("best", "hpc", "registry") or ckpt_path.startswith("registry:"):
+        return ckpt_path
+    try:
+        info = inspect_checkpoint(ckpt_path)
+    except InvalidCheckpoint as e:
+        raise BuildError(f"--ckpt_path {ckpt_path}: {e}") from None
+    say(f"resuming from {info.describe()}")
+    return info
 
-    if resuming or overwrite:
-        return
-    for cb in trainer.callbacks:
-        if isinstance(cb, ExportHF):
-            target = cb.target(trainer)
-            if target.is_dir() and any(target.iterdir()):
-                raise SystemExit(
-                    f"agentrm.fit: {target} already holds a model exported by an earlier run; pass --overwrite true "
-                    f"to replace it, --ckpt_path last to resume that run, or point trainer.default_root_dir and "
-                    f"the callbacks' dirpath at a new folder"
-                )
+
+def check_export_targets(trainer: L.Trainer, resume: CheckpointInfo | str | None, overwrite: bool) -> None:
+    """Stop before training if an export directory holds another run's model.
+
+    Resuming the run that wrote the export (same run id) may replace it; ``overwrite`` replaces any.
+
+    Raises:
+        ExportConflict: one line naming the directory, whose run it holds and the ways out.
+    """
+    from agentrm.lit.callbacks import export_run_id
+
+    resumed_run = resume.run_id if isinstance(resume, CheckpointInfo) else None
+    for cb in export_callbacks(trainer):
+        cb.replace_other_runs = overwrite
+        target = cb.target(trainer)
+        if overwrite or not (target.is_dir() and any(target.iterdir())):
+            continue
+        held = export_run_id(target)
+        if resumed_run is not None and held == resumed_run:
+            continue
+        whose = f"run {held}" if held else "a run that recorded no run id"
+        if isinstance(resume, CheckpointInfo):
+            why = f"{target} holds a model exported by {whose}, not by the run of {resume.path}"
+        else:
+            why = f"{target} already holds a model exported by {whose}"
+        raise ExportConflict(f"{why}; pass --overwrite true to replace it, --ckpt_path last to resume that run, "
+                             f"or point trainer.default_root_dir and the callbacks' dirpath at a new folder")
 
 
-def report(cli: AgentRMCLI) -> None:
-    """Print where the model went and the final validation metrics."""
-    from agentrm.lit.callbacks import ExportHF
+def clean_leftovers(trainer: L.Trainer, dirs: list[Path], say=note) -> None:
+    """Remove what killed writes left (``.partial`` checkpoints, unfinished exports); put back an export
+    that a kill left moved aside mid-swap. Called with the run's locks held."""
+    import shutil
+
+    from agentrm.lit.checkpoints import finish_swap, remove_path, stale_partials, swapped_in
+
+    for p in stale_partials(dirs):
+        say(f"removing {p}: a checkpoint write that was killed")
+        remove_path(p)
+    targets = [cb.target(trainer) for cb in export_callbacks(trainer)]
+    for target in targets:
+        for p in sorted(target.parent.glob(f".{target.name}.partial-*")):
+            say(f"removing {p}: an export that was killed before it was complete")
+            shutil.rmtree(p, ignore_errors=True)
+    for target in [*swapped_in(dirs), *targets]:
+        done = finish_swap(target)
+        if done:
+            say(done)
+
+
+def report(cli: AgentRMCLI, resume: CheckpointInfo | str | None) -> None:
+    """Print what the run wrote (checkpoint files, ``last.ckpt`` read back, the export) and the final validation metrics."""
+    from agentrm.lit.callbacks import export_run_id
+    from agentrm.lit.checkpoints import ResumableCheckpoint
 
     trainer = cli.trainer
     if trainer.global_rank != 0:
         return
-    exports = [c for c in trainer.callbacks if isinstance(c, ExportHF)]
     print("\n=== agentrm.fit finished ===")
-    if trainer.checkpoint_callback is not None:
-        print(f"lightning checkpoint : {trainer.checkpoint_callback.last_model_path or trainer.checkpoint_callback.best_model_path}")
-    if exports and exports[0].exported:
-        print(f"hf model directory   : {exports[0].exported}")
+    if isinstance(resume, CheckpointInfo):
+        print(f"resumed from         : {resume.describe()}")
+    for cb in trainer.checkpoint_callbacks:
+        if not isinstance(cb, ModelCheckpoint):
+            continue
+        written = getattr(cb, "written", {})
+        kept = sorted(Path(p).name for p in written if Path(p).exists())
+        if kept:
+            print(f"checkpoints written  : {cb.dirpath}: {', '.join(kept)}")
+        elif isinstance(cb, ResumableCheckpoint):
+            print(f"checkpoints written  : none in {cb.dirpath}")
+        last = cb.last_model_path or cb.best_model_path
+        if last:
+            try:
+                info = inspect_checkpoint(last)
+                print(f"last checkpoint      : {last} (epoch {info.epoch}, global step {info.global_step}; read back)")
+            except InvalidCheckpoint as e:
+                print(f"last checkpoint      : {last} DOES NOT LOAD: {e}")
+        if cb.best_model_path and cb.monitor and cb.best_model_score is not None:
+            print(f"best {cb.monitor:15s} : {float(cb.best_model_score):.4f} ({cb.best_model_path})")
+    for cb in export_callbacks(trainer):
+        if cb.exported and cb.exported.is_dir():
+            n = sum(1 for f in cb.exported.iterdir() if f.is_file())
+            print(f"hf model directory   : {cb.exported} (run {export_run_id(cb.exported)}, {n} files)")
     if trainer.logger is not None and getattr(trainer.logger, "log_dir", None):
         print(f"metrics (CSV)        : {trainer.logger.log_dir}/metrics.csv")
     for k, v in sorted(trainer.callback_metrics.items()):
@@ -160,16 +343,61 @@ def main(args: list[str] | None = None) -> AgentRMCLI:
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"description": __doc__},
     )
-    ckpt = cli.config.get("ckpt_path")
-    check_export_targets(cli.trainer, resuming=ckpt is not None, overwrite=bool(cli.config.get("overwrite")))
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
-    report(cli)
+    from agentrm.lit.run_lock import RunLock
+
+    trainer = cli.trainer
+    launching = launching_process()
+    dirs = checkpoint_dirs(trainer)
+    say = note if launching else (lambda s: None)
+    locked = [*dirs, *(cb.target(trainer) for cb in export_callbacks(trainer))]
+    with RunLock(locked if launching else []):
+        if launching:
+            clean_leftovers(trainer, dirs)
+        resume = resolve_resume(cli.config.get("ckpt_path"), dirs, say)
+        check_export_targets(trainer, resume, overwrite=bool(cli.config.get("overwrite")))
+        if resume is None and launching:
+            earlier, _ = newest_valid_checkpoint(dirs)
+            if earlier is not None and cli.config.get("ckpt_path") is None:
+                say(f"{earlier.path.parent} holds checkpoints of an earlier run (newest {earlier.describe()}); this "
+                    f"run starts from scratch and writes beside them (--ckpt_path last resumes instead)")
+        trainer.fit(cli.model, datamodule=cli.datamodule,
+                    ckpt_path=str(resume.path) if isinstance(resume, CheckpointInfo) else resume)
+    report(cli, resume)
     return cli
 
 
+def raised_by_data_setup(exc: BaseException) -> bool:
+    """A ``ValueError``/``OSError`` raised by agentrm code while a data module set itself up (a file that is
+    not there, data the loader rejects), as opposed to one from deep inside a library (a crash)."""
+    if not isinstance(exc, (ValueError, OSError)):
+        return False
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    in_setup = any(f.f_code.co_name in ("setup", "prepare_data")
+                   and isinstance(f.f_locals.get("self"), L.LightningDataModule) for f in frames)
+    agentrm_dir = str(Path(__file__).resolve().parent)
+    return in_setup and bool(frames) and str(Path(frames[-1].f_code.co_filename).resolve()).startswith(agentrm_dir)
+
+
+def fit_usage_error(exc: BaseException) -> bool:
+    """What ``agentrm.fit`` reports in one line (exit code 2): config errors, data errors, data-module setup
+    errors and Lightning's own ``MisconfigurationException`` (e.g. a checkpoint past ``max_epochs``)."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    return is_usage_error(exc) or raised_by_data_setup(exc) or isinstance(exc, MisconfigurationException)
+
+
 def cli(argv: list[str] | None = None) -> AgentRMCLI:
-    """Console entry point: :func:`main` with config-building errors as one line (:func:`agentrm.cli_errors.run_cli`)."""
-    return run_cli("agentrm.fit", main, argv)
+    """Console entry point: :func:`main` with usage errors in one line (:func:`agentrm.cli_errors.run_cli`);
+    a SIGTERM ends it with code 143 after ``last.ckpt`` is saved."""
+    try:
+        return run_cli("agentrm.fit", main, argv, usage_error=fit_usage_error)
+    except SIGTERMException:
+        print("agentrm.fit: stopped by SIGTERM (resume with --ckpt_path last)", file=sys.stderr)
+        raise SystemExit(143) from None
 
 
 if __name__ == "__main__":

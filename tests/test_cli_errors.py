@@ -107,11 +107,11 @@ def test_pipeline_missing_model_fails_in_one_line_naming_the_stage(tmp_path):
 
 
 def test_pipeline_checks_the_files_it_names_before_any_stage(tmp_path):
-    from agentrm.pipeline import FitStage, run_pipeline
+    from agentrm.pipeline import FitStage, PipelineConfig, run_pipeline
 
     with pytest.raises(BuildError, match=r"rm\.config: not found: .*no_such\.yaml"):
-        run_pipeline(run_dir=str(tmp_path / "run"), envs=["babyai:GoToRedBall?max_steps=24"], progress=False,
-                     rm=FitStage("configs/tiny/no_such.yaml"))
+        run_pipeline(PipelineConfig(run_dir=str(tmp_path / "run"), envs=["babyai:GoToRedBall?max_steps=24"],
+                                    progress=False, rm=FitStage("configs/tiny/no_such.yaml")))
     assert not (tmp_path / "run" / "expert").exists()  # no stage ran
 
 
@@ -131,3 +131,144 @@ def test_root_cause_and_building():
         with building("inner"):
             raise ValueError("x")
     assert str(e.value) == "inner: x"  # an inner BuildError is not prefixed twice
+
+
+# --- data errors and crashes --------------------------------------------------------------------------
+
+
+def test_run_cli_prints_data_errors_in_one_line_and_keeps_crashes(capsys, monkeypatch):
+    from agentrm.cli_errors import run_cli
+    from agentrm.data.schema import DataFormatError
+
+    monkeypatch.delenv("AGENTRM_DEBUG", raising=False)
+
+    def bad_data(argv):
+        raise DataFormatError("train.jsonl", 3, "steps[0].value", "must be finite, got nan")
+
+    with pytest.raises(SystemExit) as e:
+        run_cli("agentrm.fit", bad_data, [])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "agentrm.fit: error: train.jsonl:3: field 'steps[0].value': must be finite, got nan")
+
+    def crash(argv):
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):  # a genuine crash keeps its traceback (exit 1)
+        run_cli("agentrm.fit", crash, [])
+    monkeypatch.setenv("AGENTRM_DEBUG", "1")
+    with pytest.raises(DataFormatError):
+        run_cli("agentrm.fit", bad_data, [])
+
+
+def test_fit_counts_errors_raised_by_agentrm_in_data_setup_as_usage_errors():
+    import lightning as L
+
+    from agentrm.fit import fit_usage_error
+    from agentrm.paths import resolve_path
+
+    class DM(L.LightningDataModule):
+        def __init__(self, what):
+            super().__init__()
+            self.what = what
+
+        def setup(self, stage=None):
+            if self.what == "missing":
+                resolve_path("no/such/train.jsonl")  # raised by agentrm code: a usage error
+            int("not a number")  # a ValueError raised outside agentrm: a crash
+
+    def caught(what):
+        try:
+            DM(what).setup("fit")
+        except Exception as e:
+            return e
+
+    assert fit_usage_error(caught("missing"))
+    assert not fit_usage_error(caught("bug"))
+    assert not fit_usage_error(RuntimeError("x"))
+
+
+# --- parse errors: the key, where it was given, the closest names -------------------------------------
+
+
+class Head:
+    def __init__(self, width: int = 4, dropout: float = 0.0):
+        self.width, self.dropout = width, dropout
+
+
+class WideHead(Head):
+    def __init__(self, width: int = 8, activation: str = "relu"):
+        super().__init__(width)
+
+
+def toy(train_path: str = "x.jsonl", max_epochs: int = 1, head: Head | None = None, learning_rate: float = 0.1):
+    """A toy command."""
+    return {"train_path": train_path, "max_epochs": max_epochs}
+
+
+def parse_error(capsys, argv) -> str:
+    from agentrm.cli_errors import auto_cli
+
+    with pytest.raises(SystemExit) as e:
+        auto_cli(toy, argv, "agentrm.toy")
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "usage" not in " ".join(err).lower(), err  # a hint and the error, no usage dump
+    assert err[0].startswith("(--help lists every option")
+    return err[1]
+
+
+def test_flag_typo_names_the_flag_and_the_closest(capsys, monkeypatch):
+    monkeypatch.delenv("AGENTRM_DEBUG", raising=False)
+    assert parse_error(capsys, ["--max_epochz", "3"]) == (
+        "agentrm.toy: error: unknown option --max_epochz; did you mean --max_epochs?")
+    # an abbreviation is a typo too, not a prefix to guess (argparse would take it as --max_epochs)
+    assert "did you mean --max_epochs?" in parse_error(capsys, ["--max_epoch", "3"])
+    assert parse_error(capsys, ["--max_epochs", "three"]).startswith("agentrm.toy: error: ")
+
+
+def test_yaml_typo_names_the_key_its_file_and_the_closest(capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("AGENTRM_DEBUG", raising=False)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train_pth: a.jsonl\n")
+    line = parse_error(capsys, ["--config", str(cfg)])
+    assert line == f"agentrm.toy: error: unknown key 'train_pth' (in {cfg}); did you mean 'train_path'?", line
+
+
+def test_subclass_option_typo_names_the_class_option(capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("AGENTRM_DEBUG", raising=False)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"head:\n  class_path: {__name__}.WideHead\n  init_args:\n    activaton: gelu\n")
+    line = parse_error(capsys, ["--config", str(cfg)])
+    assert line == (f"agentrm.toy: error: head: unknown key 'activaton' for WideHead (in {cfg}); "
+                    "did you mean 'activation'?"), line
+
+
+def test_parse_error_with_debug_shows_the_parsers_full_message(capsys, monkeypatch):
+    from agentrm.cli_errors import auto_cli
+
+    monkeypatch.setenv("AGENTRM_DEBUG", "1")
+    with pytest.raises(SystemExit) as e:
+        auto_cli(toy, ["--max_epochz", "3"], "agentrm.toy")
+    assert e.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_explain_keeps_one_line_for_other_errors():
+    from agentrm.cli_errors import explain_parse_error
+
+    msg = 'Parser key "trainer.devices":\n  Expected a <class \'int\'>. Got value: x\n  Given value: x'
+    assert explain_parse_error(None, msg, []) == "Parser key \"trainer.devices\": Expected a <class 'int'>. Got value: x"
+
+
+def test_fit_model_option_typo_is_one_line_with_the_closest_name(capsys, monkeypatch):
+    """LightningCLI reports a subclass option typo as a dump of the whole namespace; fit names the key."""
+    from agentrm.fit import main
+
+    monkeypatch.delenv("AGENTRM_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(["--config", "configs/tiny/value_rm.yaml", "--model.init_args.learnin_rate", "0.1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "agentrm.fit: error: model: unknown key 'learnin_rate' for ValueRMModule; did you mean 'learning_rate'?"
+    assert len(err) == 2 and "Union subtypes" not in " ".join(err)

@@ -34,7 +34,8 @@ def test_fit_lowers_val_loss_and_exports(tiny_setup):
     # the export records what scorers default to: the training context budget and the loss
     recorded = json.loads((run / "hf_model" / "agentrm_config.json").read_text())
     assert recorded["max_length"] == 128 and recorded["loss"] == "mse"
-    from agentrm.search.specs import ScorerSpec, build_scorer
+    from agentrm.search.build import build_scorer
+    from agentrm.search.specs import ScorerSpec
 
     assert build_scorer(ScorerSpec(path=str(run / "hf_model"))).max_length == 128
     with pytest.warns(UserWarning, match="below the 128 tokens the RM was trained with"):
@@ -131,7 +132,9 @@ def test_new_run_never_replaces_another_runs_export(tiny_setup):
     cfg, run = tiny_setup
     main(["--config", str(cfg), "--trainer.max_epochs", "1"])
     exported = (run / "hf_model" / "value_head.safetensors").read_bytes()
-    with pytest.raises(SystemExit, match="already holds a model exported by an earlier run"):
+    from agentrm.fit import ExportConflict
+
+    with pytest.raises(ExportConflict, match=r"already holds a model exported by run \S+; pass --overwrite true"):
         main(["--config", str(cfg), "--trainer.max_epochs", "1", "--model.init_args.learning_rate", "0.1"])
     assert (run / "hf_model" / "value_head.safetensors").read_bytes() == exported
     main(["--config", str(cfg), "--trainer.max_epochs", "1", "--model.init_args.learning_rate", "0.1",
