@@ -2,10 +2,14 @@
 DeepSpeedStrategy, the way a user runs it (``python -m agentrm.fit --config ... --config
 configs/strategies/deepspeed_zero3.yaml``), on a 2-layer, 32-wide Llama.
 
-ZeRO-3 partitions every parameter and gathers it in forward pre-hooks; the implicit PRM's fused kernel reads
-``lm_head.weight`` directly (``agentrm.models.head_call``), and the export runs after training. The tests
-check that a few optimizer steps run with finite, logged losses, and that the exported model loads with full
-(not partitioned-away) weights and scores. Needs CUDA, ``deepspeed`` and ``jsonargparse`` (both carried to a
+ZeRO-3 partitions the parameters and gathers them in forward pre-hooks; the implicit PRM's fused kernel reads
+``lm_head.weight`` directly (``agentrm.models.head_call``), and the export runs after training. DeepSpeed
+keeps parameters under ``stage3_param_persistence_threshold`` (100k elements by default) whole, which is every
+parameter of a tiny model, so the run sets it to 0 (through a DeepSpeed config file given to the strategy of
+``configs/strategies/deepspeed_zero3.yaml``): every parameter is then partitioned, as an 8B model's are.
+(Checked on CPU with DeepSpeed alone: after a step, ``state_dict()`` then holds 0-element tensors outside
+``deepspeed.zero.GatheredParameters``, full ones inside.) The tests check that a few optimizer steps run with
+finite, logged losses, and that the exported model loads with full (not partitioned-away) weights and scores. Needs CUDA, ``deepspeed`` and ``jsonargparse`` (both carried to a
 bare lent machine by ``scripts/fetch_device_wheels.sh``); DeepSpeed's ops are not prebuilt and JIT-compile
 on first use, so the first run may take longer.
 """
@@ -13,6 +17,7 @@ on first use, so the first run may take longer.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import subprocess
@@ -35,6 +40,10 @@ ZERO3 = PROJECT_ROOT / "configs" / "strategies" / "deepspeed_zero3.yaml"
 MODULES = {"value_rm": "agentrm.lit.value_module.ValueRMModule",
            "implicit_prm": "agentrm.lit.prm_module.ImplicitPRMModule"}
 STEPS = 4
+# the yaml's ZeRO settings, with every parameter partitioned (see the module docstring)
+DS_CONFIG = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "overlap_comm": True,
+                                   "contiguous_gradients": True},
+             "zero_allow_untested_optimizer": True}
 TIMEOUT_S = 180  # below the 200 s per-test limit that bench/gpu_check.py sets
 
 
@@ -49,7 +58,10 @@ def zero3_run(request, tmp_path_factory):
     conf["model"]["class_path"] = MODULES[kind]
     cfg.write_text(yaml.safe_dump(conf))
     run = tmp / "run"
+    ds_config = tmp / "ds_zero3_partition_all.json"
+    ds_config.write_text(json.dumps(DS_CONFIG))
     cmd = [sys.executable, "-m", "agentrm.fit", "--config", str(cfg), "--config", str(ZERO3),
+           "--trainer.strategy.init_args.config", str(ds_config),
            "--trainer.accelerator", "gpu", "--trainer.devices", "1", "--trainer.max_steps", str(STEPS),
            "--trainer.limit_val_batches", "2", *run_args(run, 4)]
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "TRITON_INTERPRET")}
