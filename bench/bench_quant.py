@@ -14,7 +14,8 @@ modules, embeddings, norms and ``lm_head``, are kept in the compute dtype). Colu
   :func:`agentrm.models.quant.own_unquantized_tensors` (tensors left in the checkpoint's memory map);
 * ``fwd ms``: median wall time of a no-grad forward over ``--batch x --seq`` tokens of real episodes
   (``agentrm/assets/babyai_sample.jsonl`` through the model's chat template: a scoring-shaped prefill), all variants loaded in one process and timed round-robin for
-  ``--rounds`` rounds after one warm-up; ``this/fp32``: ratio to the fp32 row (above 1 = slower);
+  ``--rounds`` rounds after one warm-up, ``--threads`` torch threads (default 1); ``this/fp32``: ratio
+  to the fp32 row (above 1 = slower);
 * ``max |dlogit|``: largest absolute difference of the logits from fp32 on the same tokens
   (``|logit| max`` gives the scale), ``mean |dlogit|``, and ``top-1 agree``: share of positions whose
   arg-max (next-token prediction) equals fp32's.
@@ -116,7 +117,8 @@ def child(args: argparse.Namespace) -> None:
 def measure_rss(args: argparse.Namespace, variant: str, keep_map: bool = False) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     cmd = [sys.executable, __file__, "--child", variant, "--model", args.model,
-           "--batch", str(args.batch), "--seq", str(args.seq), *(["--keep-map"] if keep_map else [])]
+           "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads),
+           *(["--keep-map"] if keep_map else [])]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{variant}: child failed:\n{out.stderr[-3000:]}")
@@ -130,9 +132,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: on a shared machine more threads time the contention)")
     p.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--keep-map", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.child:
         return child(args)
     variants = ["fp32", *[v for v in args.variants if v != "fp32"]]
