@@ -55,7 +55,7 @@ class PolicySpec:
         batch_size: ``hf``: replies per ``generate`` call.
         device, dtype, quantization, attn_implementation: ``hf``: where and how the LM is loaded
             (default: CUDA in bf16 when available, else CPU in fp32; ``quantization`` ``nf4``/``int8``
-            needs CUDA and bitsandbytes); see :mod:`agentrm.models.placement`.
+            through bitsandbytes, on a CUDA GPU or the CPU); see :mod:`agentrm.models.placement`.
     """
 
     kind: Literal["expert", "scripted", "random", "hf", "openai"] = "expert"
@@ -115,8 +115,8 @@ class ScorerSpec:
             answers the retry); the server must also be ready within it at startup.
         device, dtype, quantization, attn_implementation: value RM, implicit PRM and local judge:
             where and how the model is loaded (default: CUDA in bf16 when available, else CPU in fp32;
-            ``quantization`` ``nf4``/``int8`` needs CUDA and bitsandbytes; the value head and the
-            LM head stay unquantised); see :mod:`agentrm.models.placement`.
+            ``quantization`` ``nf4``/``int8`` through bitsandbytes, on a CUDA GPU or the CPU; the value
+            head and the LM head stay unquantised); see :mod:`agentrm.models.placement`.
     """
 
     kind: Literal["value_rm", "implicit_prm", "judge", "oracle", "remote"] = "value_rm"
