@@ -6,6 +6,7 @@ is importable from here too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -87,7 +88,8 @@ class ExportHF(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.exported = self.target(trainer)
-        self.exported = self._export(pl_module, training_settings(trainer)) or self.exported
+        with gathered_parameters(trainer, pl_module):  # every rank enters; rank 0 writes
+            self.exported = self._export(pl_module, training_settings(trainer)) or self.exported
 
     @rank_zero_only
     def _export(self, pl_module: L.LightningModule, training: dict) -> Path:
@@ -108,8 +110,23 @@ class ExportHF(L.Callback):
         return target
 
 
+def gathered_parameters(trainer: L.Trainer, pl_module: L.LightningModule):
+    """A context in which every parameter is whole: DeepSpeed ZeRO-3 partitions them (a ``state_dict`` then
+    holds empty tensors), so the export gathers them on every rank first; a no-op for other strategies."""
+    if not getattr(trainer.strategy, "zero_stage_3", False):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(pl_module.parameters()), modifier_rank=None)
+
+
 def training_settings(trainer: L.Trainer) -> dict:
-    """What scorers should default to, recorded with the export: the data module's ``max_length``."""
-    dm = getattr(trainer, "datamodule", None)
-    max_length = getattr(getattr(dm, "hparams", None), "max_length", None) if dm is not None else None
-    return {} if max_length is None else {"max_length": int(max_length)}
+    """What scorers should default to, recorded with the export: the data module's ``max_length`` (and the
+    declared ``value_range`` of the targets, for the record)."""
+    hp = getattr(getattr(trainer, "datamodule", None), "hparams", None)
+    out = {}
+    if getattr(hp, "max_length", None) is not None:
+        out["max_length"] = int(hp.max_length)
+    if getattr(hp, "value_range", None) is not None:
+        out["value_range"] = [float(x) for x in hp.value_range]
+    return out
