@@ -4,7 +4,13 @@ Reads a fit config (several ``--config`` compose like in ``agentrm.fit``), the m
 architecture (a built-in table of well-known models, a local HF directory's
 ``config.json``, or the config's ``backbone_config``; never the hub) and prints, per
 device: weights, gradients, optimizer states, a separate frozen reference (implicit PRM,
-full training), activations and a fixed CUDA-context allowance.
+full training), activations and a fixed CUDA-context allowance; under FSDP also the host
+memory each process needs while it builds the model, before FSDP shards it.
+
+Given a search config (one with ``scorers:``, e.g. ``configs/search/llama3-8b_nf4.yaml``) it prints,
+per locally loaded RM scorer: weights, a separate reference (implicit PRM), the prefix KV cache's
+byte budget (``cache_bytes``, or the automatic one: :data:`agentrm.scoring.cache.AUTO_CUDA_FRACTION`
+of the memory free on the GPU) and the keys/values of one scoring batch (see :func:`estimate_search`).
 
 Accounting (bytes per parameter ``P``, ``N`` = devices x nodes):
 
@@ -16,7 +22,10 @@ Accounting (bytes per parameter ``P``, ``N`` = devices x nodes):
 * implicit PRM, full training: the frozen reference is a submodule in ``reference_dtype`` (else the
   policy's ``dtype``): 2P in bf16, 4P in fp32; FSDP / ZeRO-3 shard it like the policy (FSDP adds one of
   its decoder layers gathered in flight), DDP / ZeRO-2 replicate it. With LoRA it is the base with the
-  adapter disabled: no extra memory.
+  adapter disabled: no extra memory. It is read from the policy's weights path in its own dtype
+  (:func:`agentrm.models.implicit_prm.load_reference`), so building it costs its own bytes, never an
+  fp32 copy of the policy: under FSDP (Lightning builds the whole model on every rank's host before
+  sharding) the host peak per process is the policy in ``dtype`` plus the reference in its dtype.
 * QLoRA: linear layers in NF4 with double quantisation, 4 + 0.127 bits/param (QLoRA paper);
   the rest (embeddings, norms, ``lm_head``) upcast to fp32 by ``prepare_model_for_kbit_training``.
 * activations per token per decoder layer, 16-bit, flash/SDPA attention (no ``s^2`` term):
@@ -175,11 +184,13 @@ class Setup:
 
 @dataclass
 class Estimate:
-    """GB (1e9 bytes) per device."""
+    """GB (1e9 bytes) per device; ``host_build`` (GB per process while the model is built, before FSDP shards
+    it) where that is the host peak, else ``None``."""
 
     rows: dict[str, float]
     params: int
     trainable: int
+    host_build: float | None = None
 
     @property
     def total(self) -> float:
@@ -203,6 +214,7 @@ def estimate(s: Setup) -> Estimate:
     shard_states = shard_all or s.strategy == "deepspeed_stage_2"
     if s.mode == "full":
         trainable = P
+        host_weights = _dtype_bytes(s.dtype) * P
         if s.strategy.startswith("deepspeed"):
             w, g, o = 2 * P, 2 * P, 12 * P  # bf16 weights/grads, fp32 master + m + v
         else:
@@ -218,16 +230,20 @@ def estimate(s: Setup) -> Estimate:
             base = NF4_BYTES * a.linear_params() + 4 * (P - a.linear_params())
         else:
             base = _dtype_bytes(s.dtype) * P
+        host_weights = base
         base = base / n if shard_all else base
         w, g, o = base + 4 * trainable, 4 * trainable, 8 * trainable
         g, o = (g / n, o / n) if shard_states else (g, o)
-    ref = 0.0
+    ref, ref_whole = 0.0, 0.0
     if s.causal_lm and s.separate_reference:  # frozen submodule: sharded with the policy, or replicated
         ref_bytes = _dtype_bytes(s.reference_dtype or s.dtype)
-        ref = ref_bytes * a.params(True)
+        ref = ref_whole = ref_bytes * a.params(True)
         ref = ref / n if shard_all else ref
         if s.strategy == "fsdp":  # one of its decoder layers gathered in flight
             ref += ref_bytes * a.linear_params() / a.layers
+    host = None
+    if s.strategy == "fsdp":  # Lightning builds the whole model on each rank's host, then FSDP shards it
+        host = (host_weights + ref_whole) / GB
     tokens = s.batch_size * s.max_length
     per_layer = tokens * a.act_bytes_per_token_layer()
     if s.checkpointing:
@@ -243,7 +259,7 @@ def estimate(s: Setup) -> Estimate:
         "activations": act / GB,
         "CUDA context (approx.)": CUDA_CONTEXT_GB,
     }
-    return Estimate(rows, P, trainable)
+    return Estimate(rows, P, trainable, host)
 
 
 def _merge(dst: dict, src: dict) -> dict:
@@ -313,10 +329,16 @@ def setup_from_config(cfg: dict[str, Any]) -> Setup:
 
 
 def load_config(paths: list[str], overrides: dict[str, str]) -> dict[str, Any]:
-    """Merge ``--config`` files in order, then dotted ``--trainer.devices 8``-style overrides."""
+    """Merge ``--config`` files in order, then dotted ``--trainer.devices 8``-style overrides.
+
+    Files are read with the YAML loader the CLIs use (jsonargparse's: it also takes the search configs'
+    env specs such as ``[babyai:GoToLocal?max_steps=24]``, which strict YAML rejects)."""
+    from jsonargparse import get_loader
+
+    load_yaml = get_loader("yaml")
     cfg: dict[str, Any] = {}
     for p in paths:
-        _merge(cfg, yaml.safe_load(Path(p).read_text()) or {})
+        _merge(cfg, load_yaml(Path(p).read_text()) or {})
     for key, value in overrides.items():
         node = cfg
         parts = key.split(".")
@@ -338,6 +360,138 @@ def format_table(s: Setup, e: Estimate) -> str:
     lines.append(f"{'total':26s} {e.total:10.2f}")
     for gpu, cap in (("A100/H100 80GB", 80), ("H200 141GB", 141)):
         lines.append(f"fits {gpu}: {'yes' if e.total <= 0.95 * cap else 'no'}")
+    if e.host_build is not None:
+        ref = " (the reference read from the weights in its own dtype)" if s.separate_reference else ""
+        lines.append(f"host memory per process while building, before FSDP shards: {e.host_build:.2f} GB{ref}")
+    return "\n".join(lines)
+
+
+# ---- search time ---------------------------------------------------------------------------------
+
+
+def kv_bytes_per_token(a: Arch, dtype_bytes: int = 2) -> int:
+    """Keys + values of one token over every layer: ``2 * layers * kv_dim * bytes`` (Llama-3-8B, bf16: 128 KiB)."""
+    return 2 * a.layers * a.kv_dim * dtype_bytes
+
+
+@dataclass
+class ScorerSetup:
+    """A locally loaded RM scorer of a search config (``scorers[i]``), as far as memory goes."""
+
+    name: str
+    arch: Arch
+    causal_lm: bool  # implicit PRM
+    quantization: str | None
+    dtype: str
+    separate_reference: bool
+    max_length: int
+    batch_size: int
+    cache_bytes: int | None  # None: automatic
+
+
+def _scorer_arch(sc: dict[str, Any], where: str, override: str | None) -> tuple[Arch, dict[str, Any]]:
+    """The architecture of a scorer's model (``--arch``, ``base``, or what its directory records) and the
+    directory's ``agentrm_config.json`` (``{}`` when absent)."""
+    path = Path(sc.get("path") or "")
+    meta_file = path / "agentrm_config.json"
+    meta = json.loads(meta_file.read_text()) if sc.get("path") and meta_file.exists() else {}
+    names = [override, sc.get("base"), meta.get("base_model")]
+    names = [n for n in names if n] + [str(d) for d in (path, path / "policy", path / "base") if sc.get("path")]
+    for name in names:
+        if name in KNOWN or (Path(name) / "config.json").exists():
+            return resolve_arch({"backbone": name}), meta
+        if (path / name / "config.json").exists():  # a base recorded relative to the directory
+            return resolve_arch({"backbone": str(path / name)}), meta
+    raise ValueError(f"{where}: cannot tell the architecture of {sc.get('path')!r} (not a local model directory, "
+                     f"no known base); pass --arch NAME (one of {sorted(KNOWN)}) or a local model directory")
+
+
+def search_setups(cfg: dict[str, Any], arch: str | None = None) -> list[ScorerSetup]:
+    """The value-RM / implicit-PRM scorers of a search config (judges and oracles load no RM)."""
+    from agentrm.search.specs import ScorerSpec
+
+    defaults = ScorerSpec()
+    out = []
+    for i, sc in enumerate(cfg.get("scorers") or []):
+        kind = sc.get("kind", defaults.kind)
+        if kind not in ("value_rm", "implicit_prm"):
+            continue
+        where = f"scorers[{i}] ({sc.get('name') or kind})"
+        a, meta = _scorer_arch(sc, where, arch)
+        prm = kind == "implicit_prm"
+        separate = meta.get("reference", "adapter_disabled" if sc.get("base") else "separate") == "separate"
+        max_length = sc.get("max_length", defaults.max_length) or meta.get("max_length") or 4096
+        from agentrm.scoring.cache import parse_bytes
+
+        out.append(ScorerSetup(
+            name=sc.get("name") or kind, arch=a, causal_lm=prm, quantization=sc.get("quantization"),
+            dtype=sc.get("dtype") or "bfloat16", separate_reference=prm and separate, max_length=int(max_length),
+            batch_size=int(sc.get("batch_size", defaults.batch_size)),
+            cache_bytes=parse_bytes(sc.get("cache_bytes", getattr(defaults, "cache_bytes", None)),
+                                    f"{where}.cache_bytes"),
+        ))
+    return out
+
+
+def rm_weight_bytes(a: Arch, causal_lm: bool, quantization: str | None, dtype: str) -> float:
+    """Bytes of an RM's weights as loaded for search: nf4 (4.127 bits) / int8 decoder linears with everything
+    else (embeddings, norms, value head, ``lm_head``) in the 16-bit compute dtype, or all in ``dtype``."""
+    P = a.params(causal_lm) + (0 if causal_lm else a.hidden + 1)
+    linear = a.linear_params()
+    if quantization in ("nf4", "int8"):
+        return (NF4_BYTES if quantization == "nf4" else 1) * linear + 2 * (P - linear)
+    return _dtype_bytes(dtype) * P
+
+
+def estimate_search(s: ScorerSetup, gpu_gb: float = 80.0, reserved_gb: float = 0.0) -> Estimate:
+    """GPU memory of one RM scorer during beam search, on a ``gpu_gb`` GPU of which other processes (a policy
+    server) hold ``reserved_gb``.
+
+    * weights (and a separate reference for an implicit PRM, loaded the same way);
+    * the keys/values of one scoring batch (transient): ``batch_size`` candidate rows, each against its
+      prefix's past of up to ``max_length`` tokens (the per-candidate layout flash-attention takes; the
+      per-prefix layout of sdpa/eager needs one row per beam instead), per cached model;
+    * the prefix KV cache: its byte budget, ``cache_bytes`` or the automatic
+      :data:`~agentrm.scoring.cache.AUTO_CUDA_FRACTION` of what is free when its first entry is stored
+      (the GPU less the other processes, the weights, one scoring batch and the CUDA context);
+    * the CUDA context allowance. Activations of the new tokens (a few per row) are negligible here.
+    """
+    from agentrm.scoring.cache import AUTO_CUDA_FRACTION
+
+    models = 2 if s.causal_lm else 1
+    weights = rm_weight_bytes(s.arch, s.causal_lm, s.quantization, s.dtype)
+    ref = weights if s.separate_reference else 0.0
+    batch = models * s.batch_size * s.max_length * kv_bytes_per_token(s.arch, _dtype_bytes(s.dtype))
+    fixed = weights + ref + batch + CUDA_CONTEXT_GB * GB
+    cache = s.cache_bytes if s.cache_bytes is not None else AUTO_CUDA_FRACTION * max(
+        0.0, (gpu_gb - reserved_gb) * GB - fixed)
+    rows = {
+        "weights": weights / GB,
+        "reference model": ref / GB,
+        "scoring batch KV": batch / GB,
+        "prefix KV cache": cache / GB,
+        "CUDA context (approx.)": CUDA_CONTEXT_GB,
+    }
+    return Estimate(rows, s.arch.params(s.causal_lm), 0)
+
+
+def format_search_table(s: ScorerSetup, e: Estimate, gpu_gb: float, reserved_gb: float) -> str:
+    per_token = kv_bytes_per_token(s.arch, _dtype_bytes(s.dtype))
+    budget = (f"cache_bytes={s.cache_bytes / 2**30:.2f} GiB" if s.cache_bytes is not None
+              else "cache_bytes=auto (a quarter of the memory free at its first store)")
+    lines = [
+        f"{s.arch.name}  {'implicit PRM' if s.causal_lm else 'value RM'}  scorer={s.name}  "
+        f"quantization={s.quantization}  dtype={s.dtype}  {budget}",
+        f"KV per token {per_token / 2**10:.1f} KiB; scoring batch {s.batch_size} rows x {s.max_length} tokens; "
+        f"{gpu_gb:g} GB GPU, {reserved_gb:g} GB of it held by other processes",
+        f"{'component':26s} {'GB/device':>10s}",
+    ]
+    lines += [f"{k:26s} {v:10.2f}" for k, v in e.rows.items()]
+    lines.append(f"{'total':26s} {e.total:10.2f}")
+    cache_tokens = e.rows["prefix KV cache"] * GB / (per_token * (2 if s.causal_lm else 1))
+    lines.append(f"the prefix cache holds ~{cache_tokens:,.0f} tokens of keys/values "
+                 f"(~{cache_tokens / s.max_length:.1f} prefixes of {s.max_length} tokens)")
+    lines.append(f"fits beside the other processes: {'yes' if e.total <= 0.95 * (gpu_gb - reserved_gb) else 'no'}")
     return "\n".join(lines)
 
 
@@ -347,7 +501,13 @@ def main(argv: list[str] | None = None) -> list[Estimate]:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", action="append", required=True, help="fit config(s), composed in order")
+    parser.add_argument("--config", action="append", required=True,
+                        help="fit config(s), composed in order, or a search config (one with scorers:)")
+    parser.add_argument("--arch", help="search: the RM's architecture when its directory is not here "
+                                       f"(one of {sorted(KNOWN)} or a local model directory)")
+    parser.add_argument("--gpu-gb", type=float, default=80.0, help="search: the GPU's memory (default 80)")
+    parser.add_argument("--reserved-gb", type=float, default=0.0,
+                        help="search: GB of that GPU held by other processes, e.g. a policy server (default 0)")
     args, rest = parser.parse_known_args(argv)
     overrides: dict[str, str] = {}
     it = iter(rest)
@@ -356,7 +516,16 @@ def main(argv: list[str] | None = None) -> list[Estimate]:
             parser.error(f"unexpected argument {tok!r}")
         key, _, value = tok[2:].partition("=")
         overrides[key] = value if _ else next(it)
-    setup = setup_from_config(load_config(args.config, overrides))
+    cfg = load_config(args.config, overrides)
+    try:
+        if "scorers" in cfg:
+            out = [(sc, estimate_search(sc, args.gpu_gb, args.reserved_gb)) for sc in search_setups(cfg, args.arch)]
+            print("\n\n".join(format_search_table(sc, e, args.gpu_gb, args.reserved_gb) for sc, e in out)
+                  or "no value-RM or implicit-PRM scorer in the config: no RM loaded on a GPU to plan")
+            return [e for _, e in out]
+        setup = setup_from_config(cfg)
+    except ValueError as e:
+        parser.exit(2, f"python -m agentrm.plan: error: {', '.join(args.config)}: {e}\n")
     est = estimate(setup)
     print(format_table(setup, est))
     return [est]

@@ -25,7 +25,18 @@ import json
 import pytest
 
 from agentrm.paths import PROJECT_ROOT
-from agentrm.plan import KNOWN, Setup, estimate, load_config, main, resolve_arch, setup_from_config
+from agentrm.plan import (
+    KNOWN,
+    Setup,
+    estimate,
+    estimate_search,
+    kv_bytes_per_token,
+    load_config,
+    main,
+    resolve_arch,
+    search_setups,
+    setup_from_config,
+)
 
 LLAMA3_8B = KNOWN["meta-llama/Meta-Llama-3-8B-Instruct"]
 CONFIGS = PROJECT_ROOT / "configs" / "llama3-8b"
@@ -113,3 +124,63 @@ def test_arch_from_local_dir(tmp_path):
     )
     with pytest.raises(ValueError, match="unknown backbone"):
         resolve_arch({"backbone": "someone/not-a-model"})
+
+
+def test_implicit_prm_host_memory_while_building_counts_the_reference_in_its_dtype():
+    """Under FSDP each rank builds the whole model on its host before sharding: the fp32 policy (4P) plus the
+    reference read from the weights in bf16 (2P), not a second fp32 copy (the old deepcopy: 8P)."""
+    s = setup_from_config(load_config([str(CONFIGS / "implicit_prm_full.yaml")], {}))
+    e = estimate(s)
+    P = LLAMA3_8B.params(causal_lm=True)
+    assert e.host_build == pytest.approx((4 * P + 2 * P) / 1e9)
+    assert within(e.host_build, 48.2)  # 32.1 GB fp32 policy + 16.1 GB bf16 reference
+    lora = estimate(setup_from_config(load_config([str(CONFIGS / "implicit_prm_lora.yaml"),
+                                                   str(STRATEGIES / "fsdp.yaml")], {})))
+    assert lora.host_build == pytest.approx(2 * P / 1e9)  # bf16 base, no reference
+    ddp = load_config([str(CONFIGS / "implicit_prm_full.yaml"), str(STRATEGIES / "ddp.yaml")], {})
+    assert estimate(setup_from_config(ddp)).host_build is None  # built on each rank's GPU
+
+
+SEARCH_8B = PROJECT_ROOT / "configs" / "search" / "llama3-8b_nf4.yaml"
+
+
+def test_search_plan_counts_weights_scoring_batch_and_the_prefix_cache_budget(capsys):
+    cfg = load_config([str(SEARCH_8B)], {})
+    with pytest.raises(ValueError, match=r"scorers\[0\] \(value_rm_8b_nf4\): cannot tell the architecture"):
+        search_setups(cfg)  # the exported directory is not here
+    (s,) = search_setups(cfg, arch="meta-llama/Meta-Llama-3-8B-Instruct")
+    assert kv_bytes_per_token(s.arch) == 128 * 1024  # Llama-3-8B in bf16: 32 layers x 8 kv heads x 128 x 2 x 2
+    e = estimate_search(s, gpu_gb=80, reserved_gb=40)  # beside a vLLM server holding half the GPU
+    # nf4 linears + bf16 embeddings: the 4-bit causal LM's ~5.65 GB (module doc) less its bf16 lm_head (1.05 GB)
+    assert within(e.rows["weights"] + 2 * 128256 * 4096 / 1e9, 5.65, rel=0.1)
+    assert e.rows["reference model"] == 0
+    assert e.rows["scoring batch KV"] == pytest.approx(s.batch_size * s.max_length * 128 * 1024 / 1e9)
+    others = e.total - e.rows["prefix KV cache"]
+    assert e.rows["prefix KV cache"] == pytest.approx(0.25 * (40 - others))  # auto: a quarter of what is free
+    # an explicit budget is taken as is; an implicit PRM caches (and holds) two models
+    cfg["scorers"][0].update(kind="implicit_prm", cache_bytes="2GiB", base="meta-llama/Meta-Llama-3-8B-Instruct")
+    (prm,) = search_setups(cfg)
+    e2 = estimate_search(prm, gpu_gb=80, reserved_gb=40)
+    assert e2.rows["prefix KV cache"] == pytest.approx(2**31 / 1e9)
+    assert e2.rows["scoring batch KV"] == pytest.approx(2 * e.rows["scoring batch KV"])
+    assert not prm.separate_reference and e2.rows["reference model"] == 0  # a LoRA export: adapter disabled
+    main(["--config", str(SEARCH_8B), "--arch", "meta-llama/Meta-Llama-3-8B-Instruct", "--reserved-gb", "40"])
+    out = capsys.readouterr().out
+    assert "prefix KV cache" in out and "KV per token 128.0 KiB" in out and "fits beside the other processes: yes" in out
+    with pytest.raises(SystemExit):
+        main(["--config", str(SEARCH_8B)])
+    assert "llama3-8b_nf4.yaml: scorers[0]" in capsys.readouterr().err
+
+
+def test_search_plan_reads_a_local_export(tmp_path):
+    """A full implicit-PRM export records its reference as separate: the planner counts it."""
+    cfg = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "vocab_size": 100}
+    (tmp_path / "policy").mkdir()
+    (tmp_path / "policy" / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "agentrm_config.json").write_text(json.dumps({"model_class": "ImplicitPRM", "reference": "separate"}))
+    (s,) = search_setups({"scorers": [{"kind": "implicit_prm", "path": str(tmp_path), "dtype": "float32",
+                                       "cache_bytes": 1000, "max_length": 64}]})
+    e = estimate_search(s, gpu_gb=1)
+    assert s.separate_reference and e.rows["reference model"] == e.rows["weights"] == 4 * s.arch.params(True) / 1e9
+    assert kv_bytes_per_token(s.arch, 4) == 2 * 2 * 32 * 4 and e.rows["prefix KV cache"] == 1000 / 1e9

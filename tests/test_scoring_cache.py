@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from agentrm.data.schema import Step, Trajectory
-from agentrm.scoring import ImplicitPRMScorer, PrefixCache, ValueRMScorer, tokenize_candidates
+from agentrm.scoring import (
+    ImplicitPRMScorer,
+    PrefixCache,
+    ScoringCounters,
+    ValueRMScorer,
+    tokenize_candidates,
+)
+from agentrm.scoring.cache import AUTO_CUDA_FRACTION, CPU_DEFAULT_BYTES, Segment, auto_budget, parse_bytes
 from tests.conftest import make_trajectory
 from tests.test_scoring import ATOL, STEPS5, _alone, _prm, _value_rm
 
@@ -109,21 +116,169 @@ def test_flash_like_attention_does_not_repeat_the_prefix(tiny_tokenizer, monkeyp
     assert folded.counters.forward_passes == 1 and folded.counters.forward_tokens == plain.counters.forward_tokens
 
 
+def _kv(n: int, fill: float = 0.0, layers: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``layers`` of keys/values for ``n`` positions, ``[1, 2 heads, n, 4]`` fp32 (32 bytes per position each)."""
+    return [(torch.full((1, 2, n, 4), fill), torch.full((1, 2, n, 4), fill + 1)) for _ in range(layers)]
+
+
+def _seg(n: int, fill: float = 0.0) -> tuple[Segment, int]:
+    return Segment.copy_of(_kv(n, fill), 0, 0, n), n
+
+
 def test_prefix_cache_lookup_and_lru():
-    c = PrefixCache(max_entries=2)
-    kv = [(torch.zeros(1, 2, 5, 4), torch.ones(1, 2, 5, 4))]
-    c.store("m", (1, 2, 3, 4, 5), kv)
-    got, n = c.lookup("m", (1, 2, 3, 9))
+    c = PrefixCache(max_entries=2, max_bytes="1MiB")
+    c.store_kv("m", (1, 2, 3, 4, 5), _kv(5))
+    got, n = c.lookup_kv("m", (1, 2, 3, 9))
     assert got is None and n == 0 and c.misses == 1
-    got, n = c.lookup("m", (1, 2, 3, 4, 5, 6, 7))
+    got, n = c.lookup_kv("m", (1, 2, 3, 4, 5, 6, 7))
     assert n == 5 and got[0][0].shape[2] == 5
-    got, n = c.lookup("m", (1, 2, 3))  # a longer entry is cropped
+    got, n = c.lookup_kv("m", (1, 2, 3))  # a longer entry is cropped
     assert n == 3 and got[0][1].shape[2] == 3
     assert c.lookup("other", (1, 2))[1] == 0  # per model
-    c.store("m", (7,), kv)
-    c.store("m", (8,), kv)
+    c.store_kv("m", (7,), _kv(1))
+    c.store_kv("m", (8,), _kv(1))
     assert len(c) == 2 and c.lookup("m", (1, 2, 3, 4, 5))[1] == 0  # evicted (least recently used)
-    assert c.nbytes == 2 * 2 * 5 * 4 * 4
+    assert c.evictions == 1 and c.nbytes == 2 * 2 * (2 * 1 * 4 * 4)
+
+
+def test_byte_accounting_counts_shared_segments_once_and_equals_owned_storage():
+    c = PrefixCache(max_bytes=10_000)
+    prefix, held = _seg(10), _seg(3, 5.0)
+    for k in range(4):  # four candidates after one prefix: they share its segments
+        c.store("m", tuple(range(13)) + (100 + k,) * 2, (prefix, held, _seg(2, 9.0 + k)))
+    assert c.nbytes == (10 + 3 + 4 * 2) * 64 == c.storage_nbytes() == c.peak_bytes
+    # the materialised entry is the concatenation, cropped where the lookup asks for less
+    kv, n = c.lookup_kv("m", tuple(range(13)) + (102, 102, 7))
+    assert n == 15 and kv[0][0].shape[2] == 15 and kv[0][0][0, 0, -1, 0] == 11.0 and kv[0][0][0, 0, 10, 0] == 5.0
+    parts, n = c.lookup("m", tuple(range(12)))
+    assert n == 12 and [u for _, u in parts] == [10, 2]
+    # an entry built on a cropped lookup uses the start of a segment in its middle
+    c.store("m", tuple(range(12)) + (55,), parts + (_seg(1, 7.0),))
+    kv, n = c.lookup_kv("m", tuple(range(12)) + (55,))
+    assert n == 13 and kv[0][1][0, 0, :, 0].tolist() == [1.0] * 10 + [6.0, 6.0, 8.0]
+    assert c.nbytes == (10 + 3 + 4 * 2 + 1) * 64 == c.storage_nbytes()
+    c._evict(*next(reversed(c._lru)))
+    # evicting one candidate frees only its own segment; the shared ones go with the last user
+    for left in (3, 2, 1):
+        c._evict(*next(iter(c._lru)))
+        assert c.nbytes == (13 + left * 2) * 64 == c.storage_nbytes()
+    c._evict(*next(iter(c._lru)))
+    assert c.nbytes == 0 == c.storage_nbytes() and len(c) == 0
+
+
+def test_lru_eviction_by_bytes_and_oversized_entries():
+    counters = ScoringCounters()
+    c = PrefixCache(max_bytes=10 * 64, counters=counters)  # ten positions of _kv
+    c.store("m", (1,) * 4, (_seg(4),))
+    c.store("r", (2,) * 4, (_seg(4),))  # one budget over every model
+    assert c.lookup("m", (1,) * 4)[1] == 4  # "m" used: "r" is now the least recently used
+    assert c.store("m", (3,) * 4, (_seg(4),))
+    assert c.lookup("r", (2,) * 4)[1] == 0 and c.lookup("m", (1,) * 4)[1] == 4
+    assert c.nbytes == 8 * 64 <= c.budget and c.evictions == 1
+    assert not c.store("m", (4,) * 11, (_seg(11),))  # alone larger than the budget: not stored, counted
+    assert c.oversized == 1 and len(c) == 2
+    assert (counters.cache_evictions, counters.cache_oversized, counters.cache_peak_bytes) == (1, 1, 8 * 64)
+    assert not PrefixCache(max_bytes=0).store("m", (1,), (_seg(1),))  # 0 disables storing
+    with pytest.raises(ValueError, match="parts hold 4 positions for 3 ids"):
+        c.store("m", (1, 2, 3), (_seg(4),))
+
+
+def test_parse_bytes_and_automatic_budget(monkeypatch):
+    assert parse_bytes(None) is None and parse_bytes("auto") is None
+    assert parse_bytes("512MiB") == 512 * 2**20 and parse_bytes("1.5 GB") == 1_500_000_000 and parse_bytes(7) == 7
+    for bad in ("lots", "-1GB", -3, True, "2 parsecs"):
+        with pytest.raises(ValueError, match="cache_bytes"):
+            parse_bytes(bad)
+    c = PrefixCache()
+    assert c.budget is None
+    c.store("m", (1,), (_seg(1),))
+    assert c.budget == CPU_DEFAULT_BYTES == 2**30  # resolved from the device of the first entry
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (8 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 1 * 2**30)
+    assert auto_budget(torch.device("cuda", 0)) == int(AUTO_CUDA_FRACTION * 10 * 2**30)
+
+
+class _CheckedCache(PrefixCache):
+    """Checks after every store that the budget holds and the accounting equals the owned storage."""
+
+    def store(self, model, ids, parts):
+        stored = super().store(model, ids, parts)
+        assert self.nbytes <= self.budget and self.nbytes == self.storage_nbytes()
+        return stored
+
+
+@pytest.mark.parametrize("rows", ["per_candidate", "per_prefix"])
+def test_tiny_budget_evicts_and_keeps_scores_exact(tiny_tokenizer, rows):
+    """A budget of a few entries forces evictions at every depth; scores stay those of uncached scoring."""
+    model = _value_rm(tiny_tokenizer, "sdpa")
+    ref = ValueRMScorer(model, tiny_tokenizer, path="plain")
+
+    def walk(scorer):
+        scorer.cache_rows = rows
+        beams = _beams(2)
+        for depth in range(3):
+            for h, g in zip(beams, scorer.score_candidates_many([(h, STEPS5) for h in beams])):
+                torch.testing.assert_close(g, ref.score_candidates(h, STEPS5), atol=ATOL, rtol=0)
+            beams = [_extend(h, STEPS5[(depth + i) % len(STEPS5)]) for i, h in enumerate(beams)]
+        return scorer.counters
+
+    unbounded = walk(ValueRMScorer(model, tiny_tokenizer, path="cached"))
+    budget = unbounded.cache_peak_bytes // 3
+    cached = ValueRMScorer(model, tiny_tokenizer, path="cached", cache_bytes=budget)
+    cached.prefix_cache.__class__ = _CheckedCache
+    c = walk(cached)
+    assert unbounded.cache_evictions == 0 and c.cache_evictions == cached.prefix_cache.evictions > 0
+    assert 0 < c.cache_peak_bytes <= budget and cached.prefix_cache.nbytes <= budget
+    assert c.forward_tokens > unbounded.forward_tokens  # what was evicted is forwarded again
+
+
+def test_entries_own_their_memory_and_share_the_prefix(tiny_tokenizer):
+    """No entry keeps a batched forward's cache alive: every stored tensor's storage is exactly its size,
+    and the K candidates of a prefix hold its tokens once."""
+    model = _value_rm(tiny_tokenizer, "sdpa")
+    for rows in ("per_candidate", "per_prefix"):
+        s = ValueRMScorer(model, tiny_tokenizer, path="cached")
+        s.cache_rows = rows
+        prefix = make_trajectory("p", 3)
+        toks = tokenize_candidates(tiny_tokenizer, prefix, STEPS5)
+        s.score_candidates(prefix, STEPS5)
+        cfg = model.backbone.config
+        per_token = 2 * 4 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+        P, L = len(toks.prefix_ids), sum(len(c) for c in toks.cand_ids)
+        pc = s.prefix_cache
+        assert pc.nbytes == pc.storage_nbytes() == (P + L) * per_token, rows  # not K * P
+        assert len(pc) == len(STEPS5) + (rows == "per_candidate")  # + the prefix forwarded on its own
+
+
+def test_prm_budget_covers_policy_and_reference(tiny_tokenizer):
+    prm = _prm(tiny_tokenizer, "sdpa")
+    unbounded = ImplicitPRMScorer(prm, tiny_tokenizer, include_prefix=False, path="cached")
+    _walk(unbounded, ImplicitPRMScorer(prm, tiny_tokenizer, include_prefix=False, path="plain"), None, tiny_tokenizer)
+    budget = unbounded.prefix_cache.peak_bytes // 3
+    small = ImplicitPRMScorer(prm, tiny_tokenizer, include_prefix=False, path="cached", cache_bytes=budget)
+    small.prefix_cache.__class__ = _CheckedCache
+    _walk(small, ImplicitPRMScorer(prm, tiny_tokenizer, include_prefix=False, path="plain"), None, tiny_tokenizer)
+    assert small.counters.cache_evictions > 0 and small.prefix_cache.peak_bytes <= budget
+    assert small.counters.forward_tokens > unbounded.counters.forward_tokens  # evicted prefixes were reforwarded
+
+
+def test_shared_scorer_counts_evictions_per_episode(tiny_tokenizer):
+    """The search harness reads counter deltas through SharedScorer: evictions reach its episode counters."""
+    import threading
+
+    from agentrm.search.runner import SharedScorer
+
+    model = _value_rm(tiny_tokenizer, "sdpa")
+    scorer = ValueRMScorer(model, tiny_tokenizer, path="cached", cache_bytes="60KiB")
+    lock = threading.Lock()
+    views = [SharedScorer(scorer, lock) for _ in range(2)]
+    for d in range(3):
+        for i, view in enumerate(views):
+            view.score_candidates(make_trajectory(f"e{i}", d), STEPS5)
+    assert scorer.counters.cache_evictions > 0
+    assert sum(v.counters.cache_evictions for v in views) == scorer.counters.cache_evictions
+    assert sum(v.counters.cache_peak_bytes for v in views) == scorer.counters.cache_peak_bytes
 
 
 def _beams(depths: int):

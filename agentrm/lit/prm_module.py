@@ -14,7 +14,7 @@ from agentrm.lit.dist_metrics import synced_compute
 from agentrm.lit.metrics import AUROCOrNaN
 from agentrm.lit.optim import adamw_with_warmup_cosine
 from agentrm.lit.trainable import ModelBuiltInConfigure, build_trainable_backbone
-from agentrm.models.implicit_prm import ImplicitPRM
+from agentrm.models.implicit_prm import ImplicitPRM, load_reference
 from agentrm.models.quant import check_quantization, validate_training_setup
 from agentrm.models.value_rm import aggregate_steps
 from agentrm.paths import check_model_reachable, load_tokenizer
@@ -40,6 +40,10 @@ class ImplicitPRMModule(ModelBuiltInConfigure, L.LightningModule):
             bitsandbytes, ``lora`` and a non-sharding strategy; checked before loading).
         reference_dtype: dtype of the separate frozen reference (full training only), e.g.
             ``"bfloat16"``: half the memory of an fp32 copy; ``None`` keeps the policy's dtype.
+            With a ``backbone`` the reference is loaded from it in that dtype
+            (:func:`~agentrm.models.implicit_prm.load_reference`: no fp32 copy of the policy on any rank);
+            with a ``backbone_config`` (random init, nothing on disk) it is copied from the policy tensor by
+            tensor into that dtype (:func:`~agentrm.models.implicit_prm.frozen_copy`).
 
     The models are built in ``configure_model`` (see :class:`~agentrm.lit.trainable.ModelBuiltInConfigure`).
     """
@@ -82,7 +86,11 @@ class ImplicitPRMModule(ModelBuiltInConfigure, L.LightningModule):
             dtype=hp.dtype, attn_implementation=hp.attn_implementation,
             gradient_checkpointing=hp.gradient_checkpointing, quantization=hp.quantization,
         )
-        return ImplicitPRM(policy, beta=hp.beta, reference_dtype=hp.get("reference_dtype"))
+        reference = None
+        if not hp.lora and hp.backbone:  # the same weights, read again in the reference's own dtype
+            dtype = hp.get("reference_dtype") or next(policy.parameters()).dtype
+            reference = load_reference(hp.backbone, dtype, hp.attn_implementation)
+        return ImplicitPRM(policy, reference, beta=hp.beta, reference_dtype=hp.get("reference_dtype"))
 
     def setup(self, stage: str) -> None:
         """Reject quantisation under a sharding strategy before the strategy wraps the model."""

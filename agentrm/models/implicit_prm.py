@@ -3,7 +3,9 @@
 Trained on outcome labels only (BCE on ``sigmoid(beta * sum over all steps)``), it
 yields per-step process rewards for free.  The reference is frozen: with a LoRA
 adapter it is the same base model with the adapter disabled (one model in memory);
-otherwise a separate frozen copy.  All log-probabilities go through
+otherwise a separate frozen model, loaded from the policy's weights path in its own dtype
+(:func:`load_reference`) or, for a model that exists only in memory, copied tensor by tensor
+(:func:`frozen_copy`); never a full copy of the policy in the policy's dtype first.  All log-probabilities go through
 :func:`agentrm.kernels.step_logratio`, which never materialises ``[tokens, vocab]`` logits.
 """
 
@@ -49,6 +51,43 @@ def action_token_rows(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tor
     return b * T + t, ids[b, t + 1], nxt_step[b, t] + b * S, B * S
 
 
+def frozen_copy(model: nn.Module, dtype: str | torch.dtype | None = None) -> nn.Module:
+    """A copy of ``model`` whose floating-point parameters and buffers are in ``dtype`` (``None``: as they are).
+
+    ``copy.deepcopy(model).to(dtype)`` would first duplicate every tensor in the model's own dtype (an fp32
+    policy: 4 bytes/param more on every rank before the cast). Here each parameter and buffer is copied
+    straight into ``dtype`` (``tensor.to(dtype, copy=True)``: no intermediate in the source dtype) and handed
+    to ``deepcopy`` through its memo, which then copies only the module structure; tied weights stay tied.
+    The result equals ``copy.deepcopy(model).to(dtype)`` exactly (same casts, buffers included). Used
+    where there is no weights path to load from (a model built from a config in memory, e.g. the tests'
+    tiny models); see :func:`load_reference` otherwise.
+    """
+    dtype = resolve_dtype(dtype)
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        floating = t.is_floating_point() or t.is_complex()
+        return t.detach().to(dtype if (floating and dtype is not None) else t.dtype, copy=True)
+
+    memo: dict[int, Any] = {}
+    for p in model.parameters():  # each tied tensor once
+        memo[id(p)] = nn.Parameter(cast(p), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = cast(b)
+    return copy.deepcopy(model, memo)
+
+
+def load_reference(name_or_path: str, dtype: str | torch.dtype | None, attn_implementation: str = "auto",
+                   device: str | torch.device | None = None) -> PreTrainedModel:
+    """The frozen reference loaded from the policy's weights (``name_or_path``) directly in ``dtype``.
+
+    Each rank reads the checkpoint into ``dtype`` (bf16: 2 bytes/param), never holding an fp32 copy of the
+    policy for it; an 8B fp32 policy under FSDP costs 32 GB + 16 GB of host memory per rank before
+    sharding instead of 32 GB + 32 GB (``copy.deepcopy`` in fp32, then the cast).
+    """
+    return build_backbone(name_or_path, causal_lm=True, dtype=dtype, attn_implementation=attn_implementation,
+                          device=device)
+
+
 def _take_rows(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``[M, H]`` rows of ``[B, T, H]`` hidden states (a view of all positions, one copy of ``M`` rows)."""
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
@@ -59,8 +98,10 @@ class ImplicitPRM(nn.Module):
 
     Args:
         policy: causal LM (optionally a peft model with a LoRA adapter).
-        reference: frozen causal LM; ``None`` with a peft ``policy`` means "the policy
-            with its adapter disabled"; ``None`` otherwise makes a frozen deep copy.
+        reference: frozen causal LM (e.g. :func:`load_reference` of the policy's weights path); ``None``
+            with a peft ``policy`` means "the policy with its adapter disabled"; ``None`` otherwise copies
+            the policy straight into ``reference_dtype`` (:func:`frozen_copy`: no full copy in the policy's
+            dtype first).
         beta: reward scale (default 0.05).
         reference_dtype: dtype to keep a separate reference in (e.g. ``"bfloat16"`` while the policy
             trains in fp32: half the memory; ``None`` keeps the policy's dtype).
@@ -75,7 +116,7 @@ class ImplicitPRM(nn.Module):
         self.policy = policy
         self.beta = float(beta)
         if reference is None and not _is_peft(policy):
-            reference = copy.deepcopy(policy)
+            reference = frozen_copy(policy, reference_dtype)
         if reference is not None:
             if reference_dtype is not None:
                 reference = reference.to(resolve_dtype(reference_dtype))

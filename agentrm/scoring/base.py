@@ -25,6 +25,11 @@ class ScoringCounters:
         padded_tokens: ``B * T`` summed over forward passes (``== forward_tokens`` when packed).
         cached_tokens: prefix tokens read from a KV cache instead of being forwarded (per model).
         cached_calls / packed_calls / plain_calls: candidate-scoring calls by the path they took.
+        cache_evictions: prefix-cache entries evicted to stay within the byte budget or the entry cap
+            (:class:`~agentrm.scoring.cache.PrefixCache`).
+        cache_oversized: prefix-cache entries not stored because one alone exceeds the byte budget.
+        cache_peak_bytes: the most bytes the prefix cache held after a store (a high-water mark, not a
+            sum: the difference of two snapshots is how much the mark rose between them).
         server_wait_ms: milliseconds spent waiting for a scoring server's answers (the remote scorer,
             :mod:`agentrm.scoring.remote`; 0 for in-process scorers).
     """
@@ -38,6 +43,9 @@ class ScoringCounters:
     cached_calls: int = 0
     packed_calls: int = 0
     plain_calls: int = 0
+    cache_evictions: int = 0
+    cache_oversized: int = 0
+    cache_peak_bytes: int = 0
     server_wait_ms: int = 0
 
     def reset(self) -> None:

@@ -9,10 +9,14 @@ The cached path takes the candidates of several prefixes at once (:meth:`Candida
 every beam of a depth) and lays them out in one of two ways (``cache_rows``):
 
 * **per prefix** (where the kernel takes a 4D mask): one packed row per prefix, ``[uncached prefix tokens,
-  cand_1, ..., cand_K]``, against that prefix's cached past, which is stored once per prefix; every
-  candidate's keys/values are kept lazily and copied only when a later lookup hits them;
+  cand_1, ..., cand_K]``, against that prefix's cached past;
 * **per candidate** (any kernel, e.g. flash-attention): one row per candidate against the prefix's past
   repeated per row (left-padded across prefixes); a long uncached prefix is forwarded once on its own.
+
+Either way each candidate is stored as its prefix's cached segments, one copy of the prefix tokens
+forwarded in this call (shared by the prefix's candidates) and a copy of its own tokens
+(:class:`~agentrm.scoring.cache.Segment`): the cache owns what it holds and stays within its byte budget
+(``cache_bytes``); nothing of the batched forward outlives the call.
 
 Measured on CPU (``bench/bench_beam_cache.py``, ``bench/RESULTS.md``): beam search W=2, K=4 forwards 5x
 (value RM) to 11x (implicit PRM) fewer tokens than the packed path, in 2-4.5x less scoring time.
@@ -32,13 +36,13 @@ from agentrm.data.tokenize import tokenize_trajectory
 from agentrm.models.packing import LAYER_TYPE_MASK_MODEL_TYPES
 from agentrm.scoring.base import SCORING_PATHS, ScoringCounters
 from agentrm.scoring.cache import (
-    KV,
-    LazyKV,
+    Parts,
     PrefixCache,
+    Segment,
     cache_layers,
-    cache_row,
-    crop,
+    crop_parts,
     extend_prefix,
+    materialize,
     stack_pasts,
 )
 from agentrm.scoring.layouts import (
@@ -67,6 +71,10 @@ class CandidateScorer:
         path: ``"auto"`` (see module doc), ``"cached"``, ``"packed"`` or ``"plain"`` (overrides ``pack``);
             a forced path the model cannot take raises ``ValueError``.
         cache_entries: prefix-cache entries kept per model (LRU); ``0`` keeps none (every call misses).
+        cache_bytes: the prefix cache's byte budget over all its models (LRU eviction; an int or a size such
+            as ``"2GiB"``; ``0`` keeps nothing); ``None`` (default): a quarter of the device's free memory
+            when the first entry is stored on CUDA, 1 GiB on CPU (see :mod:`agentrm.scoring.cache`).
+            Evictions are counted in ``counters.cache_evictions``.
         fold_tokens: on the cached path, uncached prefix tokens up to this many are forwarded in every
             candidate row rather than in a forward of their own.
 
@@ -88,6 +96,7 @@ class CandidateScorer:
         path: ScoringPath | None = None,
         cache_entries: int = 64,
         fold_tokens: int = 16,
+        cache_bytes: int | str | None = None,
     ):
         if pack not in (True, False, "auto"):
             raise ValueError(f"pack must be True, False or 'auto'; got {pack!r}")
@@ -101,7 +110,7 @@ class CandidateScorer:
         self.path = path
         self.batch_size = batch_size
         self.counters = ScoringCounters()
-        self.prefix_cache = PrefixCache(cache_entries)
+        self.prefix_cache = PrefixCache(cache_entries, cache_bytes, counters=self.counters)
         self.fold_tokens = fold_tokens
         self.cache_rows: str = "auto"
         """Cached-path rows: ``per_prefix`` (one packed row per prefix, its past stored once; needs a 4D
@@ -228,8 +237,8 @@ class CandidateScorer:
 
     def _cached_prefix(
         self, toks: CandidateTokens, dev: torch.device, fold_all: bool = False
-    ) -> tuple[dict[str, KV | None], int]:
-        """Keys/values (per model) of ``toks``'s prefix but its last ``held`` tokens, and ``held``.
+    ) -> tuple[dict[str, Parts], int]:
+        """Cached parts (per model) of ``toks``'s prefix but its last ``held`` tokens, and ``held``.
 
         The prefix tokens no cached sequence covers are forwarded in every candidate row when there are
         at most ``fold_tokens`` of them (typically the generation prompt after a beam's last step), else
@@ -241,20 +250,20 @@ class CandidateScorer:
         keys = [key for key, _ in self._cache_models()]
         found = {key: self.prefix_cache.lookup(key, tuple(ctx)) for key in keys}
         n = min(m for _, m in found.values())
-        kvs: dict[str, KV | None] = {}
+        kvs: dict[str, Parts] = {}
         if fold_all or P - 1 - n <= self.fold_tokens:
             for key in keys:
-                kvs[key] = None if n == 0 else crop(found[key][0], n)
+                kvs[key] = crop_parts(found[key][0], n)
                 self.counters.cached_tokens += n
             return kvs, P - n
         for key in keys:
-            kv, reused, fwd = extend_prefix(
+            parts, reused, fwd = extend_prefix(
                 self.prefix_cache, key, ctx, lambda i, m, p, key=key: self._prefix_forward(key, i, m, p), dev,
                 found=found[key],
             )
             self.counters.cached_tokens += reused
             self._count(1, fwd, fwd)
-            kvs[key] = kv
+            kvs[key] = parts
         return kvs, 1
 
     def _per_prefix_rows(self, toks: Sequence[CandidateTokens]) -> bool:
@@ -273,7 +282,7 @@ class CandidateScorer:
 
         Per prefix (:meth:`_score_cached_packed`) where the kernel takes a 4D mask, else per candidate:
         rows (all candidates, in request order) go ``batch_size`` per forward; each row's keys/values are
-        stored as ``prefix_ids + cand_ids[k]`` for the next depth.
+        stored as ``prefix_ids + cand_ids[k]`` for the next depth (:meth:`_store_candidates`).
         """
         if self._per_prefix_rows(toks):
             return self._score_cached_packed(toks, [self._cached_prefix(t, dev, fold_all=True) for t in toks], dev)
@@ -288,28 +297,43 @@ class CandidateScorer:
             layout_groups = [(toks[g], ks[g], prefixes[g][1]) for g in groups]
             layout = cached_layout_many(layout_groups, self._pad_id(), dev)
             pasts = {
-                key: stack_pasts([prefixes[g][0][key] for g in groups], [len(ks[g]) for g in groups])
+                key: stack_pasts([materialize(prefixes[g][0][key]) for g in groups], [len(ks[g]) for g in groups])
                 for key, _ in self._cache_models()
             }
             flat = self._score_layout(layout, 0, pasts).float().cpu()
             self._count(n_models, n_models * layout.real_tokens, n_models * layout.input_ids.numel())
-            j = 0
+            layers = {key: cache_layers(past) for key, past in pasts.items()}
+            j, pl = 0, layout.past_len
             for g in groups:
-                t, n = toks[g], len(toks[g].prefix_ids) - prefixes[g][1]
+                t, held = toks[g], prefixes[g][1]
                 scores[g].append(flat[j : j + len(ks[g])])
-                for k in ks[g]:
-                    seq = tuple(t.prefix_ids + t.cand_ids[k])
-                    for key, past in pasts.items():
-                        self.prefix_cache.store(key, seq, cache_row(past, j, len(seq), start=layout.past_len - n))
-                    j += 1
+                # row j: [past (left-padded to pl), held prefix tokens, candidate]; the held tokens are
+                # the same in every row of the group, taken from its first
+                spans = [(j + i, pl + held, len(t.cand_ids[k])) for i, k in enumerate(ks[g])]
+                self._store_candidates(t, ks[g], prefixes[g][0], layers, (j, pl, pl + held), spans)
+                j += len(ks[g])
         return [torch.cat(s) for s in scores]
 
+    def _store_candidates(
+        self, t: CandidateTokens, ks: Sequence[int], prefix: dict[str, Parts], layers: dict[str, Any],
+        held: tuple[int, int, int], spans: Sequence[tuple[int, int, int]],
+    ) -> None:
+        """Store ``prefix_ids + cand_ids[k]`` for every ``k`` in ``ks`` after a cached forward, per model:
+        ``prefix[key]`` + one copy of the held prefix tokens (row ``held[0]``, columns ``held[1]:held[2]``)
+        shared by these candidates + a copy of candidate ``k``'s own tokens (``spans[i] = (row, column, L)``)."""
+        held_row, start, end = held
+        for key, kv in layers.items():
+            shared = prefix[key] + ((Segment.copy_of(kv, held_row, start, end), end - start),)
+            for k, (row, col, L) in zip(ks, spans):
+                own = Segment.copy_of(kv, row, col, col + L)
+                self.prefix_cache.store(key, tuple(t.prefix_ids + t.cand_ids[k]), shared + ((own, L),))
+
     def _score_cached_packed(
-        self, toks: Sequence[CandidateTokens], prefixes: list[tuple[dict[str, KV | None], int]], dev: torch.device
+        self, toks: Sequence[CandidateTokens], prefixes: list[tuple[dict[str, Parts], int]], dev: torch.device
     ) -> list[Tensor]:
         """One packed row per prefix (:func:`~agentrm.scoring.layouts.cached_packed_layout`), rows filled up
-        to ``batch_size`` candidates per forward; each candidate's keys/values are stored lazily
-        (:class:`~agentrm.scoring.cache.LazyKV`: copied only if a later lookup hits them)."""
+        to ``batch_size`` candidates per forward; each candidate's keys/values are stored as in
+        :meth:`_score_cached_many` (:meth:`_store_candidates`)."""
         rows = [(g, list(range(c0, min(c0 + self.batch_size, len(t.cand_ids)))))
                 for g, t in enumerate(toks) for c0 in range(0, len(t.cand_ids), self.batch_size)]
         chunks, cur, size = [], [], 0
@@ -324,7 +348,7 @@ class CandidateScorer:
         n_models = len(self._cache_models())
         for chunk in chunks:
             layout, spans = cached_packed_layout([(toks[g], ks, prefixes[g][1]) for g, ks in chunk], dev, self._pad_id())
-            pasts = {key: stack_pasts([prefixes[g][0][key] for g, _ in chunk], [1] * len(chunk))
+            pasts = {key: stack_pasts([materialize(prefixes[g][0][key]) for g, _ in chunk], [1] * len(chunk))
                      for key, _ in self._cache_models()}
             flat = self._score_layout(layout, 0, pasts).float().cpu()
             self._count(n_models, n_models * layout.real_tokens, n_models * layout.input_ids.numel())
@@ -332,15 +356,11 @@ class CandidateScorer:
             j, pl = 0, layout.past_len
             for g, ks in chunk:
                 t, held = toks[g], prefixes[g][1]
-                n = len(t.prefix_ids) - held
                 scores[g].append(flat[j : j + len(ks)])
-                for k in ks:
-                    b, col, L = spans[j]
-                    seq = tuple(t.prefix_ids + t.cand_ids[k])
-                    ranges = [(pl - n, pl + held), (pl + col, pl + col + L)]
-                    for key in pasts:
-                        self.prefix_cache.store(key, seq, LazyKV(layers[key], b, ranges))
-                    j += 1
+                b = spans[j][0]  # row b: [past (left-padded to pl), held prefix tokens, cand_k1, cand_k2, ...]
+                own = [(b, pl + col, L) for _, col, L in spans[j : j + len(ks)]]
+                self._store_candidates(t, ks, prefixes[g][0], layers, (b, pl, pl + held), own)
+                j += len(ks)
         return [torch.cat(s) for s in scores]
 
     def _pad_id(self) -> int:

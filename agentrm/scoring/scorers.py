@@ -64,8 +64,9 @@ class ValueRMScorer(CandidateScorer):
         path: ScoringPath | None = None,
         cache_entries: int = 64,
         fold_tokens: int = 16,
+        cache_bytes: int | str | None = None,
     ):
-        super().__init__(tokenizer, max_length, pack, batch_size, path, cache_entries, fold_tokens)
+        super().__init__(tokenizer, max_length, pack, batch_size, path, cache_entries, fold_tokens, cache_bytes)
         _check_aggregate(aggregate)
         self.model = model.eval()
         self.aggregate = aggregate
@@ -158,8 +159,9 @@ class ImplicitPRMScorer(CandidateScorer):
         cache_entries: int = 64,
         fold_tokens: int = 16,
         candidate_aggregate: str = "sum",
+        cache_bytes: int | str | None = None,
     ):
-        super().__init__(tokenizer, max_length, pack, batch_size, path, cache_entries, fold_tokens)
+        super().__init__(tokenizer, max_length, pack, batch_size, path, cache_entries, fold_tokens, cache_bytes)
         _check_aggregate(aggregate)
         _check_aggregate(candidate_aggregate)
         self.model = model

@@ -59,3 +59,48 @@ def test_mse_loss_regresses_the_implicit_reward_onto_the_trajectory_reward(tiny_
         torch.testing.assert_close(bce, F.binary_cross_entropy_with_logits(total, batch["success"]))
     with pytest.raises(ValueError, match="loss must be"):
         ImplicitPRMModule(backbone_config=TINY_BACKBONE, loss="hinge")
+
+
+def test_full_training_reference_loads_from_the_weights_path_in_its_dtype(tiny_tokenizer, tmp_path, monkeypatch):
+    """With a ``backbone`` path the reference is read from it in ``reference_dtype`` (no copy of the fp32
+    policy); its weights and log-probs equal the old path's (deepcopy of the policy, then the cast)."""
+    import copy
+
+    import torch
+
+    import agentrm.models.implicit_prm as implicit_prm
+    from agentrm.data.collate import collate_trajectories
+    from agentrm.data.tokenize import tokenize_trajectory
+    from agentrm.lit.prm_module import ImplicitPRMModule
+    from agentrm.models.backbone import build_backbone
+    from tests.conftest import make_trajectory
+    from tests.lit.conftest import TINY_BACKBONE
+
+    torch.manual_seed(0)
+    build_backbone(config=TINY_BACKBONE, vocab_size=len(tiny_tokenizer), causal_lm=True).save_pretrained(tmp_path / "m")
+
+    def no_copy(*a, **k):
+        raise AssertionError("the reference was copied from the policy instead of loaded from its path")
+
+    monkeypatch.setattr(implicit_prm, "frozen_copy", no_copy)
+    module = ImplicitPRMModule(backbone=str(tmp_path / "m"), dtype="float32", reference_dtype="bfloat16",
+                               attn_implementation="sdpa")
+    prm = module.model
+    policy, ref = prm.policy, prm.reference
+    assert {p.dtype for p in policy.parameters()} == {torch.float32}
+    assert {p.dtype for p in ref.parameters()} == {torch.bfloat16} and not any(p.requires_grad for p in ref.parameters())
+    n_params = sum(p.numel() for p in policy.parameters())
+    assert sum(p.numel() * p.element_size() for p in ref.parameters()) == 2 * n_params  # half the policy's bytes
+    assert not {p.data_ptr() for p in ref.parameters()} & {p.data_ptr() for p in policy.parameters()}
+    old = copy.deepcopy(policy).to(torch.bfloat16)  # what the reference was before
+    for (name, a), b in zip(ref.state_dict().items(), old.state_dict().values()):
+        assert torch.equal(a, b), name  # the same bf16 weights
+    items = [tokenize_trajectory(tiny_tokenizer, make_trajectory(f"t{i}", n)) for i, n in enumerate([3, 2])]
+    batch = collate_trajectories(items, tiny_tokenizer.pad_token_id)
+    rows, targets, _, _ = implicit_prm.action_token_rows(batch)
+    new_lp = prm.reference_logprobs(batch, rows, targets)
+    old_lp = implicit_prm.ImplicitPRM(policy, reference=old).reference_logprobs(batch, rows, targets)
+    assert torch.equal(new_lp, old_lp)
+    # with LoRA the reference stays the base with its adapter disabled: nothing loaded
+    lora = ImplicitPRMModule(backbone=str(tmp_path / "m"), lora={"r": 2, "target_modules": ["q_proj"]})
+    assert lora.model.reference is None
