@@ -158,6 +158,7 @@ def test_counters(tiny_tokenizer):
         "cache_evictions": 0,
         "cache_oversized": 0,
         "cache_peak_bytes": 0,
+        "server_wait_ms": 0,
     }
     s = ValueRMScorer(model, tiny_tokenizer, path="cached")  # prefix once (less its last token), then K rows
     s.cache_rows = "per_candidate"  # one row per candidate: the held last prefix token repeated K times
