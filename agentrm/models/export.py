@@ -97,6 +97,10 @@ def export_token_classification(path_in: str | Path, path_out: str | Path, dtype
     if d_out.exists() and any(d_out.iterdir()):
         raise ValueError(f"{d_out}: exists and is not empty (nothing is overwritten)")
     rm = ValueRewardModel.from_pretrained(d_in, dtype=dtype)
+    if rm.head_type != "linear" or not rm.causal:
+        why = f"an {rm.head_type} value head" if rm.head_type != "linear" else "a non-causal (encoder) backbone"
+        raise ValueError(f"{d_in}: has {why}; a token-classification checkpoint holds one linear 'score' layer read "
+                         "on a causal forward")
     backbone = rm.backbone.merge_and_unload() if hasattr(rm.backbone, "merge_and_unload") else rm.backbone
     config = backbone.config.__class__.from_dict(backbone.config.to_dict())
     config.num_labels = 1

@@ -88,6 +88,23 @@ def load_reference(name_or_path: str, dtype: str | torch.dtype | None, attn_impl
                           device=device)
 
 
+def cached_reference_logprobs(cache, batch: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """``[M]`` reference log-probs at flat hidden rows ``rows`` (row ``b*T + t`` predicts token ``t+1`` of row
+    ``b``) read from a features cache (``[t]`` of a cached trajectory: log-prob of its token ``t``).
+
+    Only the rows of ``batch`` that hold action tokens are looked up (by their token ids).
+    """
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    B, T = ids.shape
+    need = sorted(set((rows // T).tolist()))
+    entries = cache.lookup(ids, mask, batch.get("step_end_idx"), rows=need)
+    full = torch.zeros((B, T), dtype=torch.float32)
+    for b, entry in enumerate(entries):
+        if entry is not None:
+            full[b, : entry.num_tokens] = cache.ref_logprobs(entry)
+    return full.to(rows.device).reshape(-1).index_select(0, rows + 1)
+
+
 def _take_rows(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``[M, H]`` rows of ``[B, T, H]`` hidden states (a view of all positions, one copy of ``M`` rows)."""
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
@@ -105,17 +122,22 @@ class ImplicitPRM(nn.Module):
         beta: reward scale (default 0.05).
         reference_dtype: dtype to keep a separate reference in (e.g. ``"bfloat16"`` while the policy
             trains in fp32: half the memory; ``None`` keeps the policy's dtype).
+        reference_cache: a :class:`~agentrm.models.feature_cache.FeatureCache` holding the reference's
+            log-probs of every token (``python -m agentrm.precompute --reference_logprobs true``): the
+            reference is then read from it, never run (no reference model is loaded or copied); every scored
+            trajectory must be in it (a one-line error names the miss).
 
     The separate reference is a submodule (``reference_model``), so sharding strategies shard it with the
     policy and it travels in Lightning checkpoints; it stays frozen and in eval mode.
     """
 
     def __init__(self, policy: PreTrainedModel, reference: PreTrainedModel | None = None, beta: float = 0.05,
-                 reference_dtype: str | torch.dtype | None = None):
+                 reference_dtype: str | torch.dtype | None = None, reference_cache: Any = None):
         super().__init__()
         self.policy = policy
         self.beta = float(beta)
-        if reference is None and not _is_peft(policy):
+        self.reference_cache = reference_cache
+        if reference is None and not _is_peft(policy) and reference_cache is None:
             reference = frozen_copy(policy, reference_dtype)
         if reference is not None:
             if reference_dtype is not None:
@@ -142,7 +164,10 @@ class ImplicitPRM(nn.Module):
 
     def reference_logprobs(self, batch: dict[str, torch.Tensor], rows: torch.Tensor,
                            targets: torch.Tensor) -> torch.Tensor:
-        """``[M]`` reference log-probs of ``targets`` predicted at hidden rows ``rows``, no grad."""
+        """``[M]`` reference log-probs of ``targets`` predicted at hidden rows ``rows``, no grad (read from
+        ``reference_cache`` when there is one)."""
+        if self.reference_cache is not None:
+            return cached_reference_logprobs(self.reference_cache, batch, rows)
         with torch.no_grad():
             if self.reference is None:
                 ctx, model = self.policy.disable_adapter(), self.policy
@@ -189,6 +214,9 @@ class ImplicitPRM(nn.Module):
     # ---- persistence ---------------------------------------------------------------
     def save_pretrained(self, save_directory: str | Path, tokenizer=None, **extra: Any) -> Path:
         """Save the policy (full model or LoRA adapter), and the reference when it is a separate model."""
+        if self.reference is None and not _is_peft(self.policy):
+            raise ValueError("no reference model to save (trained on cached reference log-probs): load the reference "
+                             "into reference_model first, as ImplicitPRMModule.export does")
         d = Path(save_directory)
         d.mkdir(parents=True, exist_ok=True)
         self.policy.save_pretrained(d / "policy", safe_serialization=True)

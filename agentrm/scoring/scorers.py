@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from agentrm.data.schema import Trajectory
-from agentrm.kernels import step_logratio, step_values, token_logprobs
-from agentrm.models.head_call import call_as_forward, causal_lm_head
+from agentrm.kernels import step_logratio, token_logprobs
+from agentrm.models.head_call import causal_lm_head
 from agentrm.models.implicit_prm import ImplicitPRM
 from agentrm.models.value_rm import AGGREGATIONS, ValueRewardModel, aggregate_steps
 from agentrm.scoring.cache import cache_kwarg
@@ -91,7 +91,19 @@ class ValueRMScorer(CandidateScorer):
         return [self.model.backbone.config]
 
     def _device(self) -> torch.device:
-        return self.model.value_head.weight.device
+        return next(self.model.value_head.parameters()).device
+
+    def choose_path(self, toks) -> str:
+        """As :meth:`CandidateScorer.choose_path`; a non-causal backbone (``ValueRewardModel.causal`` false: a
+        bidirectional encoder) always takes the plain path: one row per candidate that ends at its step end, so
+        no token sees another candidate or anything after the state it scores (a prefix cache or a packed row
+        would let the prefix attend to the candidates)."""
+        if getattr(self.model, "causal", True):
+            return super().choose_path(toks)
+        if self.path in ("cached", "packed"):
+            raise ValueError(f"path={self.path!r}: the value RM's backbone is non-causal (a bidirectional encoder); "
+                             "only the plain path (one row per candidate) keeps later tokens out of a state")
+        return "plain"
 
     def _cache_models(self) -> list[tuple[str, Any]]:
         return [("backbone", self.model.backbone)]
@@ -104,13 +116,11 @@ class ValueRMScorer(CandidateScorer):
         backbone = self.model.backbone
         out = backbone(**model_inputs(backbone, layout, pasts and pasts["backbone"]))
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        hidden = hidden.reshape(-1, hidden.shape[-1])  # [B*T, H]
         sigmoid = self.model.value_activation == "sigmoid"
-        return call_as_forward(  # the head's weights are read inside its forward (sharded inference)
-            self.model.value_head,
-            lambda head, h: step_values(h, head.weight[0], head.bias[0], layout.end_idx, sigmoid=sigmoid),
-            hidden,
-        )
+        if not getattr(self.model, "causal", True):  # plain rows, one candidate each: pooled as the model reads
+            return self.model.rows_values(hidden, layout.attention_mask_2d, layout.end_idx % hidden.shape[1], sigmoid)
+        # the head's weights are read inside its forward (sharded inference); an MLP head on the gathered rows
+        return self.model.head_values(hidden.reshape(-1, hidden.shape[-1]), layout.end_idx, sigmoid)
 
     def _model_score_trajectory(self, batch: dict[str, Tensor]) -> Tensor:
         return self.model.score_trajectory(batch, self.aggregate)
