@@ -78,7 +78,10 @@ class RewardModelAPI(ls.LitAPI):
 
     def __init__(self, resolved: ResolvedScorer, session: tuple[int, int, int, int], num_threads: int | None,
                  authorize: Callable | None, spec: ls.specs.LitSpec, max_batch_size: int, batch_timeout: float):
-        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, spec=spec)
+        from agentrm.serve.loop import BlockingBatchedLoop
+
+        loop = BlockingBatchedLoop() if max_batch_size > 1 else "auto"  # unbatched: LitServe's (blocking) loop
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, spec=spec, loop=loop)
         self.resolved, self.session_bounds, self.num_threads = resolved, session, num_threads
         if authorize is not None:
             self.authorize = authorize  # LitServe runs LitAPI.authorize as a dependency of every route

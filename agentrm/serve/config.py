@@ -34,8 +34,12 @@ class ServeConfig:
             When it is set, every route needs ``Authorization: Bearer <key>``; keys shorter than 16
             characters are refused.
         max_batch_size, batch_timeout: LitServe's dynamic batching: requests arriving within ``batch_timeout``
-            seconds of each other, up to ``max_batch_size``, are scored together (1: no batching).
+            seconds of each other, up to ``max_batch_size``, are scored together (1: no batching). Default
+            (``None``): 16 on CUDA, 1 on a CPU, where the forward is compute-bound and batching measured slower
+            (bench/RESULTS.md).
         workers: inference worker processes per device (each loads the model and keeps its own sessions).
+        fast_queue: LitServe's ZeroMQ transport between the HTTP process and the workers instead of
+            multiprocessing-manager queues.
         request_timeout: seconds a request may wait in the queue before it is answered 504.
         max_request_bytes, max_items, max_candidates, max_sequence_tokens: per-request limits (422/413 with
             the limit named): body size, trajectories or prefixes, candidates in all, tokens of one sequence
@@ -52,9 +56,10 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key_env: str = "AGENTRM_SERVE_API_KEY"
-    max_batch_size: int = 16
+    max_batch_size: int | None = None
     batch_timeout: float = 0.01
     workers: int = 1
+    fast_queue: bool = False
     request_timeout: float = 60.0
     max_request_bytes: int = 4 * 2**20
     max_items: int = 64
@@ -82,7 +87,8 @@ class ServeConfig:
             fail("port", f"must be in 1024..65535, got {self.port!r}")
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env or ""):
             fail("api_key_env", f"must name an environment variable, got {self.api_key_env!r}")
-        for name in ("max_batch_size", "workers", "max_request_bytes", "max_items", "max_candidates",
+        at_least(self.max_batch_size, 1, "max_batch_size", allow_none=True)
+        for name in ("workers", "max_request_bytes", "max_items", "max_candidates",
                      "max_sequence_tokens", "max_queue", "session_cache_entries", "max_sessions"):
             at_least(getattr(self, name), 1, name)
         at_least(self.num_threads, 1, "num_threads", allow_none=True)
@@ -113,6 +119,12 @@ class ServeConfig:
     def limits(self) -> Limits:
         return Limits(self.max_request_bytes, self.max_items, self.max_candidates, self.max_sequence_tokens,
                       self.max_queue)
+
+    def batch_size_for(self, device_type: str) -> int:
+        """``max_batch_size``, or its default for a model placed on ``device_type`` (see the attribute)."""
+        if self.max_batch_size is not None:
+            return self.max_batch_size
+        return 16 if device_type == "cuda" else 1
 
     @property
     def is_local(self) -> bool:

@@ -83,7 +83,8 @@ def model_info(resolved: ResolvedScorer, config: ServeConfig) -> dict[str, Any]:
         "placement": {"device": str(resolved.placement.device), "dtype": str(resolved.placement.dtype).removeprefix("torch."),
                       "quantization": resolved.placement.quantization},
         "limits": config.limits.as_dict(),
-        "batching": {"max_batch_size": config.max_batch_size, "batch_timeout": config.batch_timeout},
+        "batching": {"max_batch_size": config.batch_size_for(resolved.placement.device.type),
+                     "batch_timeout": config.batch_timeout},
     }
 
 
@@ -98,12 +99,13 @@ def build_server(config: ServeConfig, resolved: ResolvedScorer, api_key: str | N
     spec = RewardModelSpec(config.limits, str(resolved.path), config.request_timeout)
     api = RewardModelAPI(
         resolved, (config.session_cache_entries, per, total, config.max_sessions), config.num_threads,
-        BearerAuth(config.api_key_env) if api_key else None, spec, config.max_batch_size, config.batch_timeout,
+        BearerAuth(config.api_key_env) if api_key else None, spec,
+        config.batch_size_for(resolved.placement.device.type), config.batch_timeout,
     )
     accelerator = "cuda" if resolved.placement.device.type == "cuda" else "cpu"
     return ls.LitServer(api, accelerator=accelerator, devices=1, workers_per_device=config.workers,
                         timeout=config.request_timeout, model_metadata=model_info(resolved, config),
-                        disable_openapi_url=True)
+                        disable_openapi_url=True, fast_queue=config.fast_queue)
 
 
 _MAIN_PID = os.getpid()

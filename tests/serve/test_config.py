@@ -71,3 +71,11 @@ def test_token_limit_counts_tokens_only_when_the_characters_could_exceed_it():
     too_many = TrajectoriesRequest.model_validate({"trajectories": [{"instruction": "w " * 11}]})
     with pytest.raises(ValueError, match=r"trajectories\[0\]: 11 tokens > max_sequence_tokens=10"):
         check_limits(too_many, limits, counter)
+
+
+def test_batching_defaults_to_cuda_only():
+    assert ServeConfig(model="rm").batch_size_for("cpu") == 1
+    assert ServeConfig(model="rm").batch_size_for("cuda") == 16
+    assert ServeConfig(model="rm", max_batch_size=4).batch_size_for("cpu") == 4
+    with pytest.raises(ConfigError, match="max_batch_size: must be >= 1"):
+        ServeConfig(model="rm", max_batch_size=0)

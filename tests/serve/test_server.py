@@ -181,3 +181,17 @@ def test_overload_is_503_with_retry_after(rm_server, local_rm):
     assert busy, "32 simultaneous requests never exceeded max_queue=8"
     assert all(r.headers.get("Retry-After") == "1" and "max_queue=8" in r.json()["detail"] for r in busy)
     assert all(r.json()["scores"][0] == pytest.approx(want, abs=1e-5) for r in done)
+
+
+def test_implicit_prm_step_rewards_and_candidates_equal_in_process(prm_server, tiny_models):
+    local = build_scorer(ScorerSpec(kind="implicit_prm", path=tiny_models["implicit_prm"]))
+    r = post(prm_server, "/v1/score/trajectories", {"trajectories": [wire(t) for t in TRAJS], "return_steps": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["scores"] == pytest.approx(local.score_trajectories(TRAJS).tolist(), abs=1e-6)
+    assert [len(s) for s in body["step_scores"]] == [1, 0, 2] and None not in body["step_scores"][2]
+    assert body["scores"][2] == pytest.approx(min(body["step_scores"][2]), abs=1e-6)  # the PRM's "min" aggregate
+    cands = [*CANDS, "a bare action"]  # the implicit PRM scores action tokens: a bare action is fine
+    r = post(prm_server, "/v1/score/candidates", {"items": [{"prefix": wire(PREFIX), "candidates": [cand_wire(c) for c in cands]}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["scores"][0] == pytest.approx(local.score_candidates(PREFIX, cands).tolist(), abs=1e-6)
