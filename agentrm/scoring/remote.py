@@ -121,20 +121,21 @@ class RemoteScorer:
         api_key: the bearer key (from the environment variable the spec names), or ``None``.
         outcome_blind: the declared blindness (the spec's); the search layer withholds accordingly.
         session: the prefix-cache session key (default: a fresh random one per scorer).
-        request_deadline_s, connect_timeout, read_timeout, max_retries: bounds of one call, retries
-            included (:func:`~agentrm.policies.endpoint.post_json`).
+        request_deadline_s, connect_timeout, read_timeout, max_retries, max_backoff: bounds of one call,
+            retries included; pauses between attempts double from 0.5 s up to ``max_backoff`` (or follow the
+            server's ``Retry-After``) (:func:`~agentrm.policies.endpoint.post_json`).
         info: the server's ``/info`` ``model`` (fetched when not given): its limits size the requests.
     """
 
     def __init__(self, url: str, api_key: str | None = None, outcome_blind: bool = True, session: str | None = None,
                  request_deadline_s: float = 120.0, connect_timeout: float = 5.0, read_timeout: float = 60.0,
-                 max_retries: int = 8, info: dict[str, Any] | None = None):
+                 max_retries: int = 12, max_backoff: float = 5.0, info: dict[str, Any] | None = None):
         self.base = url.rstrip("/")
         self.api_key = api_key
         self.outcome_blind = outcome_blind
         self.session = session or f"agentrm-{uuid.uuid4().hex}"
         self.timeouts = {"connect_timeout": connect_timeout, "read_timeout": read_timeout,
-                         "deadline_s": request_deadline_s, "max_retries": max_retries}
+                         "deadline_s": request_deadline_s, "max_retries": max_retries, "max_backoff": max_backoff}
         self.info = info if info is not None else server_info(url, api_key, ready_timeout_s=request_deadline_s)
         limits = self.info.get("limits", {})
         self.max_items = int(limits.get("max_items", 64))

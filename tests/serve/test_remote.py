@@ -105,7 +105,23 @@ def test_killed_server_fails_in_one_line_and_the_run_resumes_to_the_same_summary
         assert "\n" not in msg and server.url in msg and ("did not answer" in msg or "failed after" in msg), msg
         kept = {(r["env_set"], r["env"], r["episode"]) for r in _rows(out)}
         assert 1 <= len(kept) < 24, len(kept)
+        # a call made while the server is down is retried (with backoff) until the restarted server answers it
+        from agentrm.data.schema import Step, Trajectory
+        from agentrm.scoring.remote import RemoteScorer
+        from agentrm.search.build import build_scorer
+        from agentrm.search.specs import ScorerSpec
+
+        traj = Trajectory("t", "task", "Go to the red ball.", [Step("move forward", "A red ball ahead.")], 0.0, False)
+        scorer = RemoteScorer(server.url, api_key, info={"limits": {}}, request_deadline_s=150)
+        answer: list = []
+        waiting = threading.Thread(target=lambda: answer.append(scorer.score_trajectories([traj])))
+        waiting.start()
+        time.sleep(1.0)
         server = ServerProcess(tiny_models["value_rm"], LIMITS, port=port, log=tmp_path / "server2.log").start()
+        waiting.join(timeout=150)
+        local = build_scorer(ScorerSpec(path=tiny_models["value_rm"])).score_trajectories([traj])
+        assert answer and answer[0].tolist() == pytest.approx(local.tolist(), abs=1e-6)
+        assert scorer.counters.server_wait_ms >= 1000  # it waited through the restart
         resumed = main(["--config", str(cfg)])
         assert kept <= {(r["env_set"], r["env"], r["episode"]) for r in _rows(out)}
         assert [{k: r[k] for k in RESULT_KEYS} for r in resumed] == [{k: r[k] for k in RESULT_KEYS} for r in reference]
