@@ -24,6 +24,7 @@ ends the command with one line naming the file, the field and the cause, exit co
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
@@ -83,6 +84,8 @@ class AgentRMCLI(LightningCLI):
         parser.add_argument("--ckpt_path", type=str | None, default=None, help=CKPT_HELP)
         parser.add_argument("--overwrite", type=bool, default=False,
                             help="replace a model that another run exported into the export directory")
+        parser.add_argument("--verbose", type=bool, default=False,
+                            help="Lightning's own messages (devices, model summary, tips); off: warnings only")
 
     def _config_files(self) -> str:
         return ", ".join(str(f) for f in (self.config.get("config") or []))
@@ -334,6 +337,10 @@ def main(args: list[str] | None = None) -> AgentRMCLI:
         argv = ["--config", str(DEFAULT_CONFIG), *argv]
     # we pass the command line ourselves (with the default config prepended): not a mistake
     warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
+    verbose = flag_given(argv, "--verbose")
+    quiet_lightning(verbose)
+    if not verbose and not any(a.startswith("--trainer.enable_model_summary") for a in argv):
+        argv = [*argv, "--trainer.enable_model_summary", "false"]  # the layer table: --verbose true shows it
     cli = AgentRMCLI(
         L.LightningModule,
         TrajectoryDataModule,
@@ -364,6 +371,29 @@ def main(args: list[str] | None = None) -> AgentRMCLI:
                     ckpt_path=str(resume.path) if isinstance(resume, CheckpointInfo) else resume)
     report(cli, resume)
     return cli
+
+
+def flag_given(argv: list[str], name: str) -> bool:
+    """Whether a boolean flag is set on the command line (``--name``, ``--name true``, ``--name=true``)."""
+    for i, a in enumerate(argv):
+        if a == name:
+            nxt = argv[i + 1] if i + 1 < len(argv) else "true"
+            return nxt.lower() not in ("false", "0", "no")
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1].lower() not in ("false", "0", "no")
+    return False
+
+
+def quiet_lightning(verbose: bool) -> None:
+    """Unless ``verbose``: Lightning's info messages (devices, model summary, tips) hidden; warnings stay.
+
+    The fit prints its own data summary, progress and end-of-run report; ``--verbose true`` brings the rest back.
+    """
+    if verbose:
+        return
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
 def raised_by_data_setup(exc: BaseException) -> bool:

@@ -177,6 +177,8 @@ def _work_stats(stats: dict, before: dict, after: dict) -> None:
     stats["tokens_scored"] = after["forward_tokens"] - before["forward_tokens"]
     stats["forward_passes"] = after["forward_passes"] - before["forward_passes"]
     stats["cached_tokens"] = after.get("cached_tokens", 0) - before.get("cached_tokens", 0)
+    for key in ("cache_evictions", "cache_oversized"):  # prefix-cache entries dropped to keep its byte budget
+        stats[key] = after.get(key, 0) - before.get(key, 0)
     stats["scoring_paths"] = path_calls(before, after)
     stats["server_wait_s"] = (after.get("server_wait_ms", 0) - before.get("server_wait_ms", 0)) / 1000
 

@@ -78,7 +78,8 @@ def build_scorer(scorer: ResolvedScorer | ScorerSpec, seed: int = 0) -> Scorer:
     if spec.kind in ("value_rm", "implicit_prm"):
         load = {**resolved.placement.load_kwargs(), "base": spec.base}
         tok = load_tokenizer(str(resolved.path))
-        common = dict(batch_size=spec.batch_size, outcome_blind=spec.blind, **resolved.settings)
+        common = dict(batch_size=spec.batch_size, outcome_blind=spec.blind, cache_bytes=spec.cache_bytes,
+                      **resolved.settings)
         if spec.kind == "value_rm":
             from agentrm.models.value_rm import ValueRewardModel
             from agentrm.scoring import ValueRMScorer

@@ -129,6 +129,8 @@ def beam_rows(ep: Episode, beam: list[tuple[int, int]], max_depth: int) -> list[
             rows.append(ep.row("beam", {
                 "scorer": name, "w": w, "k": k, "wall_s": time.perf_counter() - t0, "stop": res.stats["stop"],
                 "cached_tokens": int(res.stats.get("cached_tokens", 0)),
+                "cache_evictions": int(res.stats.get("cache_evictions", 0)),
+                "cache_oversized": int(res.stats.get("cache_oversized", 0)),
                 "scoring_path": "+".join(sorted(res.stats.get("scoring_paths", {}))) or None,
             }, res))
     return rows

@@ -244,7 +244,7 @@ def evaluate(config: EvalConfig) -> list[dict[str, Any]]:
                 raise BuildError(one_line(e)) from e
         finally:
             envs.close()
-        return write_outputs(config, out, rows, made)
+        return write_outputs(config, out, rows, made, scorers)
 
 
 def _run_episodes(config: EvalConfig, out: Path, envs: EnvPool, scorers: dict, make_lm_policy) -> tuple[list, list]:

@@ -94,8 +94,31 @@ def reply_report(policies: list[Any]) -> dict[str, Any] | None:
     return tot
 
 
-def write_outputs(config: EvalConfig, out: Path, rows: list[dict[str, Any]], policies: list[Any]) -> list[dict]:
-    """Write the summaries, plot and comparisons of ``rows``; print what ``config`` asks for; return the summary."""
+def cache_report(scorers: dict[str, Any]) -> dict[str, dict[str, int | None]]:
+    """Per scorer with a prefix cache: its byte budget, the most bytes it held and the entries it evicted."""
+    out = {}
+    for label, scorer in scorers.items():
+        cache = getattr(scorer, "prefix_cache", None)
+        if cache is not None:
+            out[label] = {"budget_bytes": getattr(cache, "budget", None), "peak_bytes": getattr(cache, "peak_bytes", None),
+                          "evictions": scorer.counters.cache_evictions, "oversized": scorer.counters.cache_oversized}
+    return out
+
+
+def write_outputs(config: EvalConfig, out: Path, rows: list[dict[str, Any]], policies: list[Any],
+                  scorers: dict[str, Any] | None = None) -> list[dict]:
+    """Write the summaries, plot and comparisons of ``rows``; print what ``config`` asks for; return the summary.
+
+    ``scorers``: the run's scorers; their prefix caches' budgets, peaks and evictions (this process) go to
+    ``cache.json`` and one console line each when anything was evicted."""
+    caches = cache_report(scorers or {})
+    if caches:
+        (out / "cache.json").write_text(json.dumps(caches, indent=2))
+        for label, c in caches.items():
+            if c["evictions"] or c["oversized"]:
+                print(f"prefix cache of {label}: {c['evictions']} entries evicted and {c['oversized']} too large to "
+                      f"store to keep its budget of {c['budget_bytes']} bytes (peak {c['peak_bytes']}); a larger "
+                      "cache_bytes would save their re-forwarding")
     replies = reply_report(policies)
     if replies is not None:  # LM policies: how many replies held no valid action (never silent)
         (out / "policy_replies.json").write_text(json.dumps(replies, indent=2))

@@ -19,6 +19,7 @@ COLUMNS = (
     "scoring_path",
     "wall_s",
     "server_wait_s",
+    "cache_evictions",
 )
 _METHOD_ORDER = {"greedy": 0, "sampling": 1, "pass@N": 2, "best_of_n": 3, "beam": 4}
 
@@ -45,6 +46,8 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "wall_s": sum(r.get("wall_s", 0.0) for r in rs),
                 # time spent waiting for a scoring server's answers (remote scorers; 0 in process), a part of wall_s
                 "server_wait_s": sum(r.get("server_wait_s", 0.0) for r in rs),
+                # prefix-cache entries evicted (or too large to store) to keep the byte budget, summed
+                "cache_evictions": sum(r.get("cache_evictions", 0) + r.get("cache_oversized", 0) for r in rs),
             }
         )
     out.sort(

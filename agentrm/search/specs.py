@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from agentrm.checks import at_least, fail, in_range, one_of
+from agentrm.scoring.cache import parse_bytes
 
 LOAD_FIELDS = ("device", "dtype", "quantization")
 POLICY_KINDS = ("expert", "scripted", "random", "hf", "openai")
@@ -100,6 +101,9 @@ class ScorerSpec:
             ``value_rm``, ``implicit_prm`` and ``judge``; the ``oracle`` reads the ground truth by design and
             cannot be blind. ``false`` makes an outcome-reading baseline (label it as such).
         exclude_final_step: deprecated name of ``outcome_blind`` (kept so older configs run; a warning says so).
+        cache_bytes: value RM / implicit PRM: the prefix KV cache's byte budget (an int or a size such as
+            ``"4GiB"``; ``0`` keeps nothing; default ``None``: a quarter of the free GPU memory on CUDA, 1 GiB on
+            the CPU; :class:`agentrm.scoring.cache.PrefixCache`); evictions are counted in the search summary.
         max_length, batch_size: RM scoring context budget (default: the ``max_length`` the RM was trained with,
             recorded in its export; 1024 for an export that predates the record; a smaller value warns) and
             batch size.
@@ -127,6 +131,7 @@ class ScorerSpec:
     exclude_final_step: bool | None = None
     max_length: int | None = None
     batch_size: int = 16
+    cache_bytes: int | str | None = None
     judge_mode: Literal["pointwise", "listwise"] = "pointwise"
     judge_samples: int = 1
     judge_temperature: float | None = None
@@ -210,6 +215,10 @@ def check_scorer(spec: ScorerSpec, what: str = "scorer") -> None:
     if spec.aggregate is not None:
         one_of(spec.aggregate, AGGREGATES, f"{what}.aggregate")
     at_least(spec.max_length, 1, f"{what}.max_length", allow_none=True)
+    try:
+        parse_bytes(spec.cache_bytes, f"{what}.cache_bytes")
+    except ValueError as e:
+        fail(f"{what}.cache_bytes", str(e))
     for name in ("batch_size", "judge_samples", "judge_max_tokens", "oracle_rollouts"):
         at_least(getattr(spec, name), 1, f"{what}.{name}")
     at_least(spec.judge_temperature, 0.0, f"{what}.judge_temperature", allow_none=True)
