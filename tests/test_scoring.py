@@ -196,17 +196,20 @@ def test_score_trajectories(tiny_tokenizer):
     batch = collate_trajectories(
         [tokenize_trajectory(tiny_tokenizer, t) for t in trajs], tiny_tokenizer.pad_token_id
     )
-    for scorer, expect in (
-        (ValueRMScorer(model, tiny_tokenizer, batch_size=3), model.score_trajectory(batch, "last")),
-        (ImplicitPRMScorer(prm, tiny_tokenizer, batch_size=3), prm.score_trajectory(batch, "min")),
+    for scorer, expect, extra in (
+        (ValueRMScorer(model, tiny_tokenizer, batch_size=3), model.score_trajectory(batch, "last"), 1),
+        (ImplicitPRMScorer(prm, tiny_tokenizer, batch_size=3), prm.score_trajectory(batch, "min"), 0),
     ):
         assert isinstance(scorer, Scorer)
-        torch.testing.assert_close(
-            scorer.score_trajectories(trajs), expect, atol=ATOL, rtol=0, equal_nan=True
-        )
+        got = scorer.score_trajectories(trajs)
+        assert torch.isnan(expect[1]) and torch.isfinite(got).all()  # the step-less trajectory: no nan
+        keep = [0, 2, 3]
+        torch.testing.assert_close(got[keep], expect[keep], atol=ATOL, rtol=0)
+        # value RM: the initial state's value (one more forward); implicit PRM: Q_0 = 0
+        assert (got[1] == 0.0) == isinstance(scorer, ImplicitPRMScorer)
         assert (scorer.counters.trajectories, scorer.counters.forward_passes) == (
             4,
-            2 * scorer._passes_per_forward,
+            2 * scorer._passes_per_forward + extra,
         )
 
 
@@ -305,14 +308,41 @@ def test_prm_ignores_observations(tiny_tokenizer):
     torch.testing.assert_close(scorer.score_candidates(prefix, STEPS5), scorer.score_candidates(prefix, CANDS5))
 
 
-def test_exclude_final_step_scores_the_state_before_the_last_action(tiny_tokenizer):
+def test_a_withheld_final_step_is_read_as_the_state_before_it(tiny_tokenizer):
+    """Value RM: a trailing withheld step scores the state before it; a trajectory left with no step scores
+    the initial state (read at the end of the instruction turn), never nan; candidates read the same state."""
+    from agentrm.search.blind import finished_view, withheld
+
     model = _value_rm(tiny_tokenizer, "sdpa")
+    scorer = ValueRMScorer(model, tiny_tokenizer)
     trajs = [make_trajectory("a", 3), make_trajectory("b", 1)]
-    blind = ValueRMScorer(model, tiny_tokenizer, exclude_final_step=True).score_trajectories(trajs)
-    shorter = [Trajectory(t.id, t.task, t.instruction, t.steps[:-1], t.reward, t.success) for t in trajs]
-    expect = ValueRMScorer(model, tiny_tokenizer).score_trajectories(shorter)
-    torch.testing.assert_close(blind, expect, equal_nan=True)
-    assert torch.isnan(blind[1]) and not torch.isnan(blind[0])
+    blind = scorer.score_trajectories([finished_view(t) for t in trajs])
+    shorter = Trajectory("a", trajs[0].task, trajs[0].instruction, trajs[0].steps[:-1], 0.0, False)
+    torch.testing.assert_close(blind[0], scorer.score_trajectories([shorter])[0])
+    assert torch.isfinite(blind).all()
+    empty = Trajectory("b", trajs[1].task, trajs[1].instruction, [], 0.0, False)
+    initial = scorer.score_trajectories([empty])[0]
+    assert torch.isfinite(initial) and blind[1] == initial
+    # the initial state is the value at the token closing the instruction turn
+    from agentrm.data.tokenize import render
+
+    text = render(tiny_tokenizer, empty.to_messages())
+    ids = tiny_tokenizer(text.rstrip(), add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        h = model.backbone(input_ids=ids).last_hidden_state[0, -1]
+        expect = model.value_head(h)[0]
+    expect = torch.sigmoid(expect) if model.value_activation == "sigmoid" else expect
+    torch.testing.assert_close(initial, expect, atol=1e-5, rtol=1e-5)
+    # beam candidates: a withheld candidate scores its prefix's state, the others are scored as usual
+    prefix = make_trajectory("p", 2)
+    cands = [STEPS5[0], withheld(STEPS5[1]), STEPS5[2]]
+    got = scorer.score_candidates(prefix, cands)
+    visible = scorer.score_candidates(prefix, [STEPS5[0], STEPS5[2]])
+    torch.testing.assert_close(got[[0, 2]], visible, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[1], scorer.score_trajectories([prefix])[0], atol=1e-5, rtol=0)
+    root = Trajectory("r", prefix.task, prefix.instruction, [], 0.0, False)
+    torch.testing.assert_close(scorer.score_candidates(root, [withheld(STEPS5[0])])[0],
+                               scorer.score_trajectories([root])[0])
 
 
 def test_shared_head_encoding_equals_whole_string_encoding():

@@ -55,6 +55,9 @@ class ImplicitPRMModule(ModelBuiltInConfigure, L.LightningModule):
     The models are built in ``configure_model`` (see :class:`~agentrm.lit.trainable.ModelBuiltInConfigure`).
     """
 
+    trains_on = "outcomes"
+    """What the data module checks the labels of (:mod:`agentrm.data.labels`): trajectory outcomes."""
+
     def __init__(
         self,
         tokenizer: str = "agentrm/assets/tiny_tokenizer",

@@ -64,9 +64,19 @@ def path_calls(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
 
 @runtime_checkable
 class Scorer(Protocol):
-    """Scores candidate next steps and whole trajectories (higher is better)."""
+    """Scores candidate next steps and whole trajectories (higher is better).
+
+    Every scorer declares :attr:`outcome_blind`. The search layer (:mod:`agentrm.search.blind`, the one
+    place that does it) reads it and, for a blind scorer, withholds what a step that ended the episode
+    returned: such a step reaches the scorer as ``Step(action, "", withheld=True)``. A scorer documents how
+    it reads a withheld step; it never sees the environment's reply to it, nor its reward or success.
+    """
 
     counters: ScoringCounters
+    outcome_blind: bool
+    """``True``: this scorer must not see what a finished step returned (the default of every learned
+    scorer and judge in the search harness; ``ScorerSpec.outcome_blind``). ``False``: it may (an oracle,
+    or a deliberately outcome-reading baseline)."""
 
     def score_candidates(self, prefix: Trajectory, candidates: Sequence[Candidate]) -> Tensor:
         """``[K]`` scores of appending each candidate as the step after ``prefix.steps``.
@@ -78,7 +88,8 @@ class Scorer(Protocol):
         ...
 
     def score_trajectories(self, trajs: Sequence[Trajectory]) -> Tensor:
-        """``[N]`` whole-trajectory scores (``nan`` for a trajectory without a scored step)."""
+        """``[N]`` whole-trajectory scores (each scorer documents what it does with a trajectory that has
+        no step it can read; the RM scorers and the judge never return ``nan`` for it)."""
         ...
 
 

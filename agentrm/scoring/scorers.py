@@ -7,14 +7,15 @@ heads inside module forwards (:mod:`agentrm.models.head_call`), so sharded weigh
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from agentrm.data.schema import Trajectory
+from agentrm.data.collate import collate_trajectories
+from agentrm.data.schema import Step, Trajectory
+from agentrm.data.tokenize import tokenize_initial_state
 from agentrm.kernels import step_logratio, token_logprobs
 from agentrm.models.head_call import causal_lm_head
 from agentrm.models.implicit_prm import ImplicitPRM
@@ -23,6 +24,17 @@ from agentrm.scoring.cache import cache_kwarg
 from agentrm.scoring.driver import CandidateScorer, PackMode, ScoringPath
 from agentrm.scoring.layouts import ScoringLayout, model_inputs, scored_rows
 from agentrm.scoring.tokens import Candidate
+
+
+def _is_withheld(c: Candidate) -> bool:
+    return isinstance(c, Step) and c.withheld
+
+
+def _readable(traj: Trajectory) -> Trajectory:
+    """``traj`` without a trailing withheld step (the value RM reads the state before it)."""
+    if traj.steps and traj.steps[-1].withheld:
+        return Trajectory(traj.id, traj.task, traj.instruction, traj.steps[:-1], traj.reward, traj.success, traj.meta)
+    return traj
 
 
 def _check_aggregate(aggregate: str) -> None:
@@ -40,16 +52,22 @@ class ValueRMScorer(CandidateScorer):
 
     Args:
         model: a :class:`ValueRewardModel` (set to eval mode).
-        tokenizer, max_length, pack, batch_size, path, cache_entries, fold_tokens: see
+        tokenizer, max_length, pack, batch_size, path, cache_entries, fold_tokens, cache_bytes: see
             :class:`~agentrm.scoring.driver.CandidateScorer`.
         aggregate: trajectory aggregation of step values for :meth:`score_trajectories` (``"last"``).
-        exclude_final_step: score whole trajectories without their final step, so the
-            environment's last reply (which may state the outcome, e.g. "Mission complete.")
-            cannot be read: the score is the value of the state before the final action.  The
-            search harness turns it on by default (``ScorerSpec.exclude_final_step``: search must not
-            choose by the outcome the environment reports).  Candidate scoring reads what it is given;
-            beam search withholds an episode-ending reply from an outcome-blind scorer
-            (:func:`agentrm.search.beam.beam_search`).
+        outcome_blind: the declared blindness (:attr:`agentrm.scoring.Scorer.outcome_blind`): the search
+            layer then withholds what an episode-ending step returned (:mod:`agentrm.search.blind`).
+
+    A **withheld step** (``Step.withheld``: the outcome-blind view of a step that ended the episode) has no
+    observation to read a value at, so it is read as the state before it, the last state the RM can see:
+
+    * :meth:`score_trajectories` drops a trailing withheld step; a trajectory left with no step scores the
+      initial state, read at the token closing the instruction turn
+      (:func:`~agentrm.data.tokenize.tokenize_initial_state`), never ``nan``;
+    * :meth:`score_candidates` scores a withheld candidate with the value of ``prefix`` itself (its last
+      step's state, or the initial state), so Best-of-N and beam search read the same state for the same
+      episode-ending step. All withheld candidates of one prefix therefore tie: the value RM cannot tell
+      episode-ending actions apart without their result (the implicit PRM and the judge can).
     """
 
     def __init__(
@@ -60,7 +78,7 @@ class ValueRMScorer(CandidateScorer):
         pack: PackMode = "auto",
         batch_size: int = 16,
         aggregate: str = "last",
-        exclude_final_step: bool = False,
+        outcome_blind: bool = True,
         path: ScoringPath | None = None,
         cache_entries: int = 64,
         fold_tokens: int = 16,
@@ -70,13 +88,42 @@ class ValueRMScorer(CandidateScorer):
         _check_aggregate(aggregate)
         self.model = model.eval()
         self.aggregate = aggregate
-        self.exclude_final_step = exclude_final_step
+        self.outcome_blind = outcome_blind
 
+    @torch.no_grad()
     def score_trajectories(self, trajs: Sequence[Trajectory]) -> Tensor:
-        """``[N]`` whole-trajectory scores (see ``exclude_final_step``)."""
-        if self.exclude_final_step:
-            trajs = [dataclasses.replace(t, steps=t.steps[:-1]) for t in trajs]
-        return super().score_trajectories(trajs)
+        """``[N]`` whole-trajectory scores; a trailing withheld step is read as the state before it (class doc)."""
+        visible = [_readable(t) for t in trajs]
+        scores = super().score_trajectories(visible)
+        initial = [i for i, t in enumerate(visible) if not t.steps]
+        if initial:
+            scores[initial] = self._initial_state_values([visible[i] for i in initial])
+        return scores
+
+    @torch.no_grad()
+    def score_candidates_many(self, requests: Sequence[tuple[Trajectory, Sequence[Candidate]]]) -> list[Tensor]:
+        """As :meth:`CandidateScorer.score_candidates_many`; a withheld candidate scores its prefix's value."""
+        shown = [(prefix, [c for c in cands if not _is_withheld(c)]) for prefix, cands in requests]
+        scores = super().score_candidates_many(shown)
+        held = [i for i, (_, cands) in enumerate(requests) if any(_is_withheld(c) for c in cands)]
+        prefix_values = self.score_trajectories([requests[i][0] for i in held]).tolist() if held else []
+        out = []
+        for i, (_, cands) in enumerate(requests):
+            if i not in held:
+                out.append(scores[i])
+                continue
+            visible = iter(scores[i].tolist())
+            value = prefix_values[held.index(i)]
+            out.append(torch.tensor([value if _is_withheld(c) else next(visible) for c in cands], dtype=torch.float32))
+        return out
+
+    def _initial_state_values(self, trajs: Sequence[Trajectory]) -> Tensor:
+        """``[N]`` values of the initial states (read at the end of each instruction turn)."""
+        dev = self._device()
+        items = [tokenize_initial_state(self.tokenizer, t, self.max_length) for t in trajs]
+        batch = {k: v.to(dev) for k, v in collate_trajectories(items, self._pad_id()).items()}
+        self._count(1, int(batch["attention_mask"].sum()), batch["input_ids"].numel())
+        return self._model_score_trajectory(batch).float().cpu()
 
     def _prepare_candidates(self, candidates: Sequence[Candidate]) -> list[Candidate]:
         bare = [i for i, c in enumerate(candidates) if isinstance(c, str)]
@@ -151,7 +198,11 @@ class ImplicitPRMScorer(CandidateScorer):
             and its own with ``candidate_aggregate`` (packed or plain path); ``False``: its own
             step reward ``r_t`` only.
         candidate_aggregate: ``sum`` (default, ``Q_t``) or any trajectory aggregation.
-        tokenizer, max_length, pack, batch_size, path, cache_entries, fold_tokens: as :class:`ValueRMScorer`.
+        outcome_blind: the declared blindness (:attr:`agentrm.scoring.Scorer.outcome_blind`). A withheld
+            step (the outcome-blind view of a step that ended the episode) is rendered with an empty reply;
+            its reward, over the action's tokens, does not depend on the reply, which comes after them.
+        tokenizer, max_length, pack, batch_size, path, cache_entries, fold_tokens, cache_bytes: as
+            :class:`ValueRMScorer`.
     """
 
     _passes_per_forward = 2
@@ -161,6 +212,7 @@ class ImplicitPRMScorer(CandidateScorer):
         model: ImplicitPRM,
         tokenizer,
         aggregate: str = "min",
+        outcome_blind: bool = True,
         include_prefix: bool = True,
         max_length: int | None = None,
         pack: PackMode = "auto",
@@ -180,6 +232,16 @@ class ImplicitPRMScorer(CandidateScorer):
         self.candidate_aggregate = candidate_aggregate
         self.include_prefix = include_prefix
         self._with_prefix_steps = include_prefix
+        self.outcome_blind = outcome_blind
+
+    @torch.no_grad()
+    def score_trajectories(self, trajs: Sequence[Trajectory]) -> Tensor:
+        """``[N]`` trajectory scores (``aggregate`` of the step rewards); a trajectory with no step scores
+        ``Q_0 = 0``, the implicit value of the empty prefix (no ``nan``)."""
+        scores = super().score_trajectories(trajs)
+        empty = [i for i, t in enumerate(trajs) if not t.steps]
+        scores[empty] = 0.0
+        return scores
 
     def _prepare_candidates(self, candidates: Sequence[Candidate]) -> list[Candidate]:
         # the step reward covers the action tokens only; observations would be computed for nothing
