@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from agentrm.checks import ConfigError, at_least, fail, in_range, one_of
 from agentrm.cli_config import parse_config
-from agentrm.cli_errors import BuildError, building, one_line, run_cli
+from agentrm.cli_errors import BuildError, building, run_cli
 from agentrm.collect import CollectConfig
 from agentrm.envs.registry import parse_spec, parse_specs
 from agentrm.paths import resolve_path
@@ -192,24 +192,12 @@ def fit_config(base: str, overrides: dict[str, Any], out_dir: Path, train_path: 
 
 def check_fit_config(path: Path, what: str) -> None:
     """Parse a fit config with ``agentrm.fit``'s parser, building nothing; a bad key or value raises one line."""
-    import lightning as L
-
-    from agentrm.fit import AgentRMCLI
-    from agentrm.lit.datamodule import TrajectoryDataModule
-
-    class ParseOnly(AgentRMCLI):
-        def before_instantiate_classes(self) -> None:
-            pass
-
-        def instantiate_classes(self) -> None:
-            pass
+    from agentrm.lit.cli import parse_fit_config
 
     try:
-        ParseOnly(L.LightningModule, TrajectoryDataModule, subclass_mode_model=True, run=False,
-                  args=["--config", str(path)], parser_kwargs={"exit_on_error": False})
-    except Exception as e:  # jsonargparse's ArgumentError lists every Union alternative: keep the innermost cause
-        lines = [ln.strip(" -") for ln in str(e).splitlines() if "not accepted" in ln or "Problem with" in ln]
-        raise ConfigError(f"{what}: {'; '.join(lines) or one_line(e)}") from None
+        parse_fit_config(["--config", str(path)])
+    except BuildError as e:
+        raise ConfigError(f"{what}: {e}") from None
 
 
 @dataclass

@@ -42,21 +42,21 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, prog: str, *expecte
 
 def test_fit_qlora_config_without_the_weights_fails_at_once_in_one_line():
     """nf4 itself runs on a CPU now (bitsandbytes); what is missing here is the 8B checkpoint."""
-    proc, seconds = run("agentrm.fit", "--config", "configs/llama3-8b/value_rm_qlora.yaml")
-    assert_one_line_error(proc, "agentrm.fit", "configs/llama3-8b/value_rm_qlora.yaml", "model (ValueRMModule)",
+    proc, seconds = run("agentrm.fit", "--config", "configs/recipes/value_rm.yaml", "--config", "configs/recipes/qlora.yaml", "--config", "configs/models/llama3-8b.yaml")
+    assert_one_line_error(proc, "agentrm.fit", "configs/models/llama3-8b.yaml", "model (ValueRMModule)",
                           "backbone 'meta-llama/Meta-Llama-3-8B-Instruct'", "HF_HUB_OFFLINE is set")
     assert seconds < 40  # no hub download retries (they took ~45 s before anything was checked)
 
 
 def test_fit_debug_env_shows_the_traceback():
-    proc, _ = run("agentrm.fit", "--config", "configs/llama3-8b/value_rm_qlora.yaml", env={"AGENTRM_DEBUG": "1"})
+    proc, _ = run("agentrm.fit", "--config", "configs/recipes/value_rm.yaml", "--config", "configs/recipes/qlora.yaml", "--config", "configs/models/llama3-8b.yaml", env={"AGENTRM_DEBUG": "1"})
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr and "ModelUnreachable" in proc.stderr
 
 
 def test_fit_quantization_with_sharding_strategy_is_refused_from_the_config():
     """Checked from the parsed config before the model, the tokenizer or the trainer is built (also on a GPU host)."""
-    proc, _ = run("agentrm.fit", "--config", "configs/llama3-8b/value_rm_qlora.yaml",
+    proc, _ = run("agentrm.fit", "--config", "configs/recipes/value_rm.yaml", "--config", "configs/recipes/qlora.yaml", "--config", "configs/models/llama3-8b.yaml",
                   "--config", "configs/strategies/fsdp.yaml")
     assert_one_line_error(proc, "agentrm.fit", "configs/strategies/fsdp.yaml", "strategy 'fsdp'")
 

@@ -1,6 +1,7 @@
 """Every YAML under configs/ parses against the fit CLI's parser, without building any model.
 
-``configs/search/``, ``configs/paper/`` (search configs) and ``configs/pipeline/`` belong to other CLIs and parse against those; ``configs/strategies/`` holds
+``configs/search/``, ``configs/paper/`` (search configs) and ``configs/pipeline/`` belong to other CLIs and parse against those;
+``configs/generalisation/`` mixes collect, search and fit configs (tests/test_generalisation_configs.py parses each by kind); ``configs/strategies/`` holds
 trainer fragments, parsed composed after a model config (as the docs tell users to run them).
 """
 
@@ -8,52 +9,43 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import pytest
 
-from agentrm.fit import AgentRMCLI
-from agentrm.lit.datamodule import TrajectoryDataModule
+from agentrm.lit.cli import parse_fit_config
 from agentrm.paths import PROJECT_ROOT
 
 CONFIGS = PROJECT_ROOT / "configs"
-SKIP_DIRS = {"search", "pipeline", "paper"}
+SKIP_DIRS = {"search", "pipeline", "paper", "generalisation"}
 STRATEGY_DIR = CONFIGS / "strategies"
 
 
-class ParseOnlyCLI(AgentRMCLI):
-    """Parses and validates (class paths, init args, links) but instantiates nothing."""
-
-    def instantiate_classes(self) -> None:
-        pass
-
-
 def parse(*config_files: Path, extra: tuple[str, ...] = ()):
-    args = [a for f in config_files for a in ("--config", str(f))] + list(extra)
-    cli = ParseOnlyCLI(
-        L.LightningModule,
-        TrajectoryDataModule,
-        subclass_mode_model=True,
-        run=False,
-        args=args,
-        save_config_kwargs={"overwrite": True},
-    )
-    return cli.config
+    """The fit CLI's parse (checked: keys, types, class paths, links, output paths), building nothing."""
+    return parse_fit_config([a for f in config_files for a in ("--config", str(f))] + list(extra))
+
+
+KINDS = ("value_rm", "implicit_prm")
+METHODS = ("full", "lora", "qlora")
+FAMILIES = ("llama3-8b", "qwen2.5-7b")
 
 
 def fit_configs() -> list[Path]:
+    """Stand-alone fit configs (tiny, smollm2); the recipes and model families compose (below)."""
     return sorted(
         p
         for p in CONFIGS.rglob("*.yaml")
-        if p.relative_to(CONFIGS).parts[0] not in SKIP_DIRS | {"strategies"}
+        if p.relative_to(CONFIGS).parts[0] not in SKIP_DIRS | {"strategies", "recipes", "models"}
     )
 
 
+def composition(kind: str, method: str, family: str) -> list[Path]:
+    return [CONFIGS / "recipes" / f"{kind}.yaml", CONFIGS / "recipes" / f"{method}.yaml",
+            CONFIGS / "models" / f"{family}.yaml"]
+
+
 def test_configs_found():
-    names = {str(p.relative_to(CONFIGS)) for p in fit_configs()}
-    for fam in ("llama3-8b", "qwen2.5-7b"):
-        for task in ("value_rm", "implicit_prm"):
-            for mode in ("full", "lora", "qlora"):
-                assert f"{fam}/{task}_{mode}.yaml" in names
+    assert {p.stem for p in (CONFIGS / "recipes").glob("*.yaml")} == set(KINDS) | set(METHODS)
+    assert {p.stem for p in (CONFIGS / "models").glob("*.yaml")} == set(FAMILIES)
     assert {p.stem for p in STRATEGY_DIR.glob("*.yaml")} == {
         "ddp",
         "fsdp",
@@ -67,28 +59,26 @@ def test_fit_config_parses(path):
     cfg = parse(path)
     assert cfg.model.class_path.startswith("agentrm.lit.")
     assert cfg.model.init_args.tokenizer == cfg.data.tokenizer  # the CLI's link applied
-    if "qlora" in path.stem:
-        assert cfg.model.init_args.quantization == "nf4" and cfg.model.init_args.lora
-        assert cfg.trainer.devices == 1  # QLoRA: one GPU
 
 
-@pytest.mark.parametrize("strategy", sorted(STRATEGY_DIR.glob("*.yaml")), ids=lambda p: p.stem)
-@pytest.mark.parametrize("model", ["llama3-8b/value_rm_full.yaml", "llama3-8b/implicit_prm_lora.yaml"])
-def test_strategy_composes_with_model_config(strategy, model):
-    """A strategy file given after a model config replaces its strategy, class and init args."""
-    cfg = parse(CONFIGS / model, strategy, extra=("--trainer.devices", "4", "--trainer.num_nodes", "2"))
-    expected = {
-        "ddp": "DDPStrategy",
-        "fsdp": "FSDPStrategy",
-        "deepspeed_zero2": "DeepSpeedStrategy",
-        "deepspeed_zero3": "DeepSpeedStrategy",
-    }[strategy.stem]
-    assert cfg.trainer.strategy.class_path.endswith(expected)
-    assert str(cfg.trainer.devices) == "4" and cfg.trainer.num_nodes == 2  # devices is list | str | int
-    if strategy.stem.startswith("deepspeed"):
-        assert cfg.trainer.strategy.init_args.stage == int(strategy.stem[-1])
-    if strategy.stem == "fsdp":
-        assert cfg.trainer.strategy.init_args.auto_wrap_policy is not None
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_composition_parses(kind, method, family):
+    """Every kind x method x model family is one command line; each file sets its own part only."""
+    root = f"runs/{family}/{kind}_{method}"
+    cfg = parse(*composition(kind, method, family), extra=("--trainer.default_root_dir", root))
+    init = cfg.model.init_args
+    assert cfg.model.class_path.endswith("ValueRMModule" if kind == "value_rm" else "ImplicitPRMModule")
+    assert init.backbone == cfg.data.tokenizer == init.tokenizer and "/" in init.backbone
+    assert cfg.data.max_length == 4096 and cfg.data.train_path
+    assert bool(init.lora) == (method != "full") and (init.quantization == "nf4") == (method == "qlora")
+    assert str(cfg.trainer.devices) == {"full": "8", "lora": "4", "qlora": "1"}[method]
+    # every output path follows the run's root: checkpoints, export, metrics
+    paths = {cb.class_path.rsplit(".", 1)[-1]: cb.init_args.get("dirpath") for cb in cfg.trainer.callbacks
+             if cb.init_args is not None}
+    assert paths["ResumableCheckpoint"] == f"{root}/checkpoints" and paths["ExportHF"] == f"{root}/hf_model"
+    assert cfg.trainer.logger.init_args.save_dir == root
 
 
 def test_fsdp_policy_wraps_decoder_layers_of_any_family():

@@ -27,20 +27,29 @@ import pytest
 from agentrm.paths import PROJECT_ROOT
 from agentrm.plan import (
     KNOWN,
+    PlanConfig,
     Setup,
     estimate,
     estimate_search,
+    fit_setup,
     kv_bytes_per_token,
-    load_config,
     main,
     resolve_arch,
+    search_config,
     search_setups,
-    setup_from_config,
 )
 
 LLAMA3_8B = KNOWN["meta-llama/Meta-Llama-3-8B-Instruct"]
-CONFIGS = PROJECT_ROOT / "configs" / "llama3-8b"
+RECIPES = PROJECT_ROOT / "configs" / "recipes"
+LLAMA = PROJECT_ROOT / "configs" / "models" / "llama3-8b.yaml"
 STRATEGIES = PROJECT_ROOT / "configs" / "strategies"
+
+
+def composed(kind: str, method: str, *more, **flags) -> Setup:
+    """The planner's setup of the shipped recipe ``kind`` x ``method`` on Llama-3-8B (+ more configs and fit flags)."""
+    files = [str(RECIPES / f"{kind}.yaml"), str(RECIPES / f"{method}.yaml"), str(LLAMA), *map(str, more)]
+    args = [x for k, v in flags.items() for x in (f"--{k.replace('__', '.')}", str(v))]
+    return fit_setup(PlanConfig(configs=files, fit_args=args))
 
 
 def within(value: float, published: float, rel: float = 0.2) -> bool:
@@ -56,7 +65,7 @@ def test_full_finetune_model_states_16_bytes_per_param():
     e = estimate(Setup(LLAMA3_8B, causal_lm=True, mode="full", strategy="single", devices=1))
     assert within(e.model_states, 128.5)
     # the shipped config (value RM, FSDP on 8 GPUs) shards the same 16 bytes/param
-    cfg = setup_from_config(load_config([str(CONFIGS / "value_rm_full.yaml")], {}))
+    cfg = composed("value_rm", "full")
     sharded = estimate(cfg)
     assert within(sharded.model_states * 8, 16 * sharded.params / 1e9)
 
@@ -70,8 +79,8 @@ def test_zero_paper_figure_1(strategy, published_7_5b):
 
 
 def test_lora_and_qlora_weights():
-    lora = estimate(setup_from_config(load_config([str(CONFIGS / "value_rm_lora.yaml")], {})))
-    qlora = estimate(setup_from_config(load_config([str(CONFIGS / "value_rm_qlora.yaml")], {})))
+    lora = estimate(composed("value_rm", "lora"))
+    qlora = estimate(composed("value_rm", "qlora"))
     assert within(lora.rows["weights"], 16.06)
     assert lora.trainable < 0.01 * lora.params and lora.rows["optimizer states"] < 1
     assert within(qlora.rows["weights"], 5.5)
@@ -79,13 +88,14 @@ def test_lora_and_qlora_weights():
 
 
 def test_activation_checkpointing_and_devices_override(capsys):
-    s = setup_from_config(load_config([str(CONFIGS / "value_rm_lora.yaml")], {}))
+    s = composed("value_rm", "lora")
     with_ckpt = estimate(s).rows["activations"]
     s.checkpointing = False
     assert estimate(s).rows["activations"] > 10 * with_ckpt
-    (est,) = main(["--config", str(CONFIGS / "value_rm_full.yaml"), "--trainer.devices", "2"])
+    (est,) = main(["--config", str(RECIPES / "value_rm.yaml"), "--config", str(RECIPES / "full.yaml"),
+                   "--config", str(LLAMA), "--trainer.devices", "2"])
     four = estimate(
-        setup_from_config(load_config([str(CONFIGS / "value_rm_full.yaml")], {"trainer.devices": "4"}))
+        composed("value_rm", "full", trainer__devices=4)
     )
     assert est.rows["optimizer states"] == pytest.approx(2 * four.rows["optimizer states"])
     out = capsys.readouterr().out
@@ -93,17 +103,17 @@ def test_activation_checkpointing_and_devices_override(capsys):
 
 
 def test_implicit_prm_full_reference_is_bf16_and_sharded():
-    s = setup_from_config(load_config([str(CONFIGS / "implicit_prm_full.yaml")], {}))
+    s = composed("implicit_prm", "full")
     assert s.separate_reference and s.reference_dtype == "bfloat16" and s.strategy == "fsdp"
     bf16_copy = 2 * LLAMA3_8B.params(causal_lm=True) / 1e9  # 16.06 GB
     one_layer = 2 * LLAMA3_8B.linear_params() / LLAMA3_8B.layers / 1e9
     assert estimate(s).rows["reference model"] == pytest.approx(bf16_copy / 8 + one_layer)
     # the same model replicated by DDP: a whole bf16 copy per GPU, a whole fp32 one without reference_dtype
-    ddp = load_config([str(CONFIGS / "implicit_prm_full.yaml"), str(STRATEGIES / "ddp.yaml")], {})
-    assert estimate(setup_from_config(ddp)).rows["reference model"] == pytest.approx(bf16_copy)
-    ddp["model"]["init_args"].pop("reference_dtype")
-    assert estimate(setup_from_config(ddp)).rows["reference model"] == pytest.approx(2 * bf16_copy)
-    s = setup_from_config(load_config([str(CONFIGS / "implicit_prm_lora.yaml")], {}))
+    ddp = composed("implicit_prm", "full", STRATEGIES / "ddp.yaml")
+    assert estimate(ddp).rows["reference model"] == pytest.approx(bf16_copy)
+    fp32 = composed("implicit_prm", "full", STRATEGIES / "ddp.yaml", model__init_args__reference_dtype="null")
+    assert estimate(fp32).rows["reference model"] == pytest.approx(2 * bf16_copy)
+    s = composed("implicit_prm", "lora")
     assert estimate(s).rows["reference model"] == 0  # adapter disabled = the base
 
 
@@ -129,23 +139,22 @@ def test_arch_from_local_dir(tmp_path):
 def test_implicit_prm_host_memory_while_building_counts_the_reference_in_its_dtype():
     """Under FSDP each rank builds the whole model on its host before sharding: the fp32 policy (4P) plus the
     reference read from the weights in bf16 (2P), not a second fp32 copy (the old deepcopy: 8P)."""
-    s = setup_from_config(load_config([str(CONFIGS / "implicit_prm_full.yaml")], {}))
+    s = composed("implicit_prm", "full")
     e = estimate(s)
     P = LLAMA3_8B.params(causal_lm=True)
     assert e.host_build == pytest.approx((4 * P + 2 * P) / 1e9)
     assert within(e.host_build, 48.2)  # 32.1 GB fp32 policy + 16.1 GB bf16 reference
-    lora = estimate(setup_from_config(load_config([str(CONFIGS / "implicit_prm_lora.yaml"),
-                                                   str(STRATEGIES / "fsdp.yaml")], {})))
+    lora = estimate(composed("implicit_prm", "lora", STRATEGIES / "fsdp.yaml"))
     assert lora.host_build == pytest.approx(2 * P / 1e9)  # bf16 base, no reference
-    ddp = load_config([str(CONFIGS / "implicit_prm_full.yaml"), str(STRATEGIES / "ddp.yaml")], {})
-    assert estimate(setup_from_config(ddp)).host_build is None  # built on each rank's GPU
+    ddp = composed("implicit_prm", "full", STRATEGIES / "ddp.yaml")
+    assert estimate(ddp).host_build is None  # built on each rank's GPU
 
 
 SEARCH_8B = PROJECT_ROOT / "configs" / "search" / "llama3-8b_nf4.yaml"
 
 
 def test_search_plan_counts_weights_scoring_batch_and_the_prefix_cache_budget(capsys):
-    cfg = load_config([str(SEARCH_8B)], {})
+    cfg = search_config(PlanConfig(configs=[str(SEARCH_8B)]))
     with pytest.raises(ValueError, match=r"scorers\[0\] \(value_rm_8b_nf4\): cannot tell the architecture"):
         search_setups(cfg)  # the exported directory is not here
     (s,) = search_setups(cfg, arch="meta-llama/Meta-Llama-3-8B-Instruct")
@@ -167,9 +176,9 @@ def test_search_plan_counts_weights_scoring_batch_and_the_prefix_cache_budget(ca
     main(["--config", str(SEARCH_8B), "--arch", "meta-llama/Meta-Llama-3-8B-Instruct", "--reserved-gb", "40"])
     out = capsys.readouterr().out
     assert "prefix KV cache" in out and "KV per token 128.0 KiB" in out and "fits beside the other processes: yes" in out
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         main(["--config", str(SEARCH_8B)])
-    assert "llama3-8b_nf4.yaml: scorers[0]" in capsys.readouterr().err
+    assert e.value.code == 2 and "llama3-8b_nf4.yaml: scorers[0]" in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_search_plan_reads_a_local_export(tmp_path):

@@ -223,7 +223,7 @@ def validate_training_setup(
     if not lora:
         raise UnsupportedTrainingSetup(
             f"quantization={quantization!r} without a LoRA adapter: quantised weights cannot be trained "
-            "full-parameter. Add a `lora:` section (QLoRA, see configs/llama3-8b/value_rm_qlora.yaml) "
+            "full-parameter. Add a `lora:` section (QLoRA, see configs/recipes/qlora.yaml) "
             "or drop `quantization`."
         )
     name = strategy_name(strategy)

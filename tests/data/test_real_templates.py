@@ -33,9 +33,9 @@ TEMPLATES = Path(__file__).resolve().parents[1] / "assets" / "templates"
 SPECS = {  # template: special tokens (bos, eos, pad, others), the token closing a turn, the 8B configs using it
     "llama3": {"bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "pad": None,
                "others": ["<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>"],
-               "close": "<|eot_id|>", "configs": "configs/llama3-8b", "hub": "meta-llama/Meta-Llama-3-8B-Instruct"},
+               "close": "<|eot_id|>", "configs": "configs/models/llama3-8b.yaml", "hub": "meta-llama/Meta-Llama-3-8B-Instruct"},
     "qwen2.5": {"bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>", "others": ["<|im_start|>"],
-                "close": "<|im_end|>", "configs": "configs/qwen2.5-7b", "hub": "Qwen/Qwen2.5-7B-Instruct"},
+                "close": "<|im_end|>", "configs": "configs/models/qwen2.5-7b.yaml", "hub": "Qwen/Qwen2.5-7B-Instruct"},
     "gemma3": {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>", "others": ["<start_of_turn>", "<end_of_turn>"],
                "close": "<end_of_turn>", "configs": None, "hub": "google/gemma-3-1b-it"},
 }
@@ -258,13 +258,12 @@ def test_candidates_score_as_prefix_plus_candidate_alone(name_tok):
 
 
 def test_the_8b_configs_use_a_tested_template():
-    """Every Llama-3 / Qwen2.5 8B config reads the tokenizer (hence the template) tested here."""
+    """The Llama-3 / Qwen2.5 model-family configs (composed with every recipe) read the tokenizer (hence the
+    template) tested here."""
     for spec in SPECS.values():
         if spec["configs"] is None:
             continue
-        files = sorted((PROJECT_ROOT / spec["configs"]).glob("*.yaml"))
-        assert files, spec["configs"]
-        for f in files:
-            cfg = yaml.safe_load(f.read_text())
-            assert cfg["data"]["tokenizer"] == spec["hub"], f"{f}: data.tokenizer"
-            assert cfg["model"]["init_args"]["backbone"] == spec["hub"], f"{f}: model.init_args.backbone"
+        f = PROJECT_ROOT / spec["configs"]
+        cfg = yaml.safe_load(f.read_text())
+        assert cfg["data"]["tokenizer"] == spec["hub"], f"{f}: data.tokenizer"
+        assert cfg["model"]["init_args"]["backbone"] == spec["hub"], f"{f}: model.init_args.backbone"

@@ -122,27 +122,19 @@ def test_run_lock_takes_all_or_none(tmp_path):
     assert not lock_path(a).exists()  # the lock it took before the refusal is given back
 
 
-@pytest.mark.parametrize("config", ["tiny/value_rm.yaml", "tiny/implicit_prm.yaml", "smollm2/policy_sft.yaml",
-                                    "llama3-8b/value_rm_full.yaml", "qwen2.5-7b/implicit_prm_qlora.yaml"])
-def test_shipped_configs_run_their_checkpoints_as_resumable(config):
+@pytest.mark.parametrize("configs", [["tiny/value_rm.yaml"], ["tiny/implicit_prm.yaml"], ["smollm2/policy_sft.yaml"],
+                                     ["recipes/value_rm.yaml", "recipes/full.yaml", "models/llama3-8b.yaml"],
+                                     ["recipes/implicit_prm.yaml", "recipes/qlora.yaml", "models/qwen2.5-7b.yaml"]],
+                         ids=lambda c: "+".join(c))
+def test_shipped_configs_run_their_checkpoints_as_resumable(configs):
     """``agentrm.fit`` turns each config's ModelCheckpoint into a ResumableCheckpoint (parsed, nothing built)."""
-    import lightning as L
-
-    from agentrm.fit import RESUMABLE, AgentRMCLI, use_resumable_checkpoints
+    from agentrm.fit import RESUMABLE
     from agentrm.lit.checkpoints import ResumableCheckpoint
-    from agentrm.lit.datamodule import TrajectoryDataModule
+    from agentrm.lit.cli import parse_fit_config
     from agentrm.paths import PROJECT_ROOT
 
-    class ParseOnly(AgentRMCLI):
-        def before_instantiate_classes(self) -> None:
-            use_resumable_checkpoints(self.config)
-
-        def instantiate_classes(self) -> None:
-            pass
-
-    cli = ParseOnly(L.LightningModule, TrajectoryDataModule, subclass_mode_model=True, run=False,
-                    args=["--config", str(PROJECT_ROOT / "configs" / config)])
-    ckpts = [cb for cb in cli.config["trainer.callbacks"] if cb.class_path == RESUMABLE]
-    assert len(ckpts) == 1, cli.config["trainer.callbacks"]
+    config = parse_fit_config([a for c in configs for a in ("--config", str(PROJECT_ROOT / "configs" / c))])
+    ckpts = [cb for cb in config["trainer.callbacks"] if cb.class_path == RESUMABLE]
+    assert len(ckpts) == 1, config["trainer.callbacks"]
     built = ResumableCheckpoint(**vars(ckpts[0].init_args))
     assert built.save_last is True and built.dirpath.endswith("checkpoints")
