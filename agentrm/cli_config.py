@@ -28,6 +28,10 @@ def _resolve_init_annotations(cls: type) -> None:
     hints = typing.get_type_hints(cls)
     init = cls.__init__
     init.__annotations__ = {**{f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}, "return": None}
+    for hint in hints.values():  # nested groups (``policy: PolicySpec``, ``scorers: list[ScorerSpec]``) too
+        for t in (hint, *typing.get_args(hint)):
+            if dataclasses.is_dataclass(t) and isinstance(t, type) and t is not cls:
+                _resolve_init_annotations(t)
 
 
 def config_parser(cls: type, prog: str) -> Any:

@@ -24,6 +24,7 @@ one line, not after an hour of trees. An interrupted stage restarts from scratch
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -42,6 +43,7 @@ from agentrm.envs.registry import parse_spec, parse_specs
 from agentrm.paths import resolve_path
 from agentrm.search.evaluate import EvalConfig
 from agentrm.search.specs import PolicySpec, ScorerSpec
+from agentrm.targets.mcts import MCTSConfig
 from agentrm.trees import TreesConfig
 
 STAGES = ("expert", "sft", "trees", "rm", "eval")
@@ -77,22 +79,18 @@ class PolicyChoice:
 
 
 @dataclass
-class TreeStage:
-    """MCTS budget per tree (see :class:`agentrm.trees.TreesConfig`).
+class TreeStage(MCTSConfig):
+    """The trees stage: the MCTS budget per tree (:class:`~agentrm.targets.mcts.MCTSConfig`) and the stage's own.
 
     ``commit``: search while acting (``simulations`` per committed step, so the targets cover whole
     episodes); ``min_visits``: states visited fewer times are not targets (the stage reports how many
     visited states were kept); ``parallel``: simulations in flight per tree with batched policy calls
-    (virtual loss; worth it for a served or GPU policy).
+    (virtual loss; worth it for a served or GPU policy); ``temperature``: the SFT policy's sampling.
     """
 
-    episodes: int = 20
     simulations: int = 30
-    k: int = 3
-    c: float = 1.0
-    max_depth: int = 24
     commit: bool = True
-    parallel: int = 1
+    episodes: int = 20
     min_visits: int = 2
     temperature: float = 1.0
     workers: int = 1
@@ -223,10 +221,10 @@ def plan_stages(cfg: PipelineConfig) -> StagePlan:
         demos = Path(cfg.expert.path) if cfg.expert.path else d("expert") / "expert.jsonl"
         sft_config = None if cfg.scripted else _write_fit_config(cfg.sft, d("sft"), demos, "sft")
         t = cfg.trees
+        budget = {f.name: getattr(t, f.name) for f in dataclasses.fields(MCTSConfig)}
         trees = TreesConfig(
             out=str(d("trees") / "trees.jsonl"), envs=specs, episodes=t.episodes, seed=cfg.seed, workers=t.workers,
-            simulations=t.simulations, k=t.k, c=t.c, max_depth=t.max_depth, commit=t.commit, parallel=t.parallel,
-            policy=_policy(cfg, t.temperature, max_new_tokens=16), flat_out=str(d("trees") / "targets.jsonl"),
+            **budget, policy=_policy(cfg, t.temperature, max_new_tokens=16), flat_out=str(d("trees") / "targets.jsonl"),
             min_visits=t.min_visits, progress=cfg.progress)
         rm_config = _write_fit_config(cfg.rm, d("rm"), d("trees") / "targets.jsonl", "rm")
         return StagePlan(expert, sft_config, trees, rm_config, _eval_config(cfg, specs) if cfg.eval.enabled else None)

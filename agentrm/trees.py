@@ -116,17 +116,17 @@ def _check_tree(path: Path, jobs: list[Job], settings: TreeSettings, rec: dict, 
 
 
 @dataclass
-class TreesConfig(OutputOptions, JobOptions, WorkerOptions):
+class TreesConfig(OutputOptions, JobOptions, WorkerOptions, MCTSConfig):
     """``python -m agentrm.trees``: one MCTS tree per task instance into a resumable JSONL file (one tree a line).
 
     Inherits :class:`~agentrm.data.jobs.JobOptions` (``envs``, ``episodes``, ``seed``),
-    :class:`~agentrm.data.resumable.OutputOptions` (``out``, ``overwrite``, ``limit``, ``progress``) and
-    :class:`~agentrm.data.workers.WorkerOptions` (``workers``, ``backend``, ``ray_address``).
+    :class:`~agentrm.data.resumable.OutputOptions` (``out``, ``overwrite``, ``limit``, ``progress``),
+    :class:`~agentrm.data.workers.WorkerOptions` (``workers``, ``backend``, ``ray_address``) and the search budget
+    :class:`~agentrm.targets.mcts.MCTSConfig` (``simulations``, ``k``, ``c``, ``max_depth``, ``commit``: search while
+    acting, ``simulations`` per committed step; ``parallel``: simulations in flight per tree, their policy calls
+    batched).
 
     Attributes:
-        simulations, k, c, max_depth, commit, parallel: the search budget, see
-            :class:`~agentrm.targets.mcts.MCTSConfig` (``commit``: search while acting, ``simulations`` per
-            committed step; ``parallel``: simulations in flight per tree, their policy calls batched).
         policy: the expanding policy (:class:`~agentrm.search.specs.PolicySpec`): ``kind: expert`` (each
             environment's expert with ``error_rate``), ``kind: hf`` with ``model`` an exported SFT policy
             (sampled with ``temperature``; ``device``/``dtype``/``quantization`` as for search), or a served one.
@@ -135,28 +135,21 @@ class TreesConfig(OutputOptions, JobOptions, WorkerOptions):
     """
 
     out: str = "data/trees.jsonl"
-    simulations: int = 50
-    k: int = 3
-    c: float = 1.0
-    max_depth: int = 24
-    commit: bool = False
-    parallel: int = 1
     policy: PolicySpec = field(default_factory=lambda: PolicySpec(kind="expert", error_rate=0.3))
     flat_out: str | None = None
     min_visits: int = 1
 
     def __post_init__(self) -> None:
+        MCTSConfig.__post_init__(self)
         WorkerOptions.__post_init__(self)
         JobOptions.__post_init__(self)
         OutputOptions.__post_init__(self)
-        for name in ("simulations", "k", "max_depth", "parallel", "min_visits"):
-            at_least(getattr(self, name), 1, name)
-        at_least(self.c, 0.0, "c")
+        at_least(self.min_visits, 1, "min_visits")
         check_policy(self.policy, "policy")
 
     @property
     def mcts(self) -> MCTSConfig:
-        return MCTSConfig(self.simulations, self.k, self.c, self.max_depth, commit=self.commit, parallel=self.parallel)
+        return MCTSConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(MCTSConfig)})
 
 
 def build_trees(config: TreesConfig) -> dict[str, Any]:

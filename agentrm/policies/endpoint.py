@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -165,34 +166,52 @@ def _retry_after(response: httpx.Response) -> float | None:
     return float(value) if value.replace(".", "", 1).isdigit() else None
 
 
-def post_json(
-    url: str,
-    body: dict[str, Any],
-    *,
-    headers: dict[str, str] | None = None,
-    connect_timeout: float = 10.0,
-    read_timeout: float = 60.0,
-    deadline_s: float = 180.0,
-    max_retries: int = 5,
-    backoff: float = 0.5,
-    max_backoff: float = 30.0,
-    wait_notice_s: float | None = 10.0,
-    label: str = "openai policy",
-    on_attempt: Callable[[int], None] | None = None,
-) -> dict[str, Any]:
-    """POST ``body`` as JSON to ``url``; return the JSON reply, retrying within a total deadline.
+@dataclass(frozen=True)
+class RequestLimits:
+    """How long one HTTP request may take, retries included (the OpenAI-compatible policy and judge, the remote
+    scorer).
 
-    Connection errors, timeouts and HTTP 408/409/429/5xx are retried (at most ``max_retries`` times) after
+    Attributes:
+        connect_timeout, read_timeout: per attempt, in seconds (read also bounds the write), each cut to what is
+            left of the deadline.
+        deadline_s: the whole request (every attempt and pause) ends within this many seconds (plus the time to
+            notice it: at most one read of a trickling answer).
+        max_retries: retries after the first attempt (connection errors, timeouts, HTTP 408/409/429/5xx).
+        backoff, max_backoff: the pause before retry ``i`` is ``backoff * 2**i`` (or the server's ``Retry-After``),
+            at most ``max_backoff`` and never past the deadline.
+        wait_notice_s: a line on stderr after this many seconds of waiting, then at most one per period
+            (``None`` or ``0``: silent).
+        label: who waits, in messages (``openai policy``, ``judge``, ``remote scorer``).
+    """
+
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    deadline_s: float = 180.0
+    max_retries: int = 5
+    backoff: float = 0.5
+    max_backoff: float = 30.0
+    wait_notice_s: float | None = 10.0
+    label: str = "openai policy"
+
+    def __post_init__(self) -> None:
+        for name in ("connect_timeout", "read_timeout", "deadline_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 seconds; got {getattr(self, name)}")
+        if self.max_retries < 0 or self.backoff < 0 or self.max_backoff < 0:
+            raise ValueError(f"max_retries, backoff and max_backoff must be >= 0; got {self.max_retries}, "
+                             f"{self.backoff}, {self.max_backoff}")
+
+
+def post_json(url: str, body: dict[str, Any], *, headers: dict[str, str] | None = None,
+              limits: RequestLimits | None = None, on_attempt: Callable[[int], None] | None = None,
+              ) -> dict[str, Any]:
+    """POST ``body`` as JSON to ``url``; return the JSON reply, retrying within a total deadline (``limits``).
+
+    Connection errors, timeouts and HTTP 408/409/429/5xx are retried (at most ``limits.max_retries`` times) after
     ``backoff * 2**attempt`` seconds (or the server's ``Retry-After``), capped at ``max_backoff`` and at the
     time left; other statuses and a body that is not JSON fail at once with :class:`EndpointError`.
 
     Args:
-        connect_timeout, read_timeout: per attempt, in seconds (read also bounds the write), each cut to
-            what is left of the deadline.
-        deadline_s: the whole request (every attempt and pause) ends within this many seconds (plus the
-            time to notice it: at most one read of a trickling answer).
-        wait_notice_s: a line on stderr after this many seconds of waiting, then at most one per period
-            (``None`` or ``0``: silent).
         on_attempt: called with the attempt's index (0 = first) before each attempt is sent.
 
     Raises:
@@ -204,10 +223,12 @@ def post_json(
     """
     data = json.dumps(body).encode()
     hdrs = {"Content-Type": "application/json", **(headers or {})}
-    attempts = max_retries + 1
+    lim = limits or RequestLimits()
+    label = lim.label
+    attempts = lim.max_retries + 1
     start = time.monotonic()
-    deadline = start + deadline_s
-    waiting = _Waiting(label, url, attempts, wait_notice_s) if wait_notice_s else None
+    deadline = start + lim.deadline_s
+    waiting = _Waiting(label, url, attempts, lim.wait_notice_s) if lim.wait_notice_s else None
     if waiting is not None:
         _NOTICES.add(waiting)
     last, made = "no attempt made", 0
@@ -221,8 +242,8 @@ def post_json(
             if on_attempt is not None:
                 on_attempt(attempt)
             made += 1
-            pause = min(max_backoff, backoff * 2**attempt)
-            timeout = _timeout(connect_timeout, read_timeout, remaining)
+            pause = min(lim.max_backoff, lim.backoff * 2**attempt)
+            timeout = _timeout(lim.connect_timeout, lim.read_timeout, remaining)
             try:
                 with http_client().stream("POST", url, content=data, headers=hdrs, timeout=timeout) as r:
                     raw = _receive(r, deadline)
@@ -243,7 +264,7 @@ def post_json(
                 last = f"HTTP {status}: {_one_line(raw[:300].decode(errors='replace'))}"
                 if status not in RETRY_STATUS:
                     raise EndpointError(f"{label}: {url}: {last}")
-                pause = min(max_backoff, _retry_after(r) or pause)
+                pause = min(lim.max_backoff, _retry_after(r) or pause)
             if attempt < attempts - 1:
                 if pause >= deadline - time.monotonic():
                     break  # the next attempt could not start before the deadline
@@ -252,9 +273,9 @@ def post_json(
         if waiting is not None:
             _NOTICES.remove(waiting)
     elapsed = time.monotonic() - start
-    if made == attempts and elapsed < deadline_s:
+    if made == attempts and elapsed < lim.deadline_s:
         raise EndpointUnavailable(f"{label}: {url} failed after {made} attempts ({elapsed:.1f} s); last error: {last}")
-    raise EndpointUnavailable(f"{label}: {url} did not answer within {deadline_s:g} s "
+    raise EndpointUnavailable(f"{label}: {url} did not answer within {lim.deadline_s:g} s "
                               f"({made} attempt{'s' * (made != 1)} in {elapsed:.1f} s); last error: {last}")
 
 

@@ -34,12 +34,14 @@ from agentrm.policies.endpoint import (
     RETRY_STATUS,
     EndpointError,
     EndpointUnavailable,
+    RequestLimits,
     check_endpoints_ready,
     post_json,
 )
 from agentrm.policies.prompt import AgentPrompt, ReplyStats, propose_many_validated, propose_validated
 
-__all__ = ["RETRY_STATUS", "EndpointError", "EndpointUnavailable", "OpenAIChatPolicy", "check_endpoints_ready"]
+__all__ = ["RETRY_STATUS", "EndpointError", "EndpointUnavailable", "OpenAIChatPolicy", "RequestLimits",
+           "check_endpoints_ready"]
 
 
 _HOMES = itertools.count()  # spreads policy objects (e.g. one per episode) over replicas
@@ -48,10 +50,9 @@ _HOMES = itertools.count()  # spreads policy objects (e.g. one per episode) over
 class OpenAIChatPolicy:
     """Sample candidate actions (``n=k``) from an OpenAI-compatible chat endpoint.
 
-    Retries: connection errors, timeouts, HTTP 408/409/429 and 5xx are retried up to
-    ``max_retries`` times, waiting ``backoff * 2**attempt`` seconds (or the server's
-    ``Retry-After``, capped at ``max_backoff``), all within ``request_deadline_s``.  Other 4xx
-    errors fail at once (:class:`EndpointError`).  When the attempts or the deadline run out,
+    Waits are bounded by ``limits`` (:class:`~agentrm.policies.endpoint.RequestLimits`: per-attempt timeouts,
+    retries with backoff or the server's ``Retry-After``, a total deadline per request, stderr notices while
+    waiting). Other 4xx errors fail at once (:class:`EndpointError`); when the attempts or the deadline run out,
     :class:`EndpointUnavailable` (a subclass) names the URL, the attempts and the last error in one line.
 
     If the server returns fewer than ``n`` choices (some ignore ``n``), more requests
@@ -65,18 +66,9 @@ class OpenAIChatPolicy:
         model: model name as the server knows it.
         api_key: sent as a bearer token when given (vLLM accepts any with ``--api-key``).
         temperature, max_tokens, top_p: sampling parameters.
-        timeout: read (and write) timeout of one attempt, in seconds.
-        connect_timeout: connect timeout of one attempt, in seconds.
-        request_deadline_s: total seconds for one HTTP request with all its retries and pauses (a
-            server that accepts connections but never answers fails after this long; a call to a server
-            that ignores ``n`` makes several requests, each with its own deadline).
-        wait_notice_s: a request waiting this long prints ``<label>: waiting for <url>: 30 s, attempt
-            2/6`` to stderr, then again at most once per period (``None``/``0``: silent).
+        limits: how long one HTTP request may take (a call to a server that ignores ``n`` makes several requests,
+            each within its own deadline); its ``label`` names this client in messages (``"judge"``...).
         ready_timeout_s: :meth:`check_ready`'s timeout per replica and request.
-        label: how messages name this client (``"openai policy"``; e.g. ``"judge"`` for an LLM judge).
-        max_retries: retries after the first attempt.
-        backoff: base of the exponential backoff in seconds.
-        max_backoff: longest single wait.
         system_prompt: optional system message prepended to the conversation.
         prompt, max_resample: the paper-style prompt and redraws of invalid replies (as
             :class:`~agentrm.policies.hf.HFPolicy`); :attr:`reply_stats` counts them.
@@ -94,35 +86,25 @@ class OpenAIChatPolicy:
         base_url: str | Sequence[str],
         model: str,
         api_key: str | None = None,
+        *,
         temperature: float = 1.0,
         max_tokens: int = 64,
-        timeout: float = 60.0,
-        max_retries: int = 5,
-        backoff: float = 0.5,
         top_p: float = 1.0,
-        max_backoff: float = 30.0,
         system_prompt: str | None = None,
         seed: int | None = None,
         prompt: AgentPrompt | None = None,
         max_resample: int = 2,
         max_concurrency: int = 4,
-        connect_timeout: float = 10.0,
-        request_deadline_s: float = 180.0,
-        wait_notice_s: float | None = 10.0,
+        limits: RequestLimits | None = None,
         ready_timeout_s: float = 15.0,
-        label: str = "openai policy",
     ):
         bases = [base_url] if isinstance(base_url, str) else list(base_url)
         if not bases:
             raise ValueError("base_url: give at least one endpoint")
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1; got {max_concurrency}")
-        if max_retries < 0:
-            raise ValueError(f"max_retries must be >= 0; got {max_retries}")
-        for name, value in (("timeout", timeout), ("connect_timeout", connect_timeout),
-                            ("request_deadline_s", request_deadline_s), ("ready_timeout_s", ready_timeout_s)):
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0 seconds; got {value}")
+        if not ready_timeout_s > 0:
+            raise ValueError(f"ready_timeout_s must be > 0 seconds; got {ready_timeout_s}")
         self.base_urls = [b.rstrip("/") for b in bases]
         self.urls = [b.rstrip("/") + "/chat/completions" for b in bases]
         self.url = self.urls[0]
@@ -134,16 +116,10 @@ class OpenAIChatPolicy:
         self.api_key = api_key
         self.temperature = temperature
         self.max_tokens = max_tokens
-        self.timeout = timeout
-        self.connect_timeout = connect_timeout
-        self.request_deadline_s = request_deadline_s
-        self.wait_notice_s = wait_notice_s
+        self.limits = limits or RequestLimits()
+        self.label = self.limits.label
         self.ready_timeout_s = ready_timeout_s
-        self.label = label
-        self.max_retries = max_retries
-        self.backoff = backoff
         self.top_p = top_p
-        self.max_backoff = max_backoff
         self.system_prompt = system_prompt
         self.seed = seed
         self.prompt = prompt
@@ -261,8 +237,4 @@ class OpenAIChatPolicy:
             if attempt:
                 self._bump("retries")
 
-        return post_json(
-            url or self.url, body, headers=headers, connect_timeout=self.connect_timeout, read_timeout=self.timeout,
-            deadline_s=self.request_deadline_s, max_retries=self.max_retries, backoff=self.backoff,
-            max_backoff=self.max_backoff, wait_notice_s=self.wait_notice_s, label=self.label, on_attempt=count,
-        )
+        return post_json(url or self.url, body, headers=headers, limits=self.limits, on_attempt=count)

@@ -34,6 +34,7 @@ from agentrm.data.schema import Step, Trajectory
 from agentrm.policies.endpoint import (
     EndpointError,
     EndpointUnavailable,
+    RequestLimits,
     describe_transport_error,
     http_client,
     post_json,
@@ -134,8 +135,9 @@ class RemoteScorer:
         self.api_key = api_key
         self.outcome_blind = outcome_blind
         self.session = session or f"agentrm-{uuid.uuid4().hex}"
-        self.timeouts = {"connect_timeout": connect_timeout, "read_timeout": read_timeout,
-                         "deadline_s": request_deadline_s, "max_retries": max_retries, "max_backoff": max_backoff}
+        self.limits = RequestLimits(connect_timeout=connect_timeout, read_timeout=read_timeout,
+                                    deadline_s=request_deadline_s, max_retries=max_retries, max_backoff=max_backoff,
+                                    label=LABEL)
         self.info = info if info is not None else server_info(url, api_key, ready_timeout_s=request_deadline_s)
         limits = self.info.get("limits", {})
         self.max_items = int(limits.get("max_items", 64))
@@ -145,7 +147,7 @@ class RemoteScorer:
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         try:
-            return post_json(f"{self.base}{path}", body, headers=_headers(self.api_key), label=LABEL, **self.timeouts)
+            return post_json(f"{self.base}{path}", body, headers=_headers(self.api_key), limits=self.limits)
         finally:
             if hasattr(self.counters, "server_wait_ms"):
                 self.counters.server_wait_ms += round(1000 * (time.perf_counter() - t0))

@@ -41,16 +41,17 @@ def policy_factory(policy: ResolvedPolicy | PolicySpec) -> PolicyFactory:
     prompt = AgentPrompt() if spec.prompt == "react" else None
     if spec.kind == "hf":
         return _hf_policy_factory(resolved, prompt)
-    from agentrm.policies.openai_compat import OpenAIChatPolicy, check_endpoints_ready
+    from agentrm.policies.openai_compat import OpenAIChatPolicy, RequestLimits, check_endpoints_ready
 
     # every replica answers and serves the model, before any episode (one line naming the URL otherwise)
     check_endpoints_ready(spec.base_url, spec.model, spec.api_key, timeout_s=spec.ready_timeout_s)
+    limits = RequestLimits(connect_timeout=spec.connect_timeout, read_timeout=spec.timeout,
+                           deadline_s=spec.request_deadline_s, max_retries=spec.max_retries)
     return lambda seed, greedy: OpenAIChatPolicy(
         spec.base_url, spec.model, api_key=spec.api_key, temperature=0.0 if greedy else spec.temperature,
         top_p=spec.top_p, max_tokens=spec.max_new_tokens, seed=seed, prompt=prompt,
-        max_resample=spec.max_resample, max_concurrency=spec.max_concurrency, timeout=spec.timeout,
-        connect_timeout=spec.connect_timeout, max_retries=spec.max_retries,
-        request_deadline_s=spec.request_deadline_s, ready_timeout_s=spec.ready_timeout_s,
+        max_resample=spec.max_resample, max_concurrency=spec.max_concurrency, limits=limits,
+        ready_timeout_s=spec.ready_timeout_s,
     )
 
 
@@ -107,11 +108,12 @@ def _judge(resolved: ResolvedScorer, seed: int) -> Scorer:
 
     spec = resolved.spec
     if spec.judge_base_url:
-        from agentrm.policies.openai_compat import OpenAIChatPolicy, check_endpoints_ready
+        from agentrm.policies.openai_compat import OpenAIChatPolicy, RequestLimits, check_endpoints_ready
 
         model = spec.judge_model or "default"
         check_endpoints_ready(spec.judge_base_url, model, label="judge")
-        client = OpenAIChatPolicy(spec.judge_base_url, model, max_tokens=spec.judge_max_tokens, seed=seed, label="judge")
+        client = OpenAIChatPolicy(spec.judge_base_url, model, max_tokens=spec.judge_max_tokens, seed=seed,
+                                  limits=RequestLimits(label="judge"))
     else:
         from agentrm.models.backbone import build_backbone
         from agentrm.policies.hf import HFPolicy

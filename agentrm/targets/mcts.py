@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from agentrm.checks import ConfigError
 from agentrm.data.schema import Step, Trajectory
 from agentrm.envs.base import Env, replay
 from agentrm.policies.base import Policy
@@ -225,8 +226,14 @@ class MCTSConfig:
     parallel: int = 1
 
     def __post_init__(self) -> None:
-        if self.parallel < 1:
-            raise ValueError(f"parallel must be >= 1; got {self.parallel}")
+        for name in ("simulations", "k", "max_depth", "parallel"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {value!r}")
+        if isinstance(self.c, bool) or not isinstance(self.c, (int, float)) or self.c < 0:
+            raise ConfigError(f"c: must be >= 0, got {self.c!r}")
+        if self.clone_mode not in ("clone", "replay"):
+            raise ConfigError(f"clone_mode: must be 'clone' or 'replay', got {self.clone_mode!r}")
 
 
 class MCTS:

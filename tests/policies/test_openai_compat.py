@@ -12,7 +12,7 @@ import time
 import pytest
 
 from agentrm.policies.base import start_history
-from agentrm.policies.openai_compat import EndpointError, EndpointUnavailable, OpenAIChatPolicy
+from agentrm.policies.openai_compat import EndpointError, EndpointUnavailable, OpenAIChatPolicy, RequestLimits
 from tests.policies.fake_openai import ChatServer, HungServer, TrickleServer, closed_port_url
 
 SLACK = 1.0  # seconds allowed past a deadline (thread wake-ups, a loaded CI machine)
@@ -54,7 +54,7 @@ def test_retries_with_backoff_then_succeeds(status, monkeypatch):
     sleeps: list[float] = []
     monkeypatch.setattr("agentrm.policies.endpoint.time.sleep", sleeps.append)
     with ChatServer(fail_first=2, fail_status=status) as srv:
-        pol = OpenAIChatPolicy(srv.url, "tiny", max_retries=3, backoff=0.1)
+        pol = OpenAIChatPolicy(srv.url, "tiny", limits=RequestLimits(max_retries=3, backoff=0.1))
         assert pol.propose(None, _history(), k=1) == ["move forward0"]
     assert len(srv.requests) == 3 and pol.usage["retries"] == 2
     assert sleeps == pytest.approx([0.1, 0.2])
@@ -62,7 +62,7 @@ def test_retries_with_backoff_then_succeeds(status, monkeypatch):
 
 def test_503_then_200_recovers_in_real_time():
     with ChatServer(fail_first=2, fail_status=503) as srv:
-        pol = OpenAIChatPolicy(srv.url, "tiny", max_retries=3, backoff=0.05, request_deadline_s=5)
+        pol = OpenAIChatPolicy(srv.url, "tiny", limits=RequestLimits(max_retries=3, backoff=0.05, deadline_s=5))
         t0 = time.monotonic()
         assert pol.chat(HI) == ["Thought: go.\nAction: move forward0"]
     assert time.monotonic() - t0 < 0.15 + SLACK  # two pauses: 0.05 + 0.1
@@ -72,14 +72,14 @@ def test_503_then_200_recovers_in_real_time():
 def test_client_error_fails_fast():
     with ChatServer(fail_first=5, fail_status=400) as srv:
         with pytest.raises(EndpointError, match="HTTP 400") as err:
-            OpenAIChatPolicy(srv.url, "tiny", max_retries=3, backoff=0.0).chat(HI)
+            OpenAIChatPolicy(srv.url, "tiny", limits=RequestLimits(max_retries=3, backoff=0.0)).chat(HI)
     assert len(srv.requests) == 1 and not isinstance(err.value, EndpointUnavailable)
     assert f"{srv.url}/chat/completions" in _one_line(err)
 
 
 def test_down_server_error_names_url():
     url = closed_port_url()
-    pol = OpenAIChatPolicy(url, "tiny", max_retries=2, backoff=0.001, timeout=2)
+    pol = OpenAIChatPolicy(url, "tiny", limits=RequestLimits(max_retries=2, backoff=0.001, read_timeout=2))
     with pytest.raises(EndpointUnavailable) as err:
         pol.propose(None, _history(), k=2)
     msg = _one_line(err)
@@ -93,7 +93,7 @@ def test_down_server_error_names_url():
 def test_hung_server_fails_at_the_deadline_with_notices(capsys):
     """A server that accepts connections and never answers costs one deadline, with throttled stderr lines."""
     with HungServer() as srv:
-        pol = OpenAIChatPolicy(srv.url, "tiny", timeout=60, max_retries=5, request_deadline_s=1.5, wait_notice_s=0.4)
+        pol = OpenAIChatPolicy(srv.url, "tiny", limits=RequestLimits(read_timeout=60, max_retries=5, deadline_s=1.5, wait_notice_s=0.4))
         t0 = time.monotonic()
         with pytest.raises(EndpointUnavailable) as err:
             pol.chat(HI)
@@ -110,8 +110,7 @@ def test_hung_server_fails_at_the_deadline_with_notices(capsys):
 
 def test_read_timeout_per_attempt_then_retries_are_counted(capsys):
     with HungServer() as srv:
-        pol = OpenAIChatPolicy(srv.url, "tiny", timeout=0.3, max_retries=2, backoff=0.01, request_deadline_s=30,
-                               wait_notice_s=0.5, label="judge")
+        pol = OpenAIChatPolicy(srv.url, "tiny", limits=RequestLimits(read_timeout=0.3, max_retries=2, backoff=0.01, deadline_s=30, wait_notice_s=0.5, label="judge"))
         t0 = time.monotonic()
         with pytest.raises(EndpointUnavailable) as err:
             pol.chat(HI)
@@ -126,7 +125,7 @@ def test_read_timeout_per_attempt_then_retries_are_counted(capsys):
 def test_retry_pause_never_outlasts_the_deadline():
     """A server asking to come back in 10 s (Retry-After) is not waited for past a 1 s deadline."""
     with ChatServer(fail_first=100, fail_status=503, retry_after="10") as srv:
-        pol = OpenAIChatPolicy(srv.url, "tiny", max_retries=5, max_backoff=10, request_deadline_s=1.0)
+        pol = OpenAIChatPolicy(srv.url, "tiny", limits=RequestLimits(max_retries=5, max_backoff=10, deadline_s=1.0))
         t0 = time.monotonic()
         with pytest.raises(EndpointUnavailable, match=r"did not answer within 1 s \(1 attempt in .*HTTP 503") as err:
             pol.chat(HI)
@@ -136,7 +135,7 @@ def test_retry_pause_never_outlasts_the_deadline():
 
 def test_trickling_answer_is_cut_at_the_deadline():
     with TrickleServer(every=0.05) as srv:
-        pol = OpenAIChatPolicy(srv.url, "tiny", timeout=5, request_deadline_s=1.0)
+        pol = OpenAIChatPolicy(srv.url, "tiny", limits=RequestLimits(read_timeout=5, deadline_s=1.0))
         t0 = time.monotonic()
         with pytest.raises(EndpointUnavailable, match="still arriving at the deadline") as err:
             pol.chat(HI)
@@ -147,7 +146,7 @@ def test_trickling_answer_is_cut_at_the_deadline():
 def test_concurrent_batch_on_a_hung_server_costs_one_deadline():
     """Queued calls are cancelled once one fails: 6 calls, 2 at a time, end after one deadline, not three."""
     with HungServer() as srv:
-        pol = OpenAIChatPolicy(srv.url, "tiny", max_concurrency=2, request_deadline_s=1.0, wait_notice_s=None)
+        pol = OpenAIChatPolicy(srv.url, "tiny", max_concurrency=2, limits=RequestLimits(deadline_s=1.0, wait_notice_s=None))
         t0 = time.monotonic()
         with pytest.raises(EndpointUnavailable, match="did not answer within 1 s"):
             pol.chat_many([(HI, 1)] * 6)
@@ -155,10 +154,12 @@ def test_concurrent_batch_on_a_hung_server_costs_one_deadline():
         assert srv.connections == 2
 
 
-@pytest.mark.parametrize("field", ["timeout", "connect_timeout", "request_deadline_s", "ready_timeout_s"])
+@pytest.mark.parametrize("field", ["read_timeout", "connect_timeout", "deadline_s"])
 def test_nonpositive_timeouts_are_refused(field):
     with pytest.raises(ValueError, match=f"{field} must be > 0"):
-        OpenAIChatPolicy("http://127.0.0.1:1/v1", "tiny", **{field: 0})
+        RequestLimits(**{field: 0})
+    with pytest.raises(ValueError, match="ready_timeout_s must be > 0"):
+        OpenAIChatPolicy("http://127.0.0.1:1/v1", "tiny", ready_timeout_s=0)
 
 
 # --- readiness --------------------------------------------------------------------------------------------
@@ -228,7 +229,7 @@ def test_ready_check_names_every_failing_replica():
 
 @pytest.mark.parametrize("url", ["localhost:8000/v1", "ftp://127.0.0.1:21/v1"])
 def test_a_url_that_is_not_http_fails_in_one_line(url):
-    pol = OpenAIChatPolicy(url, "tiny", max_retries=5)
+    pol = OpenAIChatPolicy(url, "tiny", limits=RequestLimits(max_retries=5))
     for call in (pol.check_ready, lambda: pol.chat(HI)):
         with pytest.raises(EndpointError, match="not a valid http\\(s\\) URL") as err:
             call()

@@ -14,7 +14,7 @@ import pytest
 from agentrm.data.schema import Step
 from agentrm.judge import JudgeScorer
 from agentrm.policies.base import start_history
-from agentrm.policies.openai_compat import EndpointError, OpenAIChatPolicy
+from agentrm.policies.openai_compat import EndpointError, OpenAIChatPolicy, RequestLimits
 
 pytestmark = pytest.mark.server
 pytest.importorskip("llama_cpp", reason="run scripts/build_llama_server.sh")
@@ -35,7 +35,7 @@ def _history(i: int = 0):
 
 
 def test_policy_samples_and_is_deterministic_across_concurrency(server):
-    kw = dict(temperature=0.8, max_tokens=12, seed=5, timeout=60, max_retries=1)
+    kw = dict(temperature=0.8, max_tokens=12, seed=5, limits=RequestLimits(read_timeout=60, max_retries=1))
     reqs = [(None, _history(i), 2) for i in range(4)]
     seq = OpenAIChatPolicy(server.base_url, "smollm2", max_concurrency=1, **kw)
     par = OpenAIChatPolicy(server.base_url, "smollm2", max_concurrency=4, **kw)
@@ -46,7 +46,7 @@ def test_policy_samples_and_is_deterministic_across_concurrency(server):
 
 
 def test_judge_against_the_server(server):
-    client = OpenAIChatPolicy(server.base_url, "smollm2", max_tokens=24, seed=1, timeout=60, max_retries=1)
+    client = OpenAIChatPolicy(server.base_url, "smollm2", max_tokens=24, seed=1, limits=RequestLimits(read_timeout=60, max_retries=1))
     judge = JudgeScorer(client, "pointwise", samples=1, temperature=0.0)
     h = _history()
     scores = judge.score_candidates(h, [Step("go forward", "You reach the red ball."), Step("turn right", "A wall.")])
@@ -57,8 +57,7 @@ def test_judge_against_the_server(server):
 def test_server_killed_mid_run_fails_clearly_and_in_bounded_time():
     srv = LlamaServer(smollm2_gguf(), n_threads=1).start()
     try:
-        policy = OpenAIChatPolicy(srv.base_url, "smollm2", max_tokens=48, timeout=10, max_retries=2, backoff=0.1,
-                                  max_concurrency=2, seed=0)
+        policy = OpenAIChatPolicy(srv.base_url, "smollm2", max_tokens=48, max_concurrency=2, seed=0, limits=RequestLimits(read_timeout=10, max_retries=2, backoff=0.1))
         reqs = [(None, _history(i), 1) for i in range(8)]
         threading.Timer(1.0, srv.kill).start()
         t0 = time.monotonic()
@@ -79,7 +78,7 @@ def test_native_server_with_parallel_slots_is_deterministic_across_concurrency()
         pytest.skip(str(e))
     with LlamaServer(smollm2_gguf(), n_threads=1, parallel=4) as srv:
         assert "--parallel" in srv.command()
-        kw = dict(temperature=0.0, max_tokens=12, seed=5, timeout=60, max_retries=1)
+        kw = dict(temperature=0.0, max_tokens=12, seed=5, limits=RequestLimits(read_timeout=60, max_retries=1))
         reqs = [(None, _history(i), 1) for i in range(4)]
         a = OpenAIChatPolicy(srv.base_url, "smollm2", max_concurrency=1, **kw).propose_many(reqs)
         b = OpenAIChatPolicy(srv.base_url, "smollm2", max_concurrency=4, **kw).propose_many(reqs)
