@@ -137,6 +137,34 @@ def tokenize_candidates(
         return CandidateTokens([], [], [], [])
     msgs = prefix.to_messages()
     head = render(tokenizer, msgs, True)
+    fulls, end_chars, action_chars = _renderings(tokenizer, prefix, msgs, head, candidates)
+    ids_all, starts_all = encode_shared_head(tokenizer, head, fulls)
+    act_start, act_end, step_end = [], [], []
+    for k, (starts, c_end, c_act) in enumerate(zip(starts_all, end_chars, action_chars)):
+        j = last_token_before(starts, c_end, f"candidate {k}: step end")  # step_end_idx in tokenize.py
+        a = last_token_before(starts, c_act, f"candidate {k}: action end")  # action_end_idx
+        act_start.append(min(bisect.bisect_left(starts, len(head)), a))
+        act_end.append(a)
+        step_end.append(j)
+    shared = _shared_length(ids_all, min(act_start))
+    prefix_ids = ids_all[0][:shared]
+    cand_ids = [ids[shared : e + 1] for ids, e in zip(ids_all, step_end)]
+    starts0 = starts_all[0]
+    spans = _prefix_step_spans(tokenizer, prefix, msgs, head, starts0, shared) if with_prefix_steps else []
+    cut, dropped = 0, 0
+    longest = max(len(c) for c in cand_ids)
+    if max_length is not None and shared + longest > max_length:
+        head_len = head_tokens(tokenizer, msgs, starts0)
+        dropped, cut = _truncation(tokenizer, prefix, msgs, starts0, head_len, shared + longest, longest, max_length)
+        prefix_ids = prefix_ids[:head_len] + prefix_ids[head_len + cut :]
+        spans = [(s - cut, e - cut) for i, (s, e) in enumerate(spans) if i >= dropped]
+    return CandidateTokens(prefix_ids, cand_ids, [s - shared for s in act_start], [a - shared for a in act_end],
+                           spans, cut, dropped)
+
+
+def _renderings(tokenizer, prefix: Trajectory, msgs: list[dict[str, str]], head: str,
+                candidates: Sequence[Candidate]) -> tuple[list[str], list[int], list[int]]:
+    """Each candidate's whole rendering, and where its step and its action end (characters)."""
     fulls, end_chars, action_chars = [], [], []
     for k, cand in enumerate(candidates):
         action, obs = _split(cand)
@@ -152,56 +180,51 @@ def tokenize_candidates(
         fulls.append(full)
         end_chars.append(len(full.rstrip()))
         action_chars.append(len(with_action.rstrip()))
-    ids_all, starts_all = encode_shared_head(tokenizer, head, fulls)
-    act_start, act_end, step_end = [], [], []
-    for k, (starts, c_end, c_act) in enumerate(zip(starts_all, end_chars, action_chars)):
-        j = last_token_before(starts, c_end, f"candidate {k}: step end")  # step_end_idx in tokenize.py
-        a = last_token_before(starts, c_act, f"candidate {k}: action end")  # action_end_idx
-        act_start.append(min(bisect.bisect_left(starts, len(head)), a))
-        act_end.append(a)
-        step_end.append(j)
-    shared = min(act_start)  # never share an action token ...
-    ref = ids_all[0]
-    for ids in ids_all[1:]:  # ... nor a token on which the renderings disagree
+    return fulls, end_chars, action_chars
+
+
+def _shared_length(ids_all: list[list[int]], first_action: int) -> int:
+    """Tokens every candidate shares: never an action token, nor a token on which the renderings disagree."""
+    shared, ref = first_action, ids_all[0]
+    for ids in ids_all[1:]:
         n = 0
         while n < shared and ids[n] == ref[n]:
             n += 1
         shared = n
     if shared < 1:
         raise ChatTemplateError("the candidates share no prefix token; the template must open the conversation")
-    prefix_ids = ref[:shared]
-    cand_ids = [ids[shared : e + 1] for ids, e in zip(ids_all, step_end)]
-    cand_start = [s - shared for s in act_start]
-    cand_action_end = [a - shared for a in act_end]
-    starts0 = starts_all[0]
-    spans: list[tuple[int, int]] = []
-    if with_prefix_steps:
-        for i in range(len(prefix.steps)):
-            before = render(tokenizer, msgs[: 1 + 2 * i], True)
-            upto = render(tokenizer, msgs[: 2 + 2 * i])
-            if not (head.startswith(before) and head.startswith(upto)):
-                raise ChatTemplateError(f"trajectory {prefix.id}: rendering up to step {i} is not a prefix")
-            e = last_token_before(starts0, len(upto.rstrip()), f"step {i} end")
-            s = min(bisect.bisect_left(starts0, len(before)), e)
-            if e >= shared:
-                raise ChatTemplateError(f"trajectory {prefix.id}: step {i} ends inside the candidate tokens")
-            spans.append((s, e))
-    cut, dropped = 0, 0
-    longest = max(len(c) for c in cand_ids)
-    if max_length is not None and shared + longest > max_length:
-        head_len = head_tokens(tokenizer, msgs, starts0)
-        # block i of the prefix starts after step i-1's observation; block n is the candidate's turn
-        blocks = [head_len] + [
-            last_token_before(starts0, len(render(tokenizer, msgs[: 3 + 2 * i]).rstrip())) + 1
-            for i in range(len(prefix.steps))
-        ]
-        dropped = oldest_steps_to_drop(shared + longest, head_len, blocks, max_length)
-        if dropped > len(prefix.steps):
-            raise ValueError(
-                f"a candidate has {longest} tokens; max_length={max_length} leaves no room for it next to the "
-                f"instruction turn ({head_len} tokens)"
-            )
-        cut = blocks[dropped] - head_len
-        prefix_ids = prefix_ids[:head_len] + prefix_ids[blocks[dropped] :]
-        spans = [(s - cut, e - cut) for i, (s, e) in enumerate(spans) if i >= dropped]
-    return CandidateTokens(prefix_ids, cand_ids, cand_start, cand_action_end, spans, cut, dropped)
+    return shared
+
+
+def _prefix_step_spans(tokenizer, prefix: Trajectory, msgs: list[dict[str, str]], head: str, starts0: list[int],
+                       shared: int) -> list[tuple[int, int]]:
+    """``(first action token, action end)`` of each step of the prefix (for scores over the prefix's steps)."""
+    spans = []
+    for i in range(len(prefix.steps)):
+        before = render(tokenizer, msgs[: 1 + 2 * i], True)
+        upto = render(tokenizer, msgs[: 2 + 2 * i])
+        if not (head.startswith(before) and head.startswith(upto)):
+            raise ChatTemplateError(f"trajectory {prefix.id}: rendering up to step {i} is not a prefix")
+        e = last_token_before(starts0, len(upto.rstrip()), f"step {i} end")
+        s = min(bisect.bisect_left(starts0, len(before)), e)
+        if e >= shared:
+            raise ChatTemplateError(f"trajectory {prefix.id}: step {i} ends inside the candidate tokens")
+        spans.append((s, e))
+    return spans
+
+
+def _truncation(tokenizer, prefix: Trajectory, msgs: list[dict[str, str]], starts0: list[int], head_len: int,
+                n_tokens: int, longest: int, max_length: int) -> tuple[int, int]:
+    """``(oldest prefix steps dropped, tokens cut after the head)`` by the one truncation rule."""
+    # block i of the prefix starts after step i-1's observation; block n is the candidate's turn
+    blocks = [head_len] + [
+        last_token_before(starts0, len(render(tokenizer, msgs[: 3 + 2 * i]).rstrip())) + 1
+        for i in range(len(prefix.steps))
+    ]
+    dropped = oldest_steps_to_drop(n_tokens, head_len, blocks, max_length)
+    if dropped > len(prefix.steps):
+        raise ValueError(
+            f"a candidate has {longest} tokens; max_length={max_length} leaves no room for it next to the "
+            f"instruction turn ({head_len} tokens)"
+        )
+    return dropped, blocks[dropped] - head_len
