@@ -15,6 +15,11 @@ Records of a job are written as one block, main record first (its ``meta.branche
 says how many branch records follow), each line flushed.  Re-running the same command
 resumes after the last complete block (a truncated line or a partial block from a
 killed run is cut), so the final file equals an uninterrupted run's.
+
+Beside the output, ``<out>.manifest.json`` (:mod:`agentrm.data.manifest`) says what the file holds per
+task type (episodes, records, labelled states, success rate), how it was made (env specs, policy,
+error rate, rollouts, siblings, seed) and what each run cost (wall and CPU seconds, the load average);
+it is rewritten every few seconds while a run goes and updated, not replaced, by a resumed run.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from agentrm.checks import ConfigError, at_least, fail, in_range
 from agentrm.cli_config import parse_config
 from agentrm.cli_errors import run_cli
 from agentrm.data.jobs import Job, JobOptions
+from agentrm.data.manifest import CountingPool, Manifest, RecordCounter
 from agentrm.data.resumable import OutputOptions, run_resumable, scan_blocks
 from agentrm.data.workers import WorkerOptions
 from agentrm.envs.registry import check_specs, env_for
@@ -111,23 +117,24 @@ def _is_branch(rec: dict, head: dict) -> bool:
 
 
 def summarize(path: str | os.PathLike) -> dict[str, Any]:
-    """Episode count, success rate and mean steps of the main records; branch count; file size."""
-    mains, branches = [], 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            rec = json.loads(line)
-            if "branch_at" in rec.get("meta", {}):
-                branches += 1
-            else:
-                mains.append(rec)
-    n = len(mains)
+    """Episode count, success rate and mean steps of the main records; branch count; labelled states; file size."""
+    total = RecordCounter.of_file(path).total
+    n = total.episodes
     return {
         "episodes": n,
-        "branch_records": branches,
-        "success_rate": sum(r["success"] for r in mains) / n if n else float("nan"),
-        "mean_steps": sum(len(r["steps"]) for r in mains) / n if n else float("nan"),
+        "branch_records": total.branch_records,
+        "labelled_states": total.labelled_states,
+        "success_rate": total.successes / n if n else float("nan"),
+        "mean_steps": total.main_steps / n if n else float("nan"),
         "bytes": Path(path).stat().st_size,
     }
+
+
+POLICY = ("each environment's own expert (env.expert_policy) whose action is replaced, with probability error_rate, "
+          "by another valid one; rollouts and sibling continuations use the same policy")
+VALUE_TARGET = "Monte-Carlo: a step's value is the mean final reward of `rollouts` rollouts from the state after it"
+SAME_FILE = ("command", "envs", "seed", "error_rate", "rollouts", "siblings")
+"""Manifest settings whose equality means earlier runs wrote the same file (``episodes`` may grow)."""
 
 
 @dataclass
@@ -166,25 +173,43 @@ class CollectConfig(OutputOptions, JobOptions, WorkerOptions):
     def settings(self) -> Settings:
         return Settings(self.error_rate, self.rollouts, self.siblings, self.seed)
 
+    def manifest(self, jobs_total: int) -> Manifest:
+        """The manifest of :attr:`out` for a run of this config (see :mod:`agentrm.data.manifest`)."""
+        settings = {"command": "agentrm.collect", "envs": [str(s) for s in self.specs], "seed": self.seed,
+                    "error_rate": self.error_rate, "rollouts": self.rollouts, "siblings": self.siblings,
+                    "episodes_per_spec": self.episodes, "policy": POLICY,
+                    "value_target": VALUE_TARGET if self.rollouts else "none (terminal step only: rollouts 0)"}
+        run = {"episodes_per_spec": self.episodes, "limit": self.limit, "workers": self.workers,
+               "backend": self.backend}
+        fresh = self.overwrite or not Path(self.out).exists()
+        return Manifest(self.out, "agentrm.collect", settings, run, jobs_total, fresh, SAME_FILE)
+
 
 def collect(config: CollectConfig) -> dict[str, Any]:
     """Run each environment's noisy expert and write trajectories with Monte-Carlo step values as JSONL.
 
     Re-running the same config resumes after the last complete episode.
 
+    Writes ``<out>.manifest.json`` beside the output (see :mod:`agentrm.data.manifest`).
+
     Returns:
-        The summary of the whole file (see :func:`summarize`) plus ``seconds``.
+        The summary of the whole file (see :func:`summarize`) plus ``seconds`` (wall, this run),
+        ``cpu_seconds`` (this run, worker processes included) and ``manifest`` (its path).
     """
     check_specs(config.specs)
     jobs, path, settings = config.jobs(), Path(config.out), config.settings
     start = time.perf_counter()
+    manifest = config.manifest(len(jobs))
     run_resumable(
         path, jobs, functools.partial(run_job, settings=settings), functools.partial(_check_head, path, jobs, settings),
-        _is_branch, overwrite=config.overwrite, limit=config.limit, workers=config.pool(),
+        _is_branch, overwrite=config.overwrite, limit=config.limit, workers=CountingPool(config.pool(), manifest),
         progress=config.progress, desc="episodes", unit="ep",
     )
+    written = manifest.write()
     summary = summarize(path)
     summary["seconds"] = time.perf_counter() - start
+    summary["cpu_seconds"] = written["runs"][-1]["cpu_s"]
+    summary["manifest"] = str(manifest.path)
     return summary
 
 
@@ -193,8 +218,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = run_cli("agentrm.collect", lambda a: collect(parse_config(CollectConfig, a, "agentrm.collect")), argv)
     print(
         f"episodes {summary['episodes']} (+{summary['branch_records']} branch records), "
+        f"labelled states {summary['labelled_states']}, "
         f"success rate {summary['success_rate']:.3f}, mean steps {summary['mean_steps']:.1f}, "
-        f"file {summary['bytes'] / 1e6:.2f} MB, this run {summary['seconds']:.1f} s"
+        f"file {summary['bytes'] / 1e6:.2f} MB, this run {summary['seconds']:.1f} s "
+        f"({summary['cpu_seconds']:.1f} CPU s); manifest {summary['manifest']}"
     )
     return summary
 

@@ -199,3 +199,80 @@ def test_collect_and_trees_run_on_sciworld_and_textworld(tmp_path):
                                     max_depth=12, policy=PolicySpec(kind="expert", error_rate=0.2), seed=3,
                                     flat_out=str(tmp_path / "flat.jsonl"), progress=False))
     assert trees["trees"] == 2 and trees["simulations"] == 6 and trees["records"] >= 2
+
+
+# ----------------------------------------------------------------------------------------- manifest
+def _manifest(out: Path) -> dict:
+    import json
+
+    from agentrm.data.manifest import manifest_path
+
+    return json.loads(manifest_path(out).read_text())
+
+
+def test_manifest_says_what_the_file_holds_and_how_it_was_made(reference, tmp_path):
+    out = tmp_path / "man.jsonl"
+    summary = collect(out=str(out), **ARGS)
+    m = _manifest(out)
+    recs = read_jsonl(out)
+    assert out.read_bytes() == reference  # the manifest lives beside the file, never in it
+    for task in ("babyai/GoToRedBall", "babyai/PickupLoc"):
+        mains = [r for r in recs if r.task == task and "branch_at" not in r.meta]
+        branches = [r for r in recs if r.task == task and "branch_at" in r.meta]
+        t = m["tasks"][task]
+        assert (t["episodes"], t["records"], t["branch_records"]) == (3, 6, 3)
+        # every main step is valued (rollouts >= 1) plus each branch's own step; branch prefixes repeat values
+        assert t["labelled_states"] == sum(len(r.steps) for r in mains) + len(branches)
+        assert t["labelled_steps"] == sum(s.value is not None for r in mains + branches for s in r.steps)
+        assert t["success_rate"] == pytest.approx(sum(r.success for r in mains) / 3, abs=1e-4)
+        assert t["specs"] == [e for e in ARGS["envs"] if task.split("/")[1] in e]
+    assert m["totals"]["labelled_states"] == summary["labelled_states"] == sum(
+        m["tasks"][t]["labelled_states"] for t in m["tasks"])
+    assert m["jobs"] == {"total": 6, "done": 6, "complete": True}
+    s = m["settings"]
+    assert (s["error_rate"], s["rollouts"], s["siblings"], s["seed"], s["envs"]) == (0.6, 2, 1, 5, ARGS["envs"])
+    assert "expert" in s["policy"] and "Monte-Carlo" in s["value_target"]
+    (run,) = m["runs"]
+    assert run["jobs_before"] == 0 and run["jobs_after"] == 6 and run["workers"] == 1
+    assert run["wall_s"] > 0 and run["cpu_s"] > 0 and m["cpu_s"] == run["cpu_s"] and len(run["load_avg_start"]) == 3
+    assert summary["cpu_seconds"] == run["cpu_s"] and summary["manifest"].endswith("man.jsonl.manifest.json")
+
+
+def test_manifest_after_resumes_counts_like_an_uninterrupted_run(reference, tmp_path):
+    full = tmp_path / "full.jsonl"
+    collect(out=str(full), **ARGS)
+    out = tmp_path / "r.jsonl"
+    collect(out=str(out), limit=2, **ARGS)
+    first = _manifest(out)
+    assert first["jobs"] == {"total": 6, "done": 2, "complete": False} and first["totals"]["episodes"] == 2
+    with open(out, "ab") as f:  # a killed run: half a block after the complete ones
+        f.write(reference.splitlines(keepends=True)[len(out.read_bytes().splitlines())])
+    collect(out=str(out), workers=2, **ARGS)
+    m = _manifest(out)
+    assert m["tasks"] == _manifest(full)["tasks"] and m["totals"] == _manifest(full)["totals"]
+    assert [(r["jobs_before"], r["jobs_after"], r["workers"]) for r in m["runs"]] == [(0, 2, 1), (2, 6, 2)]
+    assert m["runs"][0] == first["runs"][0]  # the earlier run is kept as it was recorded
+    assert m["cpu_s"] == pytest.approx(sum(r["cpu_s"] for r in m["runs"]), abs=0.02)
+    collect(out=str(out), **ARGS)  # nothing left: one more (empty) run, same counts
+    assert len(_manifest(out)["runs"]) == 3 and _manifest(out)["totals"] == m["totals"]
+    collect(out=str(out), overwrite=True, **{**ARGS, "episodes": 1})  # a new file: a new history
+    m = _manifest(out)
+    assert len(m["runs"]) == 1 and m["totals"]["episodes"] == 2 and m["jobs"]["total"] == 2
+
+
+def test_manifest_counts_only_complete_blocks_of_a_damaged_file(reference, tmp_path):
+    out = tmp_path / "d.jsonl"
+    out.write_bytes(b"".join(reference.splitlines(keepends=True)[:3]))  # block 1 + the main record of block 2
+    collect(out=str(out), **ARGS)
+    (run,) = _manifest(out)["runs"]
+    assert run["jobs_before"] == 1 and run["jobs_after"] == 6
+
+
+def test_manifest_summary_table(reference, tmp_path, capsys):
+    from agentrm.data.manifest import main as manifest_main
+
+    out = tmp_path / "t.jsonl"
+    collect(out=str(out), **ARGS)
+    table = manifest_main([str(out)])
+    assert "| t.jsonl | babyai/PickupLoc | 3 | 6 |" in table and "| t.jsonl | **all 2** | 6 | 12 |" in table
+    assert f"total: {_manifest(out)['totals']['labelled_states']} labelled states" in capsys.readouterr().out

@@ -26,7 +26,8 @@ from agentrm.data.labels import (
     check_unlabeled_for,
     truncation_warning,
 )
-from agentrm.data.schema import Trajectory, format_range, parse_value_range
+from agentrm.data.schema import DataError, Trajectory, format_range, parse_value_range
+from agentrm.data.splits import check_unseen_records
 from agentrm.data.tokenize import TokenizedTrajectory, TruncationCounts, tokenize_trajectory
 from agentrm.paths import load_tokenizer, resolve_path
 
@@ -156,6 +157,11 @@ class TrajectoryDataModule(L.LightningDataModule):
             order and concatenated, e.g. one sample per environment family).
         val_path: held-out file (or list); if ``None``, ``val_fraction`` of the trajectory groups
             of ``train_path`` are held out (split by ``meta.group``, seeded by ``split_seed``).
+        val_unseen_path: file (or list) of trajectories of task types the training data does not hold
+            (checked: a shared task type or instance is an error, :func:`~agentrm.data.splits.check_unseen_records`),
+            validated as a second set: the value RM logs its metrics as ``val_unseen/*`` beside the held-in
+            ``val/*`` (checkpoints can monitor ``val_unseen/auroc``). The model must report validation sets
+            separately (its ``validation_step`` takes ``dataloader_idx``); see :attr:`val_set_names`.
         tokenizer: local path or hub id of a fast tokenizer with a chat template.
         max_length: context budget in tokens; over it, the oldest whole steps are dropped with their
             labels. What it drops is counted per split (``truncation``, printed at setup and logged as
@@ -189,6 +195,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         train_path: str | list[str] = "agentrm/assets/babyai_sample.jsonl",
         val_path: str | list[str] | None = None,
         val_fraction: float = 0.2,
+        val_unseen_path: str | list[str] | None = None,
         tokenizer: str = "agentrm/assets/tiny_tokenizer",
         max_length: int = 1024,
         batch_size: int = 8,
@@ -220,8 +227,9 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.tokenizer = None
         self.train_items: list[TokenizedTrajectory] = []
         self.val_items: list[TokenizedTrajectory] = []
+        self.val_unseen_items: list[TokenizedTrajectory] = []
         self.truncation: dict[str, TruncationCounts] = {}
-        """Per split (``train``, ``val``): what ``max_length`` truncation dropped (set by :meth:`setup`)."""
+        """Per split (``train``, ``val``, ``val_unseen``): what ``max_length`` truncation dropped (set by :meth:`setup`)."""
         self.summary_lines: list[str] = []
         """The data report printed at setup (per file, per split), for the end-of-run report."""
         self._unlabeled = 0
@@ -254,8 +262,28 @@ class TrajectoryDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return getattr(getattr(trainer, "lightning_module", None), "trains_on", None) if trainer is not None else None
 
+    @property
+    def val_set_names(self) -> list[str]:
+        """The metric prefix of each validation dataloader, in order: ``["val"]``, plus ``"val_unseen"`` when
+        ``val_unseen_path`` is set (a LightningModule logs dataloader ``i``'s metrics under ``val_set_names[i]``)."""
+        return ["val", "val_unseen"] if self.hparams.get("val_unseen_path") else ["val"]
+
+    def _check_model_reports_sets(self) -> None:
+        """A second validation set needs a model that tells the sets apart (``validation_step(..., dataloader_idx)``)."""
+        import inspect
+
+        trainer = getattr(self, "trainer", None)
+        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        step = getattr(module, "validation_step", None)
+        if step is not None and "dataloader_idx" not in inspect.signature(step).parameters:
+            raise DataError(
+                f"data.val_unseen_path: {type(module).__name__} does not report validation sets separately (its "
+                "validation_step takes no dataloader_idx), so unseen task types would mix into val/*; drop "
+                "data.val_unseen_path or train a model that reports them (ValueRMModule)"
+            )
+
     def setup(self, stage: str | None = None) -> None:
-        if self.train_items or self.val_items:
+        if self.train_items or self.val_items or self.val_unseen_items:
             return
         hp = self.hparams
         trains_on = self._trains_on()
@@ -271,15 +299,29 @@ class TrajectoryDataModule(L.LightningDataModule):
             raise LabelError(f"{source}: no training trajectories after the split (data.val_fraction={hp.val_fraction})")
         if trains_on:
             check_unlabeled_for(trains_on, hp.unlabeled, self._unlabeled, source, hp.value_range[1])
-        outcomes = {t.success for t in val}
-        if val and len(outcomes) < 2:
-            rank_zero_warn(
-                f"the validation set ({len(val)} trajectories) holds only "
-                f"{'successes' if True in outcomes else 'failures'}: AUROC metrics are undefined (nan)"
-            )
+        unseen: list[Trajectory] = []
+        if hp.get("val_unseen_path"):
+            self._check_model_reports_sets()
+            unseen_source = hp.val_unseen_path if isinstance(hp.val_unseen_path, str) else ", ".join(hp.val_unseen_path)
+            unseen = self._load(hp.val_unseen_path)
+            if not unseen:
+                raise DataError(f"data.val_unseen_path: {unseen_source} holds no trajectories")
+            types = check_unseen_records([*train, *val], unseen, unseen_source)
+            self._say(f"val_unseen: {len(unseen)} trajectories of {len(types)} task types absent from training "
+                      f"({', '.join(sorted(types))})")
+        for name, split in (("validation set", val), ("unseen validation set", unseen)):
+            outcomes = {t.success for t in split}
+            if split and len(outcomes) < 2:
+                rank_zero_warn(
+                    f"the {name} ({len(split)} trajectories) holds only "
+                    f"{'successes' if True in outcomes else 'failures'}: AUROC metrics are undefined (nan)"
+                )
         tok = partial(tokenize_trajectory, self.tokenizer, max_length=hp.max_length)
         train_items, val_items = [tok(t) for t in train], [tok(t) for t in val]
+        unseen_items = [tok(t) for t in unseen]
         self.truncation = {"train": TruncationCounts.of(train_items), "val": TruncationCounts.of(val_items)}
+        if unseen_items:
+            self.truncation["val_unseen"] = TruncationCounts.of(unseen_items)
         self._report_truncation(trains_on)
         check_steps_left(self.truncation["train"], source, hp.max_length)
         if trains_on == "step_values":
@@ -289,7 +331,7 @@ class TrajectoryDataModule(L.LightningDataModule):
                               hp.allow_degenerate, note)
         elif trains_on == "outcomes":
             check_outcomes(train_items, source, hp.min_labels, hp.allow_degenerate, self._success_rule)
-        self.train_items, self.val_items = train_items, val_items
+        self.train_items, self.val_items, self.val_unseen_items = train_items, val_items, unseen_items
         index: dict[str, list[int]] = {}
         for i, t in enumerate(train):
             index.setdefault(t.group, []).append(i)
@@ -338,5 +380,9 @@ class TrajectoryDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_items, True, self.hparams.batch_size)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_items, False, self.hparams.eval_batch_size or self.hparams.batch_size)
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The held-in validation loader; with ``val_unseen_path``, ``[held-in, unseen]`` (see :attr:`val_set_names`)."""
+        size = self.hparams.eval_batch_size or self.hparams.batch_size
+        if len(self.val_set_names) == 1:
+            return self._loader(self.val_items, False, size)
+        return [self._loader(self.val_items, False, size), self._loader(self.val_unseen_items, False, size)]

@@ -9,6 +9,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
 from torchmetrics import MeanMetric, MeanSquaredError
 
 from agentrm.data.labels import LabelError
@@ -44,6 +45,10 @@ class ValueRMModule(ModelBuiltInConfigure, L.LightningModule):
     It trains on step values (``trains_on``): the data module refuses data without enough of them, or
     with one value only (:mod:`agentrm.data.labels`), and :meth:`setup` refuses a loss that does not fit
     the declared ``data.value_range`` (BCE needs ``[0, 1]``; MSE takes any range).
+
+    Validation: one :class:`StepValueMetrics` per validation set. The data module's ``val_set_names``
+    (default ``["val"]``) names the set of each validation dataloader, e.g. ``["val", "val_unseen"]`` with
+    ``data.val_unseen_path``: ``val/*`` and ``val_unseen/*`` metrics are logged side by side.
     """
 
     trains_on = "step_values"
@@ -71,10 +76,7 @@ class ValueRMModule(ModelBuiltInConfigure, L.LightningModule):
         if backbone is not None:
             check_model_reachable(backbone, "backbone")
         self.tokenizer = load_tokenizer(tokenizer)
-        self.val_mse = MeanSquaredError()
-        self.val_auroc = AUROCOrNaN("val/auroc")
-        self.val_traj_auroc = AUROCOrNaN("val/traj_auroc")
-        self.val_rank_acc = PairwiseRankingAccuracy()
+        self.val_sets = nn.ModuleDict({name: StepValueMetrics(name) for name in VALIDATION_SETS})
         self.train_loss = MeanMetric()
 
     def build_model(self) -> ValueRewardModel:
@@ -139,37 +141,25 @@ class ValueRMModule(ModelBuiltInConfigure, L.LightningModule):
         self.log("train/epoch_loss", self.train_loss.compute(), sync_dist=False)
         self.train_loss.reset()
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def _val_set_names(self) -> list[str]:
+        """The validation set of each dataloader (the data module's ``val_set_names``; default ``["val"]``)."""
+        trainer = self._trainer
+        dm = trainer.datamodule if trainer is not None else None
+        names = list(getattr(dm, "val_set_names", None) or ["val"])
+        unknown = [n for n in names if n not in self.val_sets]
+        if unknown:
+            raise ValueError(f"validation sets {unknown} are not among the value RM's {list(self.val_sets)}")
+        return names
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         raw = self.model(batch["input_ids"], batch["attention_mask"], batch["step_end_idx"])
         pred = torch.sigmoid(raw) if self.hparams.loss == "bce" else raw
-        mask = batch["step_mask"]
-        labeled = mask & ~torch.isnan(batch["step_values"])
-        # Update on every batch, with empty selections when there is nothing to add, so
-        # that every DDP rank holds states of the same dtypes for the epoch-end gather.
-        self.val_mse.update(pred[labeled], batch["step_values"][labeled])
-        success = batch["success"][:, None].expand_as(mask)
-        self.val_auroc.update(pred[mask], success[mask].long())
-        has_step = mask.any(1)
-        last = mask.sum(1).clamp(min=1) - 1
-        last_pred = pred.gather(1, last[:, None])[:, 0]
-        self.val_traj_auroc.update(last_pred[has_step], batch["success"][has_step].long())
-        self.val_rank_acc.update(
-            pred[labeled], batch["step_values"][labeled], batch["step_parent"][labeled], batch["step_action"][labeled]
-        )
+        self.val_sets[self._val_set_names()[dataloader_idx]].update(pred, batch)
 
     def on_validation_epoch_end(self) -> None:
-        # every call below is collective under DDP and made on every rank (see dist_metrics)
-        metrics = {"val/mse": self.val_mse, "val/auroc": self.val_auroc, "val/traj_auroc": self.val_traj_auroc}
-        for name, metric in metrics.items():
-            value = synced_compute(metric)
-            if value is not None:
-                self.log(name, value, prog_bar=name in ("val/mse", "val/auroc"))
-        with self.val_rank_acc.sync_context():
-            pairs, correct = self.val_rank_acc.pair_count_and_correct()
-        if pairs:
-            self.log("val/rank_acc", correct / pairs)
-            self.log("val/rank_pairs", float(pairs))
-        self.val_rank_acc.reset()
+        for name in self._val_set_names():  # the same sets, in the same order, on every DDP rank
+            for key, value in self.val_sets[name].compute_and_reset().items():
+                self.log(key, value, prog_bar=key in ("val/mse", "val/auroc", "val_unseen/auroc"))
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -184,6 +174,63 @@ class ValueRMModule(ModelBuiltInConfigure, L.LightningModule):
         ``agentrm_config.json`` with the loss, so scorers default to what the RM was trained with.
         """
         return self.model.save_pretrained(directory, tokenizer=self.tokenizer, loss=self.hparams.loss, **training)
+
+
+VALIDATION_SETS = ("val", "val_unseen")
+"""Validation sets the value RM reports (metric prefixes): held-in, and task types absent from training."""
+
+
+class StepValueMetrics(nn.Module):
+    """The value RM's validation metrics over one validation set, logged as ``<prefix>/<metric>``.
+
+    ``mse`` (predicted vs target step values), ``auroc`` (every step's value against its trajectory's success),
+    ``traj_auroc`` (the last step's value against success), ``rank_acc`` and ``rank_pairs`` (ordering of sibling
+    steps by value, :class:`~agentrm.lit.metrics.PairwiseRankingAccuracy`).
+    """
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+        self.mse = MeanSquaredError()
+        self.auroc = AUROCOrNaN(f"{prefix}/auroc")
+        self.traj_auroc = AUROCOrNaN(f"{prefix}/traj_auroc")
+        self.rank_acc = PairwiseRankingAccuracy()
+
+    def update(self, pred: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        """Add a batch: ``pred`` ``[B, S]`` predicted values at the step ends; ``batch`` as collated (``step_mask``,
+        ``step_values``, ``success``, ``step_parent``, ``step_action``: ``[B, S]``; ``success``: ``[B]``)."""
+        mask = batch["step_mask"]
+        labeled = mask & ~torch.isnan(batch["step_values"])
+        # Update on every batch, with empty selections when there is nothing to add, so
+        # that every DDP rank holds states of the same dtypes for the epoch-end gather.
+        self.mse.update(pred[labeled], batch["step_values"][labeled])
+        success = batch["success"][:, None].expand_as(mask)
+        self.auroc.update(pred[mask], success[mask].long())
+        has_step = mask.any(1)
+        last = mask.sum(1).clamp(min=1) - 1
+        last_pred = pred.gather(1, last[:, None])[:, 0]
+        self.traj_auroc.update(last_pred[has_step], batch["success"][has_step].long())
+        self.rank_acc.update(
+            pred[labeled], batch["step_values"][labeled], batch["step_parent"][labeled], batch["step_action"][labeled]
+        )
+
+    def compute_and_reset(self) -> dict[str, torch.Tensor | float]:
+        """``{"<prefix>/mse": ..., ...}`` (a metric without data is left out), then reset every state.
+
+        Every call below is collective under DDP and made on every rank (see :mod:`agentrm.lit.dist_metrics`).
+        """
+        out: dict[str, torch.Tensor | float] = {}
+        for name, metric in (("mse", self.mse), ("auroc", self.auroc), ("traj_auroc", self.traj_auroc)):
+            value = synced_compute(metric)
+            if value is not None:
+                out[f"{self.prefix}/{name}"] = value
+        with self.rank_acc.sync_context():
+            pairs, correct = self.rank_acc.pair_count_and_correct()
+        if pairs:
+            out[f"{self.prefix}/rank_acc"] = correct / pairs
+            out[f"{self.prefix}/rank_pairs"] = float(pairs)
+        self.rank_acc.reset()
+        return out
 
 
 def check_loss_fits_range(loss: str, value_range: tuple[float, float]) -> None:

@@ -39,6 +39,7 @@ from agentrm.checks import at_least, each_at_least, fail, one_of
 from agentrm.cli_config import parse_config
 from agentrm.cli_errors import BuildError, building, one_line, run_cli
 from agentrm.data.jobs import Job
+from agentrm.data.splits import check_unseen
 from agentrm.envs.base import Env, close_quietly
 from agentrm.envs.registry import EnvSpec, check_disjoint, make_env, parse_specs
 from agentrm.policies.openai_compat import EndpointError
@@ -232,6 +233,8 @@ def evaluate(config: EvalConfig) -> list[dict[str, Any]]:
         try:
             check_disjoint_instances(envs.main, [s for specs in config.sets.values() for s in specs], config.episodes,
                                      config.seed, config.train_specs, config.train_seed, config.train_episodes)
+            check_unseen(config.train_specs, test=config.sets["held_out"], allow_seen_groups=True,
+                         names=("dev", "held_out"))  # held-out task types: absent from the training data
             scorers = {}
             for i, r in enumerate(resolved):
                 with building(f"scorers[{i}] ({r.label})"):
