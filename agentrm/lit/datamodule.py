@@ -11,7 +11,7 @@ from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from agentrm.data.agentgym import is_agentgym_file, load_trajectories, outcome_summary, success_rule
@@ -255,7 +255,8 @@ class TrajectoryDataModule(L.LightningDataModule):
 
     def _say(self, line: str) -> None:
         self.summary_lines.append(line)
-        rank_zero_info(f"data: {line}")
+        if rank_zero_only.rank == 0:  # always shown (Lightning's info messages are hidden unless --verbose)
+            print(f"data: {line}", flush=True)
 
     def _trains_on(self) -> str | None:
         """What the attached model trains on (its ``trains_on`` attribute); ``None`` outside a trainer."""

@@ -14,6 +14,7 @@ from agentrm.data.schema import Step
 from agentrm.envs.registry import make_env
 from agentrm.models.backbone import build_backbone
 from agentrm.policies.base import start_history
+from agentrm.policies.endpoint import RequestLimits
 from agentrm.policies.hf import HFPolicy
 from agentrm.policies.openai_compat import OpenAIChatPolicy
 from agentrm.policies.prompt import AgentPrompt, ReplyStats, propose_validated, validate_reply
@@ -132,7 +133,7 @@ def test_openai_policy_paper_prompt(env, name):
                                    "Thought: hmm\nAction: pick up"])
     try:
         pol = OpenAIChatPolicy(server.url, name, temperature=1.0, prompt=AgentPrompt(), max_resample=2,
-                               max_retries=0)
+                               limits=RequestLimits(max_retries=0))
         assert pol.propose(e, _history(e, obs), k=2) == ["move forward", "pick up"]
         assert (pol.reply_stats.replies, pol.reply_stats.invalid, pol.reply_stats.unresolved) == (3, 1, 0)
         assert "Here is an example episode" in server.rendered[0] and "Valid actions:" in server.rendered[0]

@@ -8,6 +8,7 @@ import math
 import pytest
 
 from agentrm.data.schema import read_jsonl
+from agentrm.search.specs import PolicySpec
 from agentrm.targets.mcts import (
     MCTS,
     MCTSConfig,
@@ -18,7 +19,6 @@ from agentrm.targets.mcts import (
     select_child,
     uct_score,
 )
-from agentrm.search.specs import PolicySpec
 from agentrm.trees import TreesConfig
 from agentrm.trees import build_trees as run_trees
 
