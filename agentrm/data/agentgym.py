@@ -169,8 +169,9 @@ def load_trajectories(
 def outcome_summary(path: str | os.PathLike, trajs: list[Trajectory], rule: str | None = None) -> str:
     """One line for the fit log: a file's records, successes, failures, partial rewards and step values.
 
-    ``rule`` (e.g. :func:`success_rule`'s) says how success was decided; partial rewards are ``0 < reward < 1``
-    and the line says how many of them the rule counted as successes.
+    ``rule`` (e.g. :func:`success_rule`'s) says how success was decided; with a rule, the line also counts the
+    partial rewards (``0 < reward < 1``) and how many of them the rule counted as successes. Without one (files
+    that record success themselves, e.g. BabyAI's shaped rewards below 1 on success) that count says nothing.
     """
     wins = sum(t.success for t in trajs)
     partial = [t for t in trajs if 0.0 < t.reward < 1.0]
@@ -179,7 +180,7 @@ def outcome_summary(path: str | os.PathLike, trajs: list[Trajectory], rule: str 
     unlabeled = sum(bool(t.meta.get("unlabeled")) for t in trajs)
     how = f" ({rule})" if rule else ""
     line = f"{path}{how}: {len(trajs)} records: {wins} successes, {len(trajs) - wins} failures"
-    if partial:
+    if partial and rule:
         line += f"; {len(partial)} partial rewards (0 < reward < 1), {sum(t.success for t in partial)} counted as successes"
     if unlabeled:
         line += f"; {unlabeled} without an outcome label"

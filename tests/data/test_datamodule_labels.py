@@ -52,7 +52,7 @@ def test_setup_reports_per_file_and_per_split_and_logs_truncation(tmp_path, tok_
     write_jsonl(p, mixed(40))
     dm = datamodule(p, tok_dir, "step_values")
     dm.setup("fit")
-    assert dm.summary_lines[0] == f"{p}: 40 records: 20 successes, 20 failures; 20 partial rewards (0 < reward < 1), 20 counted as successes; 120 steps, 120 with a value"
+    assert dm.summary_lines[0] == f"{p}: 40 records: 20 successes, 20 failures; 120 steps, 120 with a value"
     train, val = dm.truncation["train"], dm.truncation["val"]
     assert train.trajectories == len(dm.train_items) and val.trajectories == len(dm.val_items)
     assert train.labels == 3 * train.trajectories and train.labels_dropped == 0
