@@ -262,7 +262,8 @@ def flag_given(argv: list[str], name: str) -> bool:
 
 
 def quiet_lightning(verbose: bool) -> None:
-    """Unless ``verbose``: Lightning's info messages (devices, model summary, tips) hidden; warnings stay.
+    """Unless ``verbose``: Lightning's info messages (devices, model summary, tips) and transformers' progress
+    bars (writing the export's shards) hidden; warnings stay.
 
     The fit prints its own data summary, progress and end-of-run report; ``--verbose true`` brings the rest back.
     """
@@ -270,6 +271,9 @@ def quiet_lightning(verbose: bool) -> None:
         return
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars of every export
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
