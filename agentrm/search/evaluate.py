@@ -279,7 +279,12 @@ def _run_episodes(config: EvalConfig, out: Path, envs: EnvPool, scorers: dict, m
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Command-line entry point: ``python -m agentrm.search --config configs/search/demo.yaml``."""
-    return evaluate(parse_config(EvalConfig, argv, "agentrm.search"))
+    config = parse_config(EvalConfig, argv, "agentrm.search")
+    if not config.verbose:  # transformers' "Loading weights" bars, one per model: --verbose true shows them
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    return evaluate(config)
 
 
 def cli(argv: list[str] | None = None) -> list[dict[str, Any]]:
