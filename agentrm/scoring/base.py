@@ -25,7 +25,7 @@ class ScoringCounters:
         padded_tokens: ``B * T`` summed over forward passes (``== forward_tokens`` when packed).
         cached_tokens: prefix tokens read from a KV cache instead of being forwarded (per model).
         cached_calls / packed_calls / plain_calls: candidate-scoring calls by the path they took.
-        cache_evictions: prefix-cache entries evicted to stay within the byte budget or the entry cap
+        cache_evictions: prefix-cache entries evicted to stay within the byte budget (not the entry cap's LRU turnover)
             (:class:`~agentrm.scoring.cache.PrefixCache`).
         cache_oversized: prefix-cache entries not stored because one alone exceeds the byte budget.
         cache_peak_bytes: the most bytes the prefix cache held after a store (a high-water mark, not a

@@ -238,7 +238,9 @@ class PrefixCache:
 
     Attributes:
         hits / misses: lookups that found / did not find a cached sequence.
-        evictions: entries dropped to stay within ``max_bytes`` or ``max_entries``.
+        evictions: entries dropped to stay within ``max_bytes`` or ``max_entries``: ``budget_evictions`` of them
+            for the byte budget, ``entry_cap_drops`` for the entry cap (least recently used, e.g. finished
+            episodes' prefixes).
         oversized: entries not stored because they alone exceed the budget.
         nbytes / peak_bytes: bytes of the distinct segments held now / at most so far.
         budget: the resolved byte budget (``None`` while an automatic one waits for the first entry).
@@ -257,6 +259,7 @@ class PrefixCache:
         self.nbytes = 0
         self.peak_bytes = 0
         self.hits = self.misses = self.evictions = self.oversized = 0
+        self.budget_evictions = self.entry_cap_drops = 0
 
     def __len__(self) -> int:
         return len(self._lru)
@@ -321,9 +324,9 @@ class PrefixCache:
                 self.nbytes += seg.nbytes
             ref[1] += 1
         while len(store) > self.max_entries:
-            self._evict(model, next(iter(store)))
+            self._evict(model, next(iter(store)), for_budget=False)
         while self.nbytes > self.budget:  # the new entry alone fits, so this stops before reaching it
-            self._evict(*next(iter(self._lru)))
+            self._evict(*next(iter(self._lru)), for_budget=True)
         self.peak_bytes = max(self.peak_bytes, self.nbytes)
         if self.counters is not None:
             self.counters.cache_peak_bytes = max(self.counters.cache_peak_bytes, self.nbytes)
@@ -343,11 +346,17 @@ class PrefixCache:
                 self.nbytes -= ref[0].nbytes
                 del self._refs[sid]
 
-    def _evict(self, model: str, ids: tuple[int, ...]) -> None:
+    def _evict(self, model: str, ids: tuple[int, ...], for_budget: bool = False) -> None:
+        """Drop the entry; only drops that keep the byte budget count in ``counters.cache_evictions`` (the
+        entry cap's turnover is ordinary LRU reuse, counted in :attr:`entry_cap_drops`)."""
         self._drop(model, ids)
         self.evictions += 1
-        if self.counters is not None:
-            self.counters.cache_evictions += 1
+        if for_budget:
+            self.budget_evictions += 1
+            if self.counters is not None:
+                self.counters.cache_evictions += 1
+        else:
+            self.entry_cap_drops += 1
 
     def storage_nbytes(self) -> int:
         """Bytes of the distinct storages behind every entry's tensors, recomputed from the tensors

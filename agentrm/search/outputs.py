@@ -95,13 +95,15 @@ def reply_report(policies: list[Any]) -> dict[str, Any] | None:
 
 
 def cache_report(scorers: dict[str, Any]) -> dict[str, dict[str, int | None]]:
-    """Per scorer with a prefix cache: its byte budget, the most bytes it held and the entries it evicted."""
+    """Per scorer with a prefix cache: its byte budget, the most bytes it held, the entries it evicted to keep
+    the budget, the entries too large to store, and the entry cap's LRU turnover (``entry_cap_drops``)."""
     out = {}
     for label, scorer in scorers.items():
         cache = getattr(scorer, "prefix_cache", None)
         if cache is not None:
             out[label] = {"budget_bytes": getattr(cache, "budget", None), "peak_bytes": getattr(cache, "peak_bytes", None),
-                          "evictions": scorer.counters.cache_evictions, "oversized": scorer.counters.cache_oversized}
+                          "evictions": scorer.counters.cache_evictions, "oversized": scorer.counters.cache_oversized,
+                          "entry_cap_drops": getattr(cache, "entry_cap_drops", None)}
     return out
 
 

@@ -15,11 +15,11 @@ def _kv(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def test_sessions_are_bounded_per_session_and_in_total():
     counters = ScoringCounters()
-    caches = SessionCaches(entries=8, session_bytes=640, total_bytes=1500, max_sessions=3, counters=counters)
+    caches = SessionCaches(entries=16, session_bytes=640, total_bytes=1500, max_sessions=3, counters=counters)
     a = caches.get("a")
     for i in range(12):  # 12 entries of 64 bytes into a 640-byte session: its own LRU keeps it within
         a.store_kv("backbone", tuple(range(i, i + 1)), _kv(1))
-    assert a.nbytes <= 640 and counters.cache_evictions >= 2
+    assert a.nbytes <= 640 and counters.cache_evictions == a.budget_evictions == 2 and a.entry_cap_drops == 0
     for key in ("b", "c"):
         cache = caches.get(key)
         for i in range(8):
