@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The final evaluation of the generalisation experiment (docs/generalisation.md, "Results"), one run per family
+# of configs/generalisation/test_eval.yaml (its held_out specs split by family, so each family gets its own
+# episode count; episode seeds depend on (seed, spec, index) only, so a family's run plays the same episodes as
+# the all-family config), then the per-family tables and figure with paired bootstrap intervals.
+# Needs the RMs the config names: python -m agentrm.fit --config configs/generalisation/tiny_value_rm.yaml, then
+# bench/generalisation_export_best.py for the epoch selected on val_unseen/auroc (docs/generalisation.md).
+# Every run resumes (rerun after an interruption).
+# Beam search costs most (TextWorld ~30 s, ScienceWorld several minutes per episode and scorer on one core), so
+# it runs on the first TEXTWORLD_BEAM_EPISODES episodes of TextWorld and SCIWORLD_BEAM (a list of [W, K]; [] skips
+# it) on ScienceWorld; the settings of the committed results are the defaults:
+#   bash scripts/generalisation_test.sh                      # ~28 min on one core (measured: 598 + 646 + 353 s)
+#   FAMILIES=babyai bash scripts/generalisation_test.sh      # one family (the report covers every family run so far)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+CFG=configs/generalisation/test_eval.yaml
+OUT=${OUT:-runs/generalisation/test_eval}
+EPISODES=${EPISODES:-30}
+TEXTWORLD_BEAM_EPISODES=${TEXTWORLD_BEAM_EPISODES:-12}
+SCIWORLD_EPISODES=${SCIWORLD_EPISODES:-6}
+SCIWORLD_BEAM=${SCIWORLD_BEAM:-[]}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
+mkdir -p "$OUT"
+run() {  # name, held_out list, extra flags
+    local name=$1 specs=$2; shift 2
+    echo "== $name ($(date -u +%H:%M:%S), load $(cut -d' ' -f1-3 /proc/loadavg))"
+    /usr/bin/time -f "$name: %e s wall, %U+%S s cpu" $PY -m agentrm.search --config $CFG --held_out "$specs" \
+        --out_dir "$OUT/$name" --progress false "$@"
+}
+FAMILIES=${FAMILIES:-babyai textworld sciworld}
+for fam in $FAMILIES; do case $fam in
+babyai) run babyai '[babyai:OpenDoor?max_steps=24, babyai:OpenDoorLoc?max_steps=24, babyai:UnlockLocal?max_steps=40]' \
+    --episodes "$EPISODES" ;;
+textworld) run textworld '[textworld:cooking@test?games=30]' --episodes "$EPISODES" \
+    --beam_episodes "$TEXTWORLD_BEAM_EPISODES" ;;
+sciworld) run sciworld '[sciworld:measure-melting-point-known-substance@test?max_steps=45, sciworld:power-component@test?max_steps=35, sciworld:power-component-renewable-vs-nonrenewable-energy@test?max_steps=35, sciworld:chemistry-mix@test?max_steps=45, sciworld:chemistry-mix-paint-secondary-color@test?max_steps=45]' \
+    --episodes "$SCIWORLD_EPISODES" --beam "$SCIWORLD_BEAM" ;;
+*) echo "unknown family $fam" >&2; exit 2 ;;
+esac; done
+runs=(); for fam in babyai textworld sciworld; do [ -f "$OUT/$fam/episodes.jsonl" ] && runs+=("$OUT/$fam"); done
+$PY bench/generalisation_report.py "${runs[@]}" \
+    --md "$OUT/report.md" --png docs/img/generalisation_test.png
