@@ -3,9 +3,10 @@
 A *task type* is an environment family's task: a BabyAI level, a ScienceWorld task, a TextWorld game kind
 (``babyai/GoToLocal``, ``sciworld/boil``, ``textworld/cooking``; aliases such as ScienceWorld's ``1-1`` are
 resolved through :meth:`~agentrm.envs.base.Env.instance_key`).  A *group* is the coarser unit a task type
-belongs to: the ScienceWorld topic (``sciworld topic 3 (electricity)``: the paper ids ``3-1``..``3-4``), the
-BabyAI family of levels that share their mission and actions (``babyai Open``: OpenDoor, OpenDoorLoc,
-OpenTwoDoors...), otherwise the task type itself.
+belongs to, as its environment family defines it (:func:`agentrm.envs.registry.task_group`): the ScienceWorld
+topic (``sciworld topic 3 (electricity)``: the paper ids ``3-1``..``3-4``), the BabyAI family of levels that
+share their mission and actions (``babyai Open``: OpenDoor, OpenDoorLoc, OpenTwoDoors...), otherwise the task
+type itself.
 
 :func:`check_unseen` refuses a development or test task type that is also a training one, a task type in
 both the development and the test set, and (unless ``allow_seen_groups``) a development or test task type
@@ -26,7 +27,6 @@ its own instance check covers them.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,40 +37,7 @@ import yaml
 from agentrm.checks import ConfigError
 from agentrm.data.schema import DataError, Trajectory
 from agentrm.envs.base import close_quietly
-from agentrm.envs.registry import EnvSpec, make_env, parse_specs
-
-SCIWORLD_TOPICS: dict[str, tuple[int, str]] = {
-    "boil": (1, "matter"), "melt": (1, "matter"), "freeze": (1, "matter"), "change-the-state-of-matter-of": (1, "matter"),
-    "use-thermometer": (2, "measurement"), "measure-melting-point-known-substance": (2, "measurement"),
-    "measure-melting-point-unknown-substance": (2, "measurement"),
-    "power-component": (3, "electricity"), "power-component-renewable-vs-nonrenewable-energy": (3, "electricity"),
-    "test-conductivity": (3, "electricity"), "test-conductivity-of-unknown-substances": (3, "electricity"),
-    "find-living-thing": (4, "classification"), "find-non-living-thing": (4, "classification"),
-    "find-plant": (4, "classification"), "find-animal": (4, "classification"),
-    "grow-plant": (5, "plants"), "grow-fruit": (5, "plants"),
-    "chemistry-mix": (6, "chemistry"), "chemistry-mix-paint-secondary-color": (6, "chemistry"),
-    "chemistry-mix-paint-tertiary-color": (6, "chemistry"),
-    "lifespan-longest-lived": (7, "lifespans"), "lifespan-shortest-lived": (7, "lifespans"),
-    "lifespan-longest-lived-then-shortest-lived": (7, "lifespans"),
-    "identify-life-stages-1": (8, "life stages"), "identify-life-stages-2": (8, "life stages"),
-    "inclined-plane-determine-angle": (9, "forces"), "inclined-plane-friction-named-surfaces": (9, "forces"),
-    "inclined-plane-friction-unnamed-surfaces": (9, "forces"),
-    "mendelian-genetics-known-plant": (10, "genetics"), "mendelian-genetics-unknown-plant": (10, "genetics"),
-}  # fmt: skip
-"""ScienceWorld task -> (topic number, topic): the first number of the paper's task id (``3-1`` = power-component)."""
-
-BABYAI_FAMILIES: tuple[tuple[str, str], ...] = (
-    (r"GoTo", "GoTo"),
-    (r"Pickup|OneRoom|FindObj|UnblockPickup", "Pickup"),
-    (r"Open", "Open"),
-    (r"Unlock|KeyInBox|BlockedUnlockPickup|KeyCorridor", "Unlock"),
-    (r"PutNext|MoveTwoAcross", "PutNext"),
-    (r"Synth|BossLevel|MiniBossLevel|ActionObjDoor", "Synth"),
-)
-"""BabyAI level-name prefix -> family: levels of a family share their mission and the actions it needs
-(GoTo: turning and moving; Pickup: also ``pick up``; Open: ``toggle``; Unlock: ``pick up`` a key and
-``toggle``; PutNext: ``pick up`` and ``drop``; Synth: any of them).  The first matching prefix wins
-(``BlockedUnlockPickup`` is an Unlock level)."""
+from agentrm.envs.registry import EnvSpec, make_env, parse_specs, task_group
 
 
 def task_type(spec: str | EnvSpec) -> str:
@@ -89,19 +56,6 @@ def task_type(spec: str | EnvSpec) -> str:
 
 def _type_of_instance(key: str) -> str:
     return key.split("#", 1)[0].replace(":", "/", 1)
-
-
-def task_group(task: str) -> str:
-    """The group of a task type (see the module doc): a ScienceWorld topic, a BabyAI family, else the type."""
-    family, _, name = task.partition("/")
-    if family == "sciworld" and name in SCIWORLD_TOPICS:
-        number, topic = SCIWORLD_TOPICS[name]
-        return f"sciworld topic {number} ({topic})"
-    if family == "babyai":
-        for pattern, group in BABYAI_FAMILIES:
-            if re.match(pattern, name):
-                return f"babyai {group}"
-    return task
 
 
 @dataclass

@@ -380,6 +380,29 @@ def rephrase_mission(mission: str, variant: int) -> str:
     return out
 
 
+LEVEL_FAMILIES: tuple[tuple[str, str], ...] = (
+    (r"GoTo", "GoTo"),
+    (r"Pickup|OneRoom|FindObj|UnblockPickup", "Pickup"),
+    (r"Open", "Open"),
+    (r"Unlock|KeyInBox|BlockedUnlockPickup|KeyCorridor", "Unlock"),
+    (r"PutNext|MoveTwoAcross", "PutNext"),
+    (r"Synth|BossLevel|MiniBossLevel|ActionObjDoor", "Synth"),
+)
+"""BabyAI level-name prefix -> family: levels of a family share their mission and the actions it needs
+(GoTo: turning and moving; Pickup: also ``pick up``; Open: ``toggle``; Unlock: ``pick up`` a key and
+``toggle``; PutNext: ``pick up`` and ``drop``; Synth: any of them).  The first matching prefix wins
+(``BlockedUnlockPickup`` is an Unlock level)."""
+
+
+def task_group(level: str) -> str | None:
+    """The family of a level (``babyai Open``; :data:`LEVEL_FAMILIES`), ``None`` for a level of no family
+    (for :func:`agentrm.envs.registry.task_group`)."""
+    for pattern, family in LEVEL_FAMILIES:
+        if re.match(pattern, level):
+            return f"babyai {family}"
+    return None
+
+
 def make(spec: EnvSpec) -> BabyAITextEnv:
     """Registry factory: ``babyai:<level>`` with options ``max_steps`` (int), ``max_objects`` (int) and
     ``rephrase`` (0..4: the instruction perturbations of :data:`REPHRASINGS`)."""

@@ -34,6 +34,14 @@ FAMILIES: dict[str, str] = {
 }
 """family name -> ``module:factory``; ``factory(spec) -> Env``.  :func:`register` adds more."""
 
+TASK_GROUPS: dict[str, str] = {
+    "babyai": "agentrm.envs.babyai:task_group",
+    "sciworld": "agentrm.envs.sciworld:task_group",
+}
+"""family name -> ``module:function``; ``function(task) -> group or None``: the coarser unit a family's task
+belongs to (a BabyAI family of levels, a ScienceWorld topic; :func:`task_group`).  A family without one: each
+task is its own group."""
+
 
 @dataclass(frozen=True)
 class EnvSpec:
@@ -162,13 +170,28 @@ def parse_specs(specs: Iterable[str | Mapping[str, Any] | EnvSpec] | str | None)
     return out
 
 
-def register(family: str, factory: str | Callable[[EnvSpec], Env]) -> None:
-    """Register an environment family: ``factory`` is ``"module:function"`` or a callable ``(spec) -> Env``."""
+def register(family: str, factory: str | Callable[[EnvSpec], Env],
+             task_group: str | Callable[[str], str | None] | None = None) -> None:
+    """Register an environment family: ``factory`` is ``"module:function"`` or a callable ``(spec) -> Env``;
+    ``task_group`` (the same forms, ``(task) -> group or None``) groups its tasks (:data:`TASK_GROUPS`)."""
     FAMILIES[family] = factory  # type: ignore[assignment]
+    if task_group is not None:
+        TASK_GROUPS[family] = task_group  # type: ignore[assignment]
+
+
+def task_group(task_type: str) -> str:
+    """The group of a task type ``family/task`` as its family defines it (:data:`TASK_GROUPS`), else the type."""
+    family, _, task = task_type.partition("/")
+    target = TASK_GROUPS.get(family)
+    return (_load(family, target)(task) if target else None) or task_type
 
 
 def _factory(family: str) -> Callable[[EnvSpec], Env]:
-    target: Any = FAMILIES[family]
+    return _load(family, FAMILIES[family])
+
+
+def _load(family: str, target: Any) -> Callable[..., Any]:
+    """``target`` itself when callable, else the function a ``"module:function"`` names (imported now)."""
     if callable(target):
         return target
     module, _, attr = target.partition(":")

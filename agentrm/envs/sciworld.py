@@ -91,6 +91,23 @@ _MOVED = re.compile(r"^You (?:move|teleport) to the (.+?)\.")
 _ROOM = re.compile(r"called the (.+?)\.")
 
 
+TOPICS: dict[int, str] = {
+    1: "matter", 2: "measurement", 3: "electricity", 4: "classification", 5: "plants",
+    6: "chemistry", 7: "lifespans", 8: "life stages", 9: "forces", 10: "genetics",
+}
+"""The paper's topics, by the first number of a task id (``3-1`` = power-component: topic 3, electricity)."""
+
+
+def task_group(task: str) -> str | None:
+    """The topic of a task (``sciworld topic 3 (electricity)``), read from its paper id in ``ID2TASK``; ``None``
+    for an unknown task (for :func:`agentrm.envs.registry.task_group`)."""
+    for task_id, name in ID2TASK.items():
+        if name == task:
+            number = int(task_id.split("-")[0])
+            return f"sciworld topic {number} ({TOPICS[number]})"
+    return None
+
+
 def resolve_task(task: str | int) -> str:
     """Task name from a name, a number (index into :data:`TASK_NAMES`) or a paper id (``4-1``)."""
     text = str(task).strip()
