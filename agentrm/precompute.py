@@ -45,6 +45,7 @@ from agentrm.checks import ConfigError, at_least, fail, one_of
 from agentrm.cli_config import parse_config
 from agentrm.cli_errors import run_cli
 from agentrm.data.agentgym import load_trajectories
+from agentrm.data.manifest import write_json_atomic
 from agentrm.data.schema import Trajectory
 from agentrm.data.tokenize import TokenizedTrajectory, tokenize_trajectory
 from agentrm.models.backbone import DTYPES, build_backbone, resolve_dtype
@@ -245,12 +246,6 @@ def encoder_outputs(model, items: list[TokenizedTrajectory], cfg: PrecomputeConf
 # --- the directory ---------------------------------------------------------------------------------
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 def write_shard(path: Path, items: list[TokenizedTrajectory], outputs: list[dict], names: list[str]) -> dict:
     """Write one shard atomically; return its manifest entry (file, counts)."""
     from safetensors.torch import save_file
@@ -293,7 +288,7 @@ def _prepare_out(out: Path, settings: dict, overwrite: bool) -> dict:
             f.unlink()
     out.mkdir(parents=True, exist_ok=True)
     manifest = {**settings, "shards": [], "complete": False}
-    _write_json_atomic(out / MANIFEST, manifest)
+    write_json_atomic(out / MANIFEST, manifest)
     return manifest
 
 
@@ -381,7 +376,7 @@ def precompute(cfg: PrecomputeConfig) -> dict[str, Any]:
         entry.update(seconds=round(seconds, 3), tokenize_seconds=round(t_tok, 3))
         manifest["shards"] = [s for s in manifest["shards"] if s["file"] != entry["file"]] + [entry]
         manifest["shards"].sort(key=lambda s: s["file"])
-        _write_json_atomic(out / MANIFEST, manifest)
+        write_json_atomic(out / MANIFEST, manifest)
         new += 1
         if cfg.progress:
             rate = entry["states"] / seconds
@@ -394,7 +389,7 @@ def precompute(cfg: PrecomputeConfig) -> dict[str, Any]:
     manifest["counts"] = {key: sum(s[key] for s in shards) for key in ("trajectories", "states", "tokens")}
     manifest["counts"]["seconds"] = round(secs, 3)
     manifest["counts"]["states_per_second"] = round(manifest["counts"]["states"] / secs, 2) if secs else None
-    _write_json_atomic(out / MANIFEST, manifest)
+    write_json_atomic(out / MANIFEST, manifest)
     return {**manifest["counts"], "complete": manifest["complete"], "shards_done": len(shards),
             "num_shards": n_shards, "new_shards": new, "out": str(out), "run_seconds": time.perf_counter() - t_start}
 

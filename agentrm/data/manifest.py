@@ -43,6 +43,16 @@ MANIFEST_SUFFIX = ".manifest.json"
 WRITE_EVERY_S = 10.0
 
 
+def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename: a reader (or a kill) never sees
+    half a file. The parent directory is created."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(json.dumps(obj, indent=indent) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def manifest_path(out: str | os.PathLike) -> Path:
     """``<out>.manifest.json``."""
     return Path(f"{out}{MANIFEST_SUFFIX}")
@@ -255,10 +265,7 @@ class Manifest:
     def write(self) -> dict[str, Any]:
         """Write the manifest atomically; return what was written."""
         data = self.to_dict()
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, data, indent=1)
         self._last_write = time.perf_counter()
         return data
 
