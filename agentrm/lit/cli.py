@@ -95,6 +95,26 @@ class AgentRMCLI(LightningCLI):
             raise BuildError(f"{prefix}{failed_section(root)}: {one_line(root)}") from e
 
 
+def _run_root(config) -> Path:
+    """``trainer.default_root_dir`` of the parsed config (the working directory when unset)."""
+    return Path(config.get("trainer.default_root_dir") or os.getcwd())
+
+
+def _init_args(cb):
+    """A callback entry's ``init_args`` of the parsed config, created empty when it has none."""
+    from jsonargparse import Namespace
+
+    if getattr(cb, "init_args", None) is None:
+        cb.init_args = Namespace()
+    return cb.init_args
+
+
+def _default_dirpath(cb, dirpath: Path) -> None:
+    """Give a callback entry of the parsed config ``init_args.dirpath = dirpath`` unless it names one."""
+    if _init_args(cb).get("dirpath") is None:
+        cb.init_args.dirpath = str(dirpath)
+
+
 def use_resumable_checkpoints(config) -> None:
     """Every ``ModelCheckpoint`` of the parsed config becomes a ``ResumableCheckpoint`` (a checkpoint
     directory defaults to ``<default_root_dir>/checkpoints``); one is added when there is none and
@@ -106,24 +126,19 @@ def use_resumable_checkpoints(config) -> None:
         callbacks = []
     elif not isinstance(callbacks, list):
         callbacks = [callbacks]
-    root = Path(config.get("trainer.default_root_dir") or os.getcwd())
+    checkpoints = _run_root(config) / "checkpoints"
     found = False
     for cb in callbacks:
         class_path = getattr(cb, "class_path", "")
         if class_path in PLAIN_CHECKPOINTS or class_path == RESUMABLE:
             cb.class_path = RESUMABLE
+            _default_dirpath(cb, checkpoints)
             found = True
         elif class_path.rsplit(".", 1)[-1] in ("ModelCheckpoint", "ResumableCheckpoint", "OnExceptionCheckpoint"):
+            _init_args(cb)
             found = True  # a checkpoint callback of another name: left as it is
-        else:
-            continue
-        if getattr(cb, "init_args", None) is None:
-            cb.init_args = Namespace()
-        if cb.class_path == RESUMABLE and cb.init_args.get("dirpath") is None:
-            cb.init_args.dirpath = str(root / "checkpoints")
     if not found and config.get("trainer.enable_checkpointing") is not False:
-        callbacks.append(Namespace(class_path=RESUMABLE, init_args=Namespace(dirpath=str(root / "checkpoints"),
-                                                                             save_top_k=0)))
+        callbacks.append(Namespace(class_path=RESUMABLE, init_args=Namespace(dirpath=str(checkpoints), save_top_k=0)))
     config["trainer.callbacks"] = callbacks
 
 
@@ -167,13 +182,10 @@ def default_output_paths(config) -> None:
     ``dirpath`` writes ``<root>/hf_model``; with no logger configured, a CSV logger writes ``<root>/logs``."""
     from jsonargparse import Namespace
 
-    root = Path(config.get("trainer.default_root_dir") or os.getcwd())
+    root = _run_root(config)
     for cb in config.get("trainer.callbacks") or []:
         if getattr(cb, "class_path", "") == EXPORT:
-            if getattr(cb, "init_args", None) is None:
-                cb.init_args = Namespace()
-            if cb.init_args.get("dirpath") is None:
-                cb.init_args.dirpath = str(root / "hf_model")
+            _default_dirpath(cb, root / "hf_model")
     if config.get("trainer.logger") in (None, True):
         config["trainer.logger"] = Namespace(class_path=CSV_LOGGER, init_args=Namespace(save_dir=str(root), name="logs"))
 

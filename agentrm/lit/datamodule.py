@@ -144,6 +144,11 @@ class GroupBatchSampler(Sampler[list[int]]):
         return -(-len(self._batches()) // self.num_replicas)
 
 
+def _describe(paths: str | list[str]) -> str:
+    """A path option (one file or a list) as messages name it."""
+    return paths if isinstance(paths, str) else ", ".join(paths)
+
+
 class TrajectoryDataModule(L.LightningDataModule):
     """Tokenised trajectories with step ends, for the value RM and the implicit PRM.
 
@@ -288,7 +293,7 @@ class TrajectoryDataModule(L.LightningDataModule):
             return
         hp = self.hparams
         trains_on = self._trains_on()
-        source = hp.train_path if isinstance(hp.train_path, str) else ", ".join(hp.train_path)
+        source = _describe(hp.train_path)
         self.tokenizer = load_tokenizer(hp.tokenizer)
         self.summary_lines, self._unlabeled, self._success_rule = [], 0, None
         trajs = self._load(hp.train_path)
@@ -303,7 +308,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         unseen: list[Trajectory] = []
         if hp.get("val_unseen_path"):
             self._check_model_reports_sets()
-            unseen_source = hp.val_unseen_path if isinstance(hp.val_unseen_path, str) else ", ".join(hp.val_unseen_path)
+            unseen_source = _describe(hp.val_unseen_path)
             unseen = self._load(hp.val_unseen_path)
             if not unseen:
                 raise DataError(f"data.val_unseen_path: {unseen_source} holds no trajectories")

@@ -7,6 +7,7 @@ heads inside module forwards (:mod:`agentrm.models.head_call`), so sharded weigh
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,7 +34,7 @@ def _is_withheld(c: Candidate) -> bool:
 def _readable(traj: Trajectory) -> Trajectory:
     """``traj`` without a trailing withheld step (the value RM reads the state before it)."""
     if traj.steps and traj.steps[-1].withheld:
-        return Trajectory(traj.id, traj.task, traj.instruction, traj.steps[:-1], traj.reward, traj.success, traj.meta)
+        return dataclasses.replace(traj, steps=traj.steps[:-1])
     return traj
 
 
@@ -106,15 +107,16 @@ class ValueRMScorer(CandidateScorer):
         shown = [(prefix, [c for c in cands if not _is_withheld(c)]) for prefix, cands in requests]
         scores = super().score_candidates_many(shown)
         held = [i for i, (_, cands) in enumerate(requests) if any(_is_withheld(c) for c in cands)]
-        prefix_values = self.score_trajectories([requests[i][0] for i in held]).tolist() if held else []
+        values = self.score_trajectories([requests[i][0] for i in held]).tolist() if held else []
+        prefix_value = dict(zip(held, values))
         out = []
         for i, (_, cands) in enumerate(requests):
-            if i not in held:
+            if i not in prefix_value:
                 out.append(scores[i])
                 continue
             visible = iter(scores[i].tolist())
-            value = prefix_values[held.index(i)]
-            out.append(torch.tensor([value if _is_withheld(c) else next(visible) for c in cands], dtype=torch.float32))
+            out.append(torch.tensor([prefix_value[i] if _is_withheld(c) else next(visible) for c in cands],
+                                    dtype=torch.float32))
         return out
 
     def _initial_state_values(self, trajs: Sequence[Trajectory]) -> Tensor:
