@@ -321,6 +321,10 @@ def precompute(cfg: PrecomputeConfig) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     trajs, inputs = _load(cfg)
+    if not cfg.progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights"
     tok = load_tokenizer(cfg.tokenizer or cfg.backbone)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     with_lm = cfg.reference_logprobs

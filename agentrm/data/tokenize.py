@@ -169,7 +169,7 @@ def tokenize_trajectory(tokenizer, traj: Trajectory, max_length: int | None = No
     """
     require_chat_tokenizer(tokenizer)
     text, char_starts, char_action_ends, char_ends = step_char_spans(tokenizer, traj)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)  # truncated below, by steps
     ids: list[int] = enc["input_ids"]
     starts = [s for s, _ in enc["offset_mapping"]]
 
@@ -295,7 +295,7 @@ def tokenize_initial_state(tokenizer, traj: Trajectory, max_length: int | None =
     require_chat_tokenizer(tokenizer)
     messages = traj.to_messages()[:1]
     text = render(tokenizer, messages)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)  # cut to the head below
     starts = [s for s, _ in enc["offset_mapping"]]
     ids = enc["input_ids"][: head_tokens(tokenizer, messages, starts)]
     if max_length is not None:
