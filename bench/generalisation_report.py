@@ -153,10 +153,12 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("runs", nargs="+", type=Path, help="evaluation output directories (each with episodes.jsonl)")
     ap.add_argument("--png", type=Path, default=None, help="where to save the figure")
     ap.add_argument("--md", type=Path, default=None, help="also write the Markdown here")
+    ap.add_argument("--reference_scorer", default=None,
+                    help="also compare each other scorer's Best-of-N / beam with this scorer's (same N, W, K)")
     args = ap.parse_args(argv)
     rows = read_rows(args.runs)
     groups = by_family(rows)
-    comps = paired_comparisons([r for rows in groups.values() for r in rows])
+    comps = paired_comparisons([r for rows in groups.values() for r in rows], reference_scorer=args.reference_scorer)
     comps.sort(key=lambda c: (["babyai", "textworld", "sciworld", "all"].index(c["env_set"])
                               if c["env_set"] in ("babyai", "textworld", "sciworld", "all") else 9,
                               _method_order(c["method"]), c["baseline"]))

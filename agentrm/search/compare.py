@@ -58,14 +58,24 @@ def bootstrap_ci(
     return lo, hi
 
 
+def with_scorer(label: str, scorer: str) -> str:
+    """The same search method guided by another scorer: ``best_of_n[a]@5`` -> ``best_of_n[b]@5``."""
+    head, rest = label.split("[", 1)
+    return f"{head}[{scorer}]{rest.split(']', 1)[1]}"
+
+
 def paired_comparisons(
-    rows: Sequence[dict[str, Any]], level: float = 0.95, resamples: int = 2000, seed: int = 0
+    rows: Sequence[dict[str, Any]], level: float = 0.95, resamples: int = 2000, seed: int = 0,
+    reference_scorer: str | None = None,
 ) -> list[dict[str, Any]]:
     """Each Best-of-N and beam method against greedy and against Best-of-1 of the same scorer.
 
     Args:
         rows: per-episode rows of :func:`agentrm.search.evaluate.evaluate` (``episodes.jsonl``).
         level: confidence level of the interval on the mean difference.
+        reference_scorer: also compare every other scorer's method with the same method (same ``N``, or same
+            beam ``W``, ``K``) guided by this scorer, e.g. a pretrained RM's Best-of-5 against the tiny RM's
+            (Best-of-1 is left out: it is the first sample whatever the scorer).
 
     Returns:
         One row per (env set, method, baseline) with both success rates, the mean paired
@@ -82,6 +92,10 @@ def paired_comparisons(
         baselines = ["greedy"]
         if label.startswith("best_of_n[") and not label.endswith("@1"):
             baselines.append(label.rsplit("@", 1)[0] + "@1")
+        if reference_scorer is not None and "[" in label and not label.endswith("@1"):
+            reference = with_scorer(label, reference_scorer)
+            if reference != label:
+                baselines.append(reference)
         for base in baselines:
             b = success.get((env_set, base))
             if not b:

@@ -48,3 +48,20 @@ def test_interval_covers_zero_for_a_coin_flip_and_is_deterministic():
 def test_episodes_are_matched_within_an_env_set_only():
     rows = _rows("greedy", None, None, [0.0] * 10, env_set="held_in") + _rows("best_of_n", "rm", 4, [1.0] * 10)
     assert paired_comparisons(rows) == []
+
+
+def test_a_reference_scorer_is_compared_on_the_same_method_and_episodes():
+    greedy = [0.0, 0.0, 1.0, 0.0, 1.0, 0.0]
+    tiny = [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
+    big = [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+    rows = (_rows("greedy", None, None, greedy) + _rows("best_of_n", "tiny", 5, tiny)
+            + _rows("best_of_n", "big", 5, big) + _rows("best_of_n", "big", 1, greedy)
+            + _rows("best_of_n", "tiny", 1, greedy)
+            + [{**r, "w": 5, "k": 5, "n": None} for r in _rows("beam", "big", None, big) + _rows("beam", "tiny", None, tiny)])
+    without = {(c["method"], c["baseline"]) for c in paired_comparisons(rows)}
+    comps = {(c["method"], c["baseline"]): c for c in paired_comparisons(rows, reference_scorer="tiny")}
+    added = set(comps) - without
+    assert added == {("best_of_n[big]@5", "best_of_n[tiny]@5"), ("beam[big]W5K5", "beam[tiny]W5K5")}
+    c = comps[("best_of_n[big]@5", "best_of_n[tiny]@5")]
+    assert (c["episodes"], c["wins"], c["losses"]) == (6, 2, 1)
+    assert c["difference"] == pytest.approx((4 - 3) / 6)
