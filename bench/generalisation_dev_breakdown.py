@@ -2,7 +2,7 @@
 
 ``python -m agentrm.fit`` logs one pooled ``val_unseen/auroc`` (every step of every development trajectory
 that survives truncation, value against the trajectory's success). This scores the same steps with an exported value RM
-(tokenised as in training, same ``max_length``: the oldest steps of long trajectories are dropped) and prints,
+(tokenised as in training, the ``max_length`` the export records: the oldest steps of long trajectories are dropped) and prints,
 per task type and pooled: trajectories, success rate, steps read, mean value on successful and failed
 trajectories, and the step AUROC (Mann-Whitney, ties counted half). A pooled AUROC below 0.5 with per-type
 AUROCs above it means the RM ranks within a type but its level across types is wrong.
@@ -42,8 +42,11 @@ def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("rm", type=Path, help="exported value RM directory")
     ap.add_argument("data", type=Path, help="trajectory JSONL (the development set)")
-    ap.add_argument("--max_length", type=int, default=1024)
+    ap.add_argument("--max_length", type=int, default=None,
+                    help="token budget per trajectory (default: the max_length the export records, as search uses)")
     args = ap.parse_args(argv)
+    import json
+
     import torch
 
     from agentrm.data.collate import collate_trajectories
@@ -54,6 +57,11 @@ def main(argv: list[str] | None = None) -> str:
 
     torch.set_num_threads(1)
     model = ValueRewardModel.from_pretrained(args.rm).eval()
+    if args.max_length is None:
+        recorded = json.loads((args.rm / "agentrm_config.json").read_text()).get("max_length")
+        if recorded is None:
+            raise SystemExit(f"generalisation_dev_breakdown: {args.rm} records no max_length; pass --max_length")
+        args.max_length = int(recorded)
     tok = load_tokenizer(str(args.rm))
     steps: dict[str, dict[bool, list[float]]] = defaultdict(lambda: {True: [], False: []})
     trajs: dict[str, list[bool]] = defaultdict(list)

@@ -11,11 +11,16 @@
 # it) on ScienceWorld; the settings of the committed results are the defaults:
 #   bash scripts/generalisation_test.sh                      # ~28 min on one core (measured: 598 + 646 + 353 s)
 #   FAMILIES=babyai bash scripts/generalisation_test.sh      # one family (the report covers every family run so far)
+#   FAMILIES= bash scripts/generalisation_test.sh            # the report only
+# CFG_EXTRA names a second config composed on top (other scorers, out_dir: scripts/generalisation_backbones.sh),
+# OUT the run directory, PNG the figure, REFERENCE_SCORER a scorer every other one is also compared with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 CFG=configs/generalisation/test_eval.yaml
+CONFIGS=(--config "$CFG"); [ -n "${CFG_EXTRA:-}" ] && CONFIGS+=(--config "$CFG_EXTRA")
 OUT=${OUT:-runs/generalisation/test_eval}
+PNG=${PNG:-docs/img/generalisation_test.png}
 EPISODES=${EPISODES:-30}
 TEXTWORLD_BEAM_EPISODES=${TEXTWORLD_BEAM_EPISODES:-12}
 SCIWORLD_EPISODES=${SCIWORLD_EPISODES:-6}
@@ -25,10 +30,10 @@ mkdir -p "$OUT"
 run() {  # name, held_out list, extra flags
     local name=$1 specs=$2; shift 2
     echo "== $name ($(date -u +%H:%M:%S), load $(cut -d' ' -f1-3 /proc/loadavg))"
-    /usr/bin/time -f "$name: %e s wall, %U+%S s cpu" $PY -m agentrm.search --config $CFG --held_out "$specs" \
+    /usr/bin/time -f "$name: %e s wall, %U+%S s cpu" $PY -m agentrm.search "${CONFIGS[@]}" --held_out "$specs" \
         --out_dir "$OUT/$name" --progress false "$@"
 }
-FAMILIES=${FAMILIES:-babyai textworld sciworld}
+FAMILIES=${FAMILIES-babyai textworld sciworld}
 for fam in $FAMILIES; do case $fam in
 babyai) run babyai '[babyai:OpenDoor?max_steps=24, babyai:OpenDoorLoc?max_steps=24, babyai:UnlockLocal?max_steps=40]' \
     --episodes "$EPISODES" ;;
@@ -39,5 +44,6 @@ sciworld) run sciworld '[sciworld:measure-melting-point-known-substance@test?max
 *) echo "unknown family $fam" >&2; exit 2 ;;
 esac; done
 runs=(); for fam in babyai textworld sciworld; do [ -f "$OUT/$fam/episodes.jsonl" ] && runs+=("$OUT/$fam"); done
+REFERENCE=(); [ -n "${REFERENCE_SCORER:-}" ] && REFERENCE=(--reference_scorer "$REFERENCE_SCORER")
 $PY bench/generalisation_report.py "${runs[@]}" \
-    --md "$OUT/report.md" --png docs/img/generalisation_test.png
+    --md "$OUT/report.md" --png "$PNG" "${REFERENCE[@]}"

@@ -59,3 +59,51 @@ def test_the_data_configs_feed_the_fit_and_test_configs():
     (search,) = by_kind["search"]
     assert {s for c in outs.values() for s in c["envs"]} == set(search["train_envs"])
     assert search["episodes"] >= 30 and search["best_of_n"] == [1, 5] and search["beam"] == [[5, 5]]
+
+
+BACKBONES = GEN / "backbones"
+
+
+@pytest.mark.parametrize("name", ["tiny", "frozen_minilm", "frozen_smollm2"])
+def test_backbone_comparison_fits_share_data_and_selection(name):
+    """The three RMs of the backbone comparison parse, train on the same subsample, select on the development
+    set, and write under their own directory; a head's features are precomputed with its tokenizer and length."""
+    from tests.test_configs import parse
+
+    path = BACKBONES / f"{name}.yaml"
+    cfg = parse(path)
+    raw = yaml.safe_load(path.read_text())
+    assert raw["data"]["train_path"] == ["runs/generalisation/backbones/train_sub.jsonl"]
+    assert raw["data"]["val_unseen_path"] == ["runs/generalisation/data/dev_unseen.jsonl"]
+    monitors = {c["init_args"].get("monitor") for c in raw["trainer"]["callbacks"]} - {None}
+    assert monitors == {"val_unseen/auroc"}
+    assert all(name in str(v) for v in (raw["trainer"]["default_root_dir"],
+                                          raw["trainer"]["callbacks"][-1]["init_args"]["dirpath"]))
+    script = (PROJECT_ROOT / "scripts" / "generalisation_backbones.sh").read_text()
+    if name != "tiny":
+        features = raw["model"]["init_args"]["features"]
+        backbone = raw["data"]["tokenizer"]
+        line = next(ln for ln in script.splitlines() if ln.startswith(f"precompute {features.rsplit('/', 1)[1]} "))
+        assert line.split()[2:4] == [backbone, str(raw["data"]["max_length"])]
+        assert str(raw["model"]["init_args"]["layer"]) in line.split()[4]
+    assert f"fit_and_export {name} {cfg.model.class_path} {raw['data']['max_length']}" in script
+
+
+def test_backbone_comparison_eval_keeps_the_test_protocol(capsys):
+    """Composed on the final evaluation's config: same held-out specs, seeds and checks; its own scorers (one per
+    RM of the comparison, each the export of the epoch selected on the development set) and output directory."""
+    from agentrm.search import evaluate
+
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--config", str(GEN / "test_eval.yaml"), "--config", str(BACKBONES / "test_eval.yaml"),
+                       "--print_config"])
+    assert e.value.code == 0
+    composed = yaml.safe_load(capsys.readouterr().out)
+    base = yaml.safe_load((GEN / "test_eval.yaml").read_text())
+    for key in ("held_out", "seed", "train_envs", "train_seed", "train_episodes", "best_of_n", "greedy"):
+        assert composed[key] == base[key], key
+    assert {k: composed["policy"][k] for k in base["policy"]} == base["policy"]
+    assert composed["out_dir"] == "runs/generalisation/backbones/test_eval"
+    assert [s["name"] for s in composed["scorers"]] == ["tiny_sub", "frozen_minilm", "frozen_smollm2"]
+    assert all(s["path"] == f"runs/generalisation/backbones/rm/{n}/hf_model_selected"
+               for s, n in zip(composed["scorers"], ["tiny", "frozen_minilm", "frozen_smollm2"]))

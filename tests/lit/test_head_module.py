@@ -85,6 +85,15 @@ def test_fit_on_cached_features_learns_and_exports(cached, tmp_path, model):
     with torch.no_grad():
         torch.testing.assert_close(back(batch["input_ids"], batch["attention_mask"], batch["step_end_idx"]),
                                    module(batch["input_ids"], batch["attention_mask"], batch["step_end_idx"]))
+    # the model-selection export (bench/generalisation_export_best.py) rebuilds the fit's class from a checkpoint
+    # and writes the same export as the fit's last epoch
+    from bench.generalisation_export_best import main as export_best
+
+    export_best([str(run / "checkpoints" / "last.ckpt"), str(tmp_path / "selected"), "--max_length", "128",
+                 "--module", model["class_path"]])
+    selected = ValueRewardModel.from_pretrained(tmp_path / "selected")
+    torch.testing.assert_close(selected.score(batch)[batch["step_mask"]], rm.score(batch)[batch["step_mask"]],
+                               atol=1e-6, rtol=0)
     scorer = ValueRMScorer(rm, dm.tokenizer, max_length=128, aggregate="max")
     from agentrm.data.agentgym import load_trajectories
 
