@@ -54,6 +54,18 @@ def _with_new_defaults(stored: dict[str, Any], config: EvalConfig) -> dict[str, 
     return stored
 
 
+def _differences(stored: dict[str, Any], new: dict[str, Any], limit: int = 3, width: int = 60) -> str:
+    """``episodes: 30 -> 10, ...``: the first ``limit`` fields that differ, values shortened to ``width``."""
+    def short(value: Any) -> str:
+        text = json.dumps(value)
+        return text if len(text) <= width else text[: width - 3] + "..."
+
+    keys = [k for k in (*RESULT_FIELDS, *sorted(set(stored) | set(new))) if stored.get(k) != new.get(k)]
+    keys = list(dict.fromkeys(keys))
+    more = f", {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(f"{k}: {short(stored.get(k))} -> {short(new.get(k))}" for k in keys[:limit]) + more
+
+
 def check_resumable(out: Path, config: EvalConfig, fingerprints: dict[str, Any]) -> None:
     """Refuse to resume ``out`` with another configuration or other models; write ``config.json``."""
     current = recorded_config(config, fingerprints)
@@ -64,8 +76,8 @@ def check_resumable(out: Path, config: EvalConfig, fingerprints: dict[str, Any])
         new = dict(current)
         new.pop("fingerprints")
         if stored != new:
-            raise ConfigError(f"out_dir: {out} holds episodes of another configuration; pick another out_dir or "
-                              "pass --resume false")
+            raise ConfigError(f"out_dir: {out} holds episodes of another configuration ({_differences(stored, new)}); "
+                              "pick another out_dir or pass --resume false")
         if old is not None and old != fingerprints:
             raise ConfigError(f"out_dir: {out} holds episodes of other models ({_changed(old, fingerprints)}); "
                               "the configuration is the same but the weights changed since. Pick another out_dir "
