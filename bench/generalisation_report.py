@@ -13,6 +13,9 @@ and saves one PNG: per family, the paired difference to greedy of each Best-of-N
 
     python bench/generalisation_report.py runs/generalisation/test_eval runs/generalisation/test_eval_sciworld \\
         --png docs/img/generalisation_test.png --md runs/generalisation/test_report.md
+
+``--join`` adds other runs' Best-of-N / beam rows on the same episodes (checked: their greedy, sampling and pass
+rows agree), ``--reference_scorer`` compares every other scorer's method with that scorer's.
 """
 
 from __future__ import annotations
@@ -48,6 +51,30 @@ def read_rows(run_dirs: list[Path]) -> list[dict[str, Any]]:
                     raise SystemExit(f"generalisation_report: {path}:{line_no}: episode {key} is also in {seen[key]}")
                 rows.append(r)
     return rows
+
+
+def join_rows(rows: list[dict[str, Any]], join_dirs: list[Path]) -> list[dict[str, Any]]:
+    """``rows`` plus the Best-of-N and beam rows of other runs **on the same episodes** (e.g. the LLM judge run on
+    a subset of an RM evaluation's episodes: only those episodes are read). The policy's own rows (greedy,
+    sampling, pass@N) must agree episode by episode, which checks that the runs played the same episodes; a
+    method the main runs already have is theirs."""
+    episodes = {(r["env"], r["episode"]) for r in rows}
+    own = {(r["env"], r["episode"], method_label(r)): r["success"] for r in rows
+           if r["method"] not in ("best_of_n", "beam")}
+    labels = {method_label(r) for r in rows}
+    joined = []
+    for d in join_dirs:
+        for r in read_rows([d]):
+            key, label = (r["env"], r["episode"]), method_label(r)
+            if key not in episodes:
+                continue
+            if r["method"] in ("best_of_n", "beam"):
+                if label not in labels:
+                    joined.append(r)
+            elif own.get((*key, label), r["success"]) != r["success"]:
+                raise SystemExit(f"generalisation_report: {d}: {label} of episode {key} succeeded {r['success']} there "
+                                 f"and {own[(*key, label)]} in the main runs: not the same episodes")
+    return rows + joined
 
 
 def family(row: dict[str, Any]) -> str:
@@ -153,10 +180,12 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("runs", nargs="+", type=Path, help="evaluation output directories (each with episodes.jsonl)")
     ap.add_argument("--png", type=Path, default=None, help="where to save the figure")
     ap.add_argument("--md", type=Path, default=None, help="also write the Markdown here")
+    ap.add_argument("--join", type=Path, nargs="*", default=[],
+                    help="other runs whose Best-of-N / beam rows on the same episodes join the comparison")
     ap.add_argument("--reference_scorer", default=None,
                     help="also compare each other scorer's Best-of-N / beam with this scorer's (same N, W, K)")
     args = ap.parse_args(argv)
-    rows = read_rows(args.runs)
+    rows = join_rows(read_rows(args.runs), args.join)
     groups = by_family(rows)
     comps = paired_comparisons([r for rows in groups.values() for r in rows], reference_scorer=args.reference_scorer)
     comps.sort(key=lambda c: (["babyai", "textworld", "sciworld", "all"].index(c["env_set"])
