@@ -8,7 +8,7 @@ print it as ``<prog>: error: <field>: <problem>`` with exit code 2) and a ``Valu
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from agentrm.cli_errors import BuildError
@@ -52,3 +52,18 @@ def unique(values: Sequence[Any], field: str) -> None:
     seen = [v for i, v in enumerate(values) if v in values[:i]]
     if seen:
         fail(field, f"must be unique; {seen[0]!r} is repeated")
+
+
+def differing_fields(old: Mapping[str, Any], new: Mapping[str, Any], keys: Iterable[str], limit: int = 3,
+                     width: int = 60) -> str:
+    """``episodes: 30 there, 10 now; seed: 0 there, 7 now and 2 more``: the ``keys`` (in order) whose values
+    differ between a stored record (there) and the current one (now), the first ``limit`` named with both values
+    (``repr``, shortened to ``width`` characters); ``""`` when none differ. For the one-line refusals of resumed
+    outputs."""
+    def short(value: Any) -> str:
+        text = repr(value)
+        return text if len(text) <= width else text[: width - 3] + "..."
+
+    diff = [k for k in dict.fromkeys(keys) if old.get(k) != new.get(k)]
+    more = f" and {len(diff) - limit} more" if len(diff) > limit else ""
+    return "; ".join(f"{k}: {short(old.get(k))} there, {short(new.get(k))} now" for k in diff[:limit]) + more

@@ -41,7 +41,7 @@ from typing import Any, Literal
 
 import torch
 
-from agentrm.checks import ConfigError, at_least, fail, one_of
+from agentrm.checks import ConfigError, at_least, differing_fields, fail, one_of
 from agentrm.cli_config import parse_config
 from agentrm.cli_errors import run_cli
 from agentrm.data.agentgym import load_trajectories
@@ -272,11 +272,9 @@ def _prepare_out(out: Path, settings: dict, overwrite: bool) -> dict:
     ours = [out / MANIFEST, *out.glob("shard-*.safetensors"), *out.glob(".*.tmp-*")] if out.is_dir() else []
     if out.is_dir() and (out / MANIFEST).exists() and not overwrite:
         old = read_manifest(out)
-        diff = [k for k in SETTINGS_COMPARED if old.get(k) != settings.get(k)]
-        if diff:
-            k = diff[0]
-            raise ConfigError(f"out: {out} holds features of other settings ({k}: {old.get(k)!r} there, "
-                              f"{settings.get(k)!r} now{' and ' + str(len(diff) - 1) + ' more' if len(diff) > 1 else ''}); "
+        changed = differing_fields(old, settings, SETTINGS_COMPARED)
+        if changed:
+            raise ConfigError(f"out: {out} holds features of other settings ({changed}); "
                               "pass --overwrite true or choose another --out")
         for stray in out.glob(".*.tmp-*"):
             stray.unlink()

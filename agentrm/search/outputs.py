@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agentrm.checks import ConfigError
+from agentrm.checks import ConfigError, differing_fields
 from agentrm.search.compare import comparisons_markdown, method_label, paired_comparisons, write_comparisons
 from agentrm.search.report import plot_scaling, print_table, summarize, to_markdown, write_csv
 from agentrm.search.specs import PolicySpec, ScorerSpec
@@ -54,18 +54,6 @@ def _with_new_defaults(stored: dict[str, Any], config: EvalConfig) -> dict[str, 
     return stored
 
 
-def _differences(stored: dict[str, Any], new: dict[str, Any], limit: int = 3, width: int = 60) -> str:
-    """``episodes: 30 -> 10, ...``: the first ``limit`` fields that differ, values shortened to ``width``."""
-    def short(value: Any) -> str:
-        text = json.dumps(value)
-        return text if len(text) <= width else text[: width - 3] + "..."
-
-    keys = [k for k in (*RESULT_FIELDS, *sorted(set(stored) | set(new))) if stored.get(k) != new.get(k)]
-    keys = list(dict.fromkeys(keys))
-    more = f", {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(f"{k}: {short(stored.get(k))} -> {short(new.get(k))}" for k in keys[:limit]) + more
-
-
 def check_resumable(out: Path, config: EvalConfig, fingerprints: dict[str, Any]) -> None:
     """Refuse to resume ``out`` with another configuration or other models; write ``config.json``."""
     current = recorded_config(config, fingerprints)
@@ -76,7 +64,8 @@ def check_resumable(out: Path, config: EvalConfig, fingerprints: dict[str, Any])
         new = dict(current)
         new.pop("fingerprints")
         if stored != new:
-            raise ConfigError(f"out_dir: {out} holds episodes of another configuration ({_differences(stored, new)}); "
+            raise ConfigError(f"out_dir: {out} holds episodes of another configuration "
+                              f"({differing_fields(stored, new, [*RESULT_FIELDS, *sorted(set(stored) | set(new))])}); "
                               "pick another out_dir or pass --resume false")
         if old is not None and old != fingerprints:
             raise ConfigError(f"out_dir: {out} holds episodes of other models ({_changed(old, fingerprints)}); "
