@@ -23,19 +23,14 @@ sys.path.insert(0, str(ROOT))
 
 
 def auroc(pos: list[float], neg: list[float]) -> float:
-    """P(value of a step of a successful trajectory > that of a failed one), ties half; nan if a side is empty."""
+    """P(value of a step of a successful trajectory > that of a failed one), ties half (torchmetrics' binary
+    AUROC, as ``val_unseen/auroc``); nan if a side is empty."""
     if not pos or not neg:
         return float("nan")
-    merged = sorted([(v, 1) for v in pos] + [(v, 0) for v in neg])
-    rank_sum, i = 0.0, 0
-    while i < len(merged):  # average ranks over ties
-        j = i
-        while j < len(merged) and merged[j][0] == merged[i][0]:
-            j += 1
-        avg = (i + j + 1) / 2
-        rank_sum += avg * sum(lab for _, lab in merged[i:j])
-        i = j
-    return (rank_sum - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
+    import torch
+    from torchmetrics.functional.classification import binary_auroc
+
+    return float(binary_auroc(torch.tensor(pos + neg), torch.tensor([1] * len(pos) + [0] * len(neg))))
 
 
 def main(argv: list[str] | None = None) -> str:
