@@ -30,8 +30,17 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agentrm.search.compare import method_label, paired_comparisons  # noqa: E402
+from agentrm.search.compare import comparisons_markdown, method_label, paired_comparisons  # noqa: E402
 from bench.paper_common import figure  # noqa: E402
+
+FAMILIES = ("babyai", "textworld", "sciworld", "all")
+"""The report's order of families (``all``: pooled)."""
+
+
+def family_order(name: str) -> int:
+    """Position of a family (or an env spec's family) in :data:`FAMILIES`; unknown ones last."""
+    name = name.split(":", 1)[0]
+    return FAMILIES.index(name) if name in FAMILIES else len(FAMILIES)
 
 
 def read_rows(run_dirs: list[Path]) -> list[dict[str, Any]]:
@@ -100,7 +109,7 @@ def success_table(groups: dict[str, list[dict[str, Any]]]) -> str:
             stats[label][fam].append(float(r["success"]))
             if r.get("wall_s") is not None:
                 walls[label][fam].append(float(r["wall_s"]))
-    fams = [f for f in ("babyai", "textworld", "sciworld") if f in groups] + ["all"]
+    fams = [f for f in FAMILIES if f in groups and f != "all"] + ["all"]
     head = "| method | " + " | ".join(f"{f}: success (episodes)" for f in fams) + " | " + \
         " | ".join(f"{f}: wall s/episode" for f in fams[:-1]) + " |"
     lines = [head, "|---|" + "---:|" * (2 * len(fams) - 1)]
@@ -121,8 +130,7 @@ def per_spec_table(rows: list[dict[str, Any]]) -> str:
         succ[r["env"]][label].append(float(r["success"]))
     labels = sorted({lab for d in succ.values() for lab in d if not lab.endswith("@1")}, key=_method_order)
     lines = ["| task type (spec) | episodes | " + " | ".join(labels) + " |", "|---|---:|" + "---:|" * len(labels)]
-    for env in sorted(succ, key=lambda e: (["babyai", "textworld", "sciworld"].index(e.split(":")[0])
-                                           if e.split(":")[0] in ("babyai", "textworld", "sciworld") else 9, e)):
+    for env in sorted(succ, key=lambda e: (family_order(e), e)):
         d = succ[env]
         cells = [f"{sum(v) / len(v):.2f}" if (v := d.get(lab)) else "–" for lab in labels]
         lines.append(f"| `{env}` | {len(d['greedy'])} | " + " | ".join(cells) + " |")
@@ -136,20 +144,10 @@ def _method_order(label: str) -> tuple[int, str]:
     return 9, label
 
 
-def comparisons_table(comps: list[dict[str, Any]]) -> str:
-    lines = ["| family | method | baseline | episodes | method | baseline | difference [95% CI] | won / lost |",
-             "|---|---|---|---:|---:|---:|---|---:|"]
-    for c in comps:
-        lines.append(f"| {c['env_set']} | {c['method']} | {c['baseline']} | {c['episodes']} | {c['method_success']:.3f} "
-                     f"| {c['baseline_success']:.3f} | {c['difference']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] "
-                     f"| {c['wins']} / {c['losses']} |")
-    return "\n".join(lines) + "\n"
-
-
 def plot(comps: list[dict[str, Any]], path: Path) -> None:
     """Per family, each method's paired difference to greedy with its 95% interval."""
     vs = [c for c in comps if c["baseline"] == "greedy" and not c["method"].endswith("@1")]  # Best-of-1 = greedy
-    fams = [f for f in ("babyai", "textworld", "sciworld", "all") if any(c["env_set"] == f for c in vs)]
+    fams = [f for f in FAMILIES if any(c["env_set"] == f for c in vs)]
     methods = sorted({c["method"] for c in vs}, key=_method_order)
     width = 0.8 / max(1, len(methods))
     with figure(path, (6.4, 3.4)) as (_, ax):
@@ -188,11 +186,9 @@ def main(argv: list[str] | None = None) -> str:
     rows = join_rows(read_rows(args.runs), args.join)
     groups = by_family(rows)
     comps = paired_comparisons([r for rows in groups.values() for r in rows], reference_scorer=args.reference_scorer)
-    comps.sort(key=lambda c: (["babyai", "textworld", "sciworld", "all"].index(c["env_set"])
-                              if c["env_set"] in ("babyai", "textworld", "sciworld", "all") else 9,
-                              _method_order(c["method"]), c["baseline"]))
+    comps.sort(key=lambda c: (family_order(c["env_set"]), _method_order(c["method"]), c["baseline"]))
     text = "### Success per method and family\n\n" + success_table(groups) + \
-        "\n### Paired differences (bootstrap over episodes)\n\n" + comparisons_table(comps) + \
+        "\n### Paired differences (bootstrap over episodes)\n\n" + comparisons_markdown(comps) + \
         "\n### Success per task type\n\n" + per_spec_table(rows)
     print(text)
     if args.md:
