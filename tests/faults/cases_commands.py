@@ -207,7 +207,7 @@ CASES: list[FaultCase] = [
     FaultCase(id="search/resume-with-another-config", covers="a rerun with other settings never mixes into episodes.jsonl",
               setup=_with_rm(), run=_resume_refused("agentrm.search", ["--config", "{d}/search.yaml"], "out/episodes.jsonl",
                                                     lambda d: ["--config", "{d}/search.yaml", "--episodes", "4"]),
-              message=r"out_dir: .* holds episodes of another configuration"),
+              message=r"out_dir: .* holds episodes of another configuration \(episodes: \d+ there, 4 now\)"),
     FaultCase(id="search/resume-with-a-retrained-rm", covers="an RM retrained between kill and resume is refused (fingerprint)",
               setup=_with_rm(), run=_resume_refused("agentrm.search", ["--config", "{d}/search.yaml"], "out/episodes.jsonl",
                                                     _retrain_rm),
