@@ -30,6 +30,7 @@ from agentrm.models.feature_rm import (
     head_rm,
     merged_top_rm,
 )
+from agentrm.models.layers import truncate_backbone
 from agentrm.paths import resolve_path
 
 
@@ -75,7 +76,10 @@ class _CachedBase(ValueRMModule):
             check_loss_fits_range(self.hparams.loss, tuple(hp.get("value_range")))
 
     def _how(self) -> dict:
-        return {"dir": str(self.features_dir), "layer": self.hparams.layer, "kind": type(self).__name__}
+        how = {"dir": str(self.features_dir), "layer": self.hparams.layer, "kind": type(self).__name__}
+        if self.hparams.get("depth") is not None:
+            how["depth"] = self.hparams.depth
+        return how
 
 
 class FeatureHeadModule(_CachedBase):
@@ -124,20 +128,23 @@ class TopLayersModule(_CachedBase):
     Args:
         features: a features directory written with ``--sequence_layers`` (causal LMs only).
         layer: the cached block whose output feeds the trained blocks (default: the highest cached).
+        depth: how many blocks the RM keeps (``None``: all of the backbone's). The blocks ``layer+1..depth`` train,
+            the blocks above ``depth`` are dropped (as a head's export drops the blocks above its layer): e.g.
+            ``layer: 8, depth: 10`` trains two blocks on a SmolLM2 cache of block 8 and scores with 10 of 30 blocks.
         lora: LoRA fields (``r``, ``lora_alpha``, ``target_modules``...) for the top blocks; ``None`` trains
             every parameter of the top blocks and the final norm.
         dtype: dtype the top blocks run in (``None``: the checkpoint's).
         head, head_width, head_dropout, loss, learning_rate, weight_decay, warmup_steps, pairwise_weight:
             as :class:`FeatureHeadModule`.
 
-    Exports the full :class:`~agentrm.models.value_rm.ValueRewardModel`: a fresh backbone with the trained top
-    blocks (adapter merged) in place (:func:`~agentrm.models.feature_rm.merged_top_rm`).
+    Exports the full :class:`~agentrm.models.value_rm.ValueRewardModel`: a fresh backbone (truncated to ``depth``
+    blocks) with the trained top blocks (adapter merged) in place (:func:`~agentrm.models.feature_rm.merged_top_rm`).
     """
 
     _layers_key = "sequence_layers"
 
     def __init__(self, features: str, layer: int | None = None, tokenizer: str | None = None,
-                 lora: dict[str, Any] | None = None, dtype: str | None = None,
+                 depth: int | None = None, lora: dict[str, Any] | None = None, dtype: str | None = None,
                  head: Literal["linear", "mlp"] = "linear", head_width: int = 256, head_dropout: float = 0.1,
                  loss: Literal["mse", "bce"] = "bce", learning_rate: float = 3e-4, weight_decay: float = 0.01,
                  warmup_steps: int = 20, pairwise_weight: float = 0.0):
@@ -147,11 +154,17 @@ class TopLayersModule(_CachedBase):
         self.save_hyperparameters()
         self.hparams.layer, self.hparams.tokenizer = layer, tokenizer or self.manifest["tokenizer"]
         self._check_tokenizer()
+        blocks_there = self.manifest.get("num_hidden_layers")
+        if depth is not None and not (layer < depth and (blocks_there is None or depth <= blocks_there)):
+            raise ValueError(f"depth: {depth} must be above layer {layer} and at most the backbone's "
+                             f"{blocks_there} blocks")
 
     def build_model(self) -> CachedTopLayersRM:
         hp = self.hparams
         check_backbone_unchanged(self.manifest)
         backbone = build_backbone(self.manifest["backbone"], dtype=hp.dtype)
+        if hp.depth is not None:
+            truncate_backbone(backbone, hp.depth)
         wrap = (lambda top: apply_lora(top, hp.lora, "FEATURE_EXTRACTION")) if hp.lora else None
         return CachedTopLayersRM(backbone, FeatureCache(self.features_dir, "tokens", hp.layer), hp.layer, hp.head,
                                  hp.head_width, hp.head_dropout, "sigmoid" if hp.loss == "bce" else "none", wrap)

@@ -28,7 +28,7 @@ from torch import nn
 from agentrm.models.backbone import build_backbone
 from agentrm.models.feature_cache import FeatureCache, FeatureCacheError
 from agentrm.models.fingerprint import model_fingerprint
-from agentrm.models.layers import blocks, final_norm, top_layers_model, truncate_backbone
+from agentrm.models.layers import blocks, final_norm, num_layers, top_layers_model, truncate_backbone
 from agentrm.models.value_rm import ValueRewardModel, make_value_head
 
 
@@ -88,8 +88,8 @@ class CachedTopLayersRM(nn.Module):
     """Blocks ``layer+1..N`` of the backbone (+ LoRA when given) and a value head, on cached block-``layer`` outputs.
 
     Args:
-        backbone: the full backbone (loaded fresh; turned into its top blocks in place by
-            :func:`~agentrm.models.layers.top_layers_model`).
+        backbone: the backbone of ``N`` blocks (loaded fresh, possibly truncated; turned into its top blocks in
+            place by :func:`~agentrm.models.layers.top_layers_model`).
         cache: a :class:`FeatureCache` holding ``tokens.L<layer>``.
         wrap: applied to the top-block model (e.g. a LoRA wrapper); ``None``: every top parameter trains.
     """
@@ -142,12 +142,17 @@ def head_rm(manifest: dict, layer: int, head: nn.Module, head_type: str, value_a
 
 def merged_top_rm(manifest: dict, model: CachedTopLayersRM, dtype: str | None = None) -> ValueRewardModel:
     """The full :class:`ValueRewardModel` of a top-layer model: a fresh backbone with its blocks above
-    ``model.layer`` (and final norm) replaced by the trained ones, any LoRA adapter merged."""
+    ``model.layer`` (and final norm) replaced by the trained ones, any LoRA adapter merged. A model trained on
+    fewer blocks than the backbone has (``TopLayersModule(depth=...)``) exports the backbone truncated to
+    ``model.layer`` + its blocks."""
     check_backbone_unchanged(manifest)
     top = copy.deepcopy(model.rm.backbone)
     if hasattr(top, "merge_and_unload"):
         top = top.merge_and_unload()
     full = build_backbone(manifest["backbone"], dtype=dtype)
+    depth = model.layer + len(blocks(top))
+    if depth < num_layers(full):
+        truncate_backbone(full, depth)
     for i, block in enumerate(blocks(top)):
         blocks(full)[model.layer + i].load_state_dict(block.state_dict())
     norm_full, norm_top = final_norm(full), final_norm(top)

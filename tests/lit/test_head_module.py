@@ -27,7 +27,7 @@ def cached(tmp_path_factory):
     tok = train_tiny_tokenizer(trajectory_texts(trajs), vocab_size=300)
     backbone = save_tiny("llama", tok, root / "llama", seed=2)
     run_precompute(data=[str(data)], out=str(root / "features"), backbone=str(backbone), max_length=128,
-                   layers=[2, 3], sequence_layers=[2], sequence_dtype="float32", shard_size=16)
+                   layers=[2, 3], sequence_layers=[1, 2], sequence_dtype="float32", shard_size=16)
     return {"root": root, "data": data, "backbone": backbone, "features": root / "features"}
 
 
@@ -59,7 +59,10 @@ def _config(cached, tmp_path, model: dict, max_length: int = 128, epochs: int = 
     {"class_path": "agentrm.lit.head_module.TopLayersModule",
      "init_args": {"layer": 2, "learning_rate": 0.01, "warmup_steps": 2, "loss": "mse",
                    "lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]}}},
-], ids=["head", "top-lora"])
+    {"class_path": "agentrm.lit.head_module.TopLayersModule",  # block 2 of 3 trains on block 1's cache; 3 dropped
+     "init_args": {"layer": 1, "depth": 2, "learning_rate": 0.01, "warmup_steps": 2, "loss": "mse",
+                   "lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]}}},
+], ids=["head", "top-lora", "top-lora-depth"])
 def test_fit_on_cached_features_learns_and_exports(cached, tmp_path, model):
     model["init_args"]["features"] = str(cached["features"])
     cfg, run = _config(cached, tmp_path, model)
@@ -70,7 +73,7 @@ def test_fit_on_cached_features_learns_and_exports(cached, tmp_path, model):
     assert float(cli.trainer.callback_metrics["val/auroc"]) > 0.8
     # the export is an ordinary value-RM directory; through the scorer it scores what was trained
     rm = ValueRewardModel.from_pretrained(run / "hf_model")
-    layers = 2 if model["class_path"].endswith("FeatureHeadModule") else 3
+    layers = model["init_args"].get("depth") or (2 if model["class_path"].endswith("FeatureHeadModule") else 3)
     assert rm.backbone.config.num_hidden_layers == layers
     dm = cli.datamodule
     batch = next(iter(dm.val_dataloader()))
@@ -116,6 +119,12 @@ def test_mismatched_data_settings_fail_in_one_line(cached, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli(["--config", str(cfg)])
     assert "holds layers [2, 3], not 1" in capsys.readouterr().err
+    model = {"class_path": "agentrm.lit.head_module.TopLayersModule",
+             "init_args": {"features": str(cached["features"]), "layer": 2, "depth": 2}}
+    cfg, _ = _config(cached, tmp_path, model, epochs=1)
+    with pytest.raises(SystemExit):
+        cli(["--config", str(cfg)])
+    assert "depth: 2 must be above layer 2 and at most the backbone's 3 blocks" in capsys.readouterr().err
 
 
 def test_implicit_prm_fits_on_cached_reference_logprobs(cached, tmp_path, monkeypatch):

@@ -75,33 +75,39 @@ def test_exported_head_rm_scores_the_cached_features(which, layer, head, setup, 
         assert got[0].item() == pytest.approx(aggregate_steps(want[i : i + 1], "last").item(), abs=1e-5)
 
 
+@pytest.mark.parametrize("depth", [3, 2])
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_top_blocks_on_cached_inputs_equal_the_full_model(arch, setup, tiny_tokenizer, tmp_path):
-    """CachedTopLayersRM (blocks 2..3 fed with the cached block-1 output) == ValueRewardModel on the full backbone
-    with the same head; after a LoRA update, the merged export equals the trained model (tolerance 1e-5)."""
+def test_top_blocks_on_cached_inputs_equal_the_full_model(arch, depth, setup, tiny_tokenizer, tmp_path):
+    """CachedTopLayersRM (blocks 2..depth fed with the cached block-1 output) == ValueRewardModel on the backbone of
+    ``depth`` blocks with the same head; after a LoRA update, the merged export (``depth`` blocks) equals the
+    trained model (tolerance 1e-5)."""
     from peft import LoraConfig, get_peft_model
+
+    from agentrm.models.layers import truncate_backbone
+
+    def backbone():
+        return truncate_backbone(build_backbone(str(setup["models"][arch])), depth)
 
     cache = FeatureCache(setup["feats"][arch])
     trajs = load_trajectories(setup["data"])
     batch = _batch(tiny_tokenizer, trajs, 48)
     args = (batch["input_ids"], batch["attention_mask"], batch["step_end_idx"])
     torch.manual_seed(0)
-    plain = CachedTopLayersRM(build_backbone(str(setup["models"][arch])), cache, 1).eval()
-    full = ValueRewardModel(build_backbone(str(setup["models"][arch]))).eval()
+    plain = CachedTopLayersRM(backbone(), cache, 1).eval()
+    full = ValueRewardModel(backbone()).eval()
     full.value_head.load_state_dict(plain.rm.value_head.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(plain(*args), full(*args), **TOL)
 
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
-    trained = CachedTopLayersRM(build_backbone(str(setup["models"][arch])), cache, 1,
-                                wrap=lambda top: get_peft_model(top, lora)).eval()
+    trained = CachedTopLayersRM(backbone(), cache, 1, wrap=lambda top: get_peft_model(top, lora)).eval()
     with torch.no_grad():
         moved = trained(*args)
         assert (moved - full(*args)).abs().max() > 1e-3  # the adapter changed something
     merged = merged_top_rm(cache.manifest, trained)
     merged.save_pretrained(tmp_path / "rm", tokenizer=tiny_tokenizer)
     back = ValueRewardModel.from_pretrained(tmp_path / "rm").eval()
-    assert back.backbone.config.num_hidden_layers == 3
+    assert back.backbone.config.num_hidden_layers == depth
     with torch.no_grad():
         torch.testing.assert_close(back(*args), moved, **TOL)
 
