@@ -5,15 +5,18 @@
 #      costs one backbone forward per state, ~2 h of one core for the whole 33k-state set);
 #   2. python -m agentrm.precompute over the subsample and the development set: SmolLM2-135M-Instruct
 #      (blocks 8 and 15 of 30) and all-MiniLM-L6-v2 (blocks 3 and 6 of 6), the two in parallel, one core each;
-#   3. three RMs on the same data, each selected on val_unseen/auroc (the development types): the tiny LLaMA
-#      from scratch, and an MLP head on each frozen backbone's cached states (configs/generalisation/backbones/;
+#   3. four RMs on the same data, each selected on val_unseen/auroc (the development types): the tiny LLaMA
+#      from scratch, an MLP head on each frozen backbone's cached states (configs/generalisation/backbones/;
 #      the cached layer a config names was chosen on val_unseen/auroc too: the other one is fitted beside it, in
-#      rm/<name>_l<layer>, from a copy of the config in layer_probe/);
+#      rm/<name>_l<layer>, from a copy of the config in layer_probe/), and LoRA on SmolLM2 blocks 9-10 over the
+#      residual stream after block 8 (the frozen head's chosen layer), cached at every token by a third precompute
+#      (--sequence_layers [8]);
 #   4. the selected epoch of each exported (bench/generalisation_export_best.py);
 #   5. the final evaluation on the unseen test types (scripts/generalisation_test.sh with
 #      configs/generalisation/backbones/test_eval.yaml: greedy, Best-of-1 and Best-of-5 per RM, outcome-blind,
-#      BabyAI and TextWorld 30 episodes per spec, ScienceWorld 6), two families at a time, then the report
-#      (each pretrained RM's Best-of-5 also against the tiny RM's, paired on the same episodes).
+#      30 episodes per spec), two families at a time; the LoRA RM in its own run directory (lora_eval.yaml) on the
+#      same episodes; then the report over all four (each pretrained RM's Best-of-5 also against the tiny RM's,
+#      paired on the same episodes).
 # Needs the generalisation data (bash scripts/generalisation_data.sh) and the models (bash scripts/setup.sh --models).
 #   bash scripts/generalisation_backbones.sh          # measured: see docs/generalisation.md
 set -euo pipefail
@@ -30,8 +33,8 @@ timed() { local name=$1; shift; /usr/bin/time -f "$name: %e s wall, %U+%S s cpu"
 
 [ -f "$B/train_sub.jsonl" ] || { stamp subsample; $PY bench/generalisation_subsample.py --states "$STATES" --out "$B/train_sub.jsonl"; }
 
-precompute() {  # name, backbone, max_length, layers
-    timed "precompute $1" $PY -m agentrm.precompute --backbone "$2" --max_length "$3" --layers "$4" \
+precompute() {  # name, backbone, max_length, layers[, --sequence_layers: cache every token instead of step ends]
+    timed "precompute $1" $PY -m agentrm.precompute --backbone "$2" --max_length "$3" "${5:---layers}" "$4" \
         --data "[$B/train_sub.jsonl,$D/dev_unseen.jsonl]" --shard_size 128 --threads 1 --progress false \
         --out "$B/features/$1" >> "$B/logs/precompute_$1.log" 2>&1
 }
@@ -64,11 +67,22 @@ probe_layer() {  # name, the other cached layer: the same fit on it, for the lay
 { probe_layer frozen_smollm2 15; fit_and_export frozen_smollm2 agentrm.lit.head_module.FeatureHeadModule 1024; } & p1=$!
 { probe_layer frozen_minilm 6; fit_and_export frozen_minilm agentrm.lit.head_module.FeatureHeadModule 512; } & p2=$!
 wait $p1; wait $p2
+{ precompute smollm2_seq smollm2-135m-instruct 1024 '[8]' --sequence_layers
+  fit_and_export lora_smollm2 agentrm.lit.head_module.TopLayersModule 1024; } & p1=$!
 fit_and_export tiny agentrm.lit.value_module.ValueRMModule 1024
+wait $p1
 
-export OUT=$B/test_eval CFG_EXTRA=$CFG/test_eval.yaml PNG=docs/img/generalisation_backbones.png REFERENCE_SCORER=tiny_sub
-FAMILIES=babyai bash scripts/generalisation_test.sh > "$B/logs/test_babyai.log" 2>&1 & p1=$!
-FAMILIES="textworld sciworld" bash scripts/generalisation_test.sh > "$B/logs/test_tw_sw.log" 2>&1 & p2=$!
-wait $p1; wait $p2
-grep -h "s wall" "$B"/logs/test_*.log
-FAMILIES= bash scripts/generalisation_test.sh      # the report over every family run
+export REFERENCE_SCORER=tiny_sub SCIWORLD_EPISODES=30
+evaluate() {  # run directory, config: BabyAI on one core, TextWorld then ScienceWorld on the other
+    OUT=$B/$1 CFG_EXTRA=$CFG/$2 PNG=$B/$1/families.png FAMILIES=babyai bash scripts/generalisation_test.sh \
+        > "$B/logs/$1_babyai.log" 2>&1 & local p=$!
+    OUT=$B/$1 CFG_EXTRA=$CFG/$2 PNG=$B/$1/families.png FAMILIES="textworld sciworld" \
+        bash scripts/generalisation_test.sh > "$B/logs/$1_tw_sw.log" 2>&1
+    wait $p
+    grep -h "s wall" "$B/logs/$1_babyai.log" "$B/logs/$1_tw_sw.log"
+}
+evaluate test_eval test_eval.yaml      # tiny_sub and the two frozen heads
+evaluate lora_eval lora_eval.yaml      # the top-block LoRA RM, same episodes, its own run directory
+# the report over all four RMs (the LoRA rows joined on the same episodes, checked episode by episode)
+OUT=$B/test_eval PNG=docs/img/generalisation_backbones.png JOIN="$B/lora_eval/babyai $B/lora_eval/textworld \
+    $B/lora_eval/sciworld" FAMILIES= bash scripts/generalisation_test.sh

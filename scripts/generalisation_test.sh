@@ -13,7 +13,8 @@
 #   FAMILIES=babyai bash scripts/generalisation_test.sh      # one family (the report covers every family run so far)
 #   FAMILIES= bash scripts/generalisation_test.sh            # the report only
 # CFG_EXTRA names a second config composed on top (other scorers, out_dir: scripts/generalisation_backbones.sh),
-# OUT the run directory, PNG the figure, REFERENCE_SCORER a scorer every other one is also compared with.
+# OUT the run directory, PNG the figure, REFERENCE_SCORER a scorer every other one is also compared with, JOIN
+# other run directories (space-separated) whose Best-of-N / beam rows on the same episodes join the report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -45,5 +46,6 @@ sciworld) run sciworld '[sciworld:measure-melting-point-known-substance@test?max
 esac; done
 runs=(); for fam in babyai textworld sciworld; do [ -f "$OUT/$fam/episodes.jsonl" ] && runs+=("$OUT/$fam"); done
 REFERENCE=(); [ -n "${REFERENCE_SCORER:-}" ] && REFERENCE=(--reference_scorer "$REFERENCE_SCORER")
+JOINED=(); [ -n "${JOIN:-}" ] && read -r -a JOINED <<< "$JOIN" && JOINED=(--join "${JOINED[@]}")
 $PY bench/generalisation_report.py "${runs[@]}" \
-    --md "$OUT/report.md" --png "$PNG" "${REFERENCE[@]}"
+    --md "$OUT/report.md" --png "$PNG" "${REFERENCE[@]}" "${JOINED[@]}"

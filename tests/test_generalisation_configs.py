@@ -64,10 +64,11 @@ def test_the_data_configs_feed_the_fit_and_test_configs():
 BACKBONES = GEN / "backbones"
 
 
-@pytest.mark.parametrize("name", ["tiny", "frozen_minilm", "frozen_smollm2"])
+@pytest.mark.parametrize("name", ["tiny", "frozen_minilm", "frozen_smollm2", "lora_smollm2"])
 def test_backbone_comparison_fits_share_data_and_selection(name):
-    """The three RMs of the backbone comparison parse, train on the same subsample, select on the development
-    set, and write under their own directory; a head's features are precomputed with its tokenizer and length."""
+    """The four RMs of the backbone comparison parse, train on the same subsample, select on the development
+    set, and write under their own directory; a cached-forward RM's features are precomputed with its tokenizer,
+    length and layer (every token for the top-block LoRA, step ends for a head)."""
     from tests.test_configs import parse
 
     path = BACKBONES / f"{name}.yaml"
@@ -83,19 +84,27 @@ def test_backbone_comparison_fits_share_data_and_selection(name):
     if name != "tiny":
         features = raw["model"]["init_args"]["features"]
         backbone = raw["data"]["tokenizer"]
-        line = next(ln for ln in script.splitlines() if ln.startswith(f"precompute {features.rsplit('/', 1)[1]} "))
+        lines = [ln.strip().removeprefix("{ ") for ln in script.splitlines()]
+        line = next(ln for ln in lines if ln.startswith(f"precompute {features.rsplit('/', 1)[1]} "))
         assert line.split()[2:4] == [backbone, str(raw["data"]["max_length"])]
         assert str(raw["model"]["init_args"]["layer"]) in line.split()[4]
+        top_blocks = cfg.model.class_path.endswith("TopLayersModule")
+        assert ("--sequence_layers" in line.split()) is top_blocks
     assert f"fit_and_export {name} {cfg.model.class_path} {raw['data']['max_length']}" in script
 
 
-def test_backbone_comparison_eval_keeps_the_test_protocol(capsys):
+@pytest.mark.parametrize("extra,out,names", [
+    ("test_eval.yaml", "test_eval", {"tiny_sub": "tiny", "frozen_minilm": "frozen_minilm",
+                                     "frozen_smollm2": "frozen_smollm2"}),
+    ("lora_eval.yaml", "lora_eval", {"lora_smollm2": "lora_smollm2"}),
+])
+def test_backbone_comparison_eval_keeps_the_test_protocol(extra, out, names, capsys):
     """Composed on the final evaluation's config: same held-out specs, seeds and checks; its own scorers (one per
     RM of the comparison, each the export of the epoch selected on the development set) and output directory."""
     from agentrm.search import evaluate
 
     with pytest.raises(SystemExit) as e:
-        evaluate.main(["--config", str(GEN / "test_eval.yaml"), "--config", str(BACKBONES / "test_eval.yaml"),
+        evaluate.main(["--config", str(GEN / "test_eval.yaml"), "--config", str(BACKBONES / extra),
                        "--print_config"])
     assert e.value.code == 0
     composed = yaml.safe_load(capsys.readouterr().out)
@@ -103,7 +112,7 @@ def test_backbone_comparison_eval_keeps_the_test_protocol(capsys):
     for key in ("held_out", "seed", "train_envs", "train_seed", "train_episodes", "best_of_n", "greedy"):
         assert composed[key] == base[key], key
     assert {k: composed["policy"][k] for k in base["policy"]} == base["policy"]
-    assert composed["out_dir"] == "runs/generalisation/backbones/test_eval"
-    assert [s["name"] for s in composed["scorers"]] == ["tiny_sub", "frozen_minilm", "frozen_smollm2"]
-    assert all(s["path"] == f"runs/generalisation/backbones/rm/{n}/hf_model_selected"
-               for s, n in zip(composed["scorers"], ["tiny", "frozen_minilm", "frozen_smollm2"]))
+    assert composed["out_dir"] == f"runs/generalisation/backbones/{out}"
+    assert [s["name"] for s in composed["scorers"]] == list(names)
+    assert all(s["path"] == f"runs/generalisation/backbones/rm/{names[s['name']]}/hf_model_selected"
+               for s in composed["scorers"])
