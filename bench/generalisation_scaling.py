@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agentrm.data.manifest import TaskCounts  # noqa: E402
-from agentrm.search.compare import bootstrap_ci, method_label, paired_comparisons  # noqa: E402
+from agentrm.search.compare import bootstrap_ci, episode_success, paired_comparisons  # noqa: E402
 from bench.generalisation_report import by_family  # noqa: E402
 from bench.paper_common import figure  # noqa: E402
 
@@ -175,10 +175,7 @@ def mean_over_orders(rows: list[dict[str, Any]], k: int, seeds: list[int], fam: 
                      resamples: int = 2000) -> dict[str, Any] | None:
     """Best-of-5 minus ``base`` (``greedy`` or ``bo1``: each order's own Best-of-1) for ``k`` types, averaged over
     the orders per episode, then over the episodes of ``fam``, with a paired bootstrap interval over episodes."""
-    success: dict[str, dict[tuple[str, int], float]] = defaultdict(dict)
-    for r in rows:
-        if r["env_set"] == fam and r["method"] in ("greedy", "best_of_n"):
-            success[method_label(r)][(r["env"], r["episode"])] = float(r["success"])
+    success = {label: by_episode for (env_set, label), by_episode in episode_success(rows).items() if env_set == fam}
     per_episode: dict[tuple[str, int], list[float]] = defaultdict(list)
     for seed in seeds:
         name = scorer_name(seed, k)
@@ -233,7 +230,7 @@ def main(argv: list[str] | None = None) -> str:
          "eval_wall_s": eval_wall}, indent=2))
     if args.png:
         args.png.parent.mkdir(parents=True, exist_ok=True)
-        plot(info, rows, args.seeds, args.png)
+        plot(info, comps, rows, args.seeds, args.png)
     return text
 
 
@@ -273,12 +270,11 @@ def table(info: dict[tuple[int, int], dict[str, Any]], comps: list[dict[str, Any
     return "\n".join(lines) + "\n"
 
 
-def plot(info: dict[tuple[int, int], dict[str, Any]], rows: list[dict[str, Any]], seeds: list[int],
-         path: Path) -> None:
+def plot(info: dict[tuple[int, int], dict[str, Any]], comps: list[dict[str, Any]], rows: list[dict[str, Any]],
+         seeds: list[int], path: Path) -> None:
     """Per family, Best-of-5 − Best-of-1 against ``k``: the mean over orders with its interval (per-order
     differences as small dots), and the mean ``val_unseen/auroc`` on the right axis."""
     ks = sorted({k for _, k in info})
-    comps = paired_comparisons(rows)
     with figure(path, (6.0, 3.4)) as (_, ax):
         for j, fam in enumerate(("babyai", "textworld", "all")):
             pts = [(k, c) for k in ks if (c := mean_over_orders(rows, k, seeds, fam, "bo1")) is not None]

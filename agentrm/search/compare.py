@@ -64,6 +64,16 @@ def with_scorer(label: str, scorer: str) -> str:
     return f"{head}[{scorer}]{rest.split(']', 1)[1]}"
 
 
+def episode_success(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], dict[tuple[str, int], float]]:
+    """``(env set, method label) -> (env, episode) -> success`` of the greedy, Best-of-N and beam rows: what the
+    paired comparisons pair."""
+    success: dict[tuple[str, str], dict[tuple[str, int], float]] = defaultdict(dict)
+    for r in rows:
+        if r["method"] in ("greedy", "best_of_n", "beam"):
+            success[(r["env_set"], method_label(r))][(r["env"], r["episode"])] = float(r["success"])
+    return success
+
+
 def paired_comparisons(
     rows: Sequence[dict[str, Any]], level: float = 0.95, resamples: int = 2000, seed: int = 0,
     reference_scorer: str | None = None,
@@ -81,10 +91,7 @@ def paired_comparisons(
         One row per (env set, method, baseline) with both success rates, the mean paired
         difference, its bootstrap interval and the number of episodes won and lost.
     """
-    success: dict[tuple[str, str], dict[tuple[str, int], float]] = defaultdict(dict)
-    for r in rows:
-        if r["method"] in ("greedy", "best_of_n", "beam"):
-            success[(r["env_set"], method_label(r))][(r["env"], r["episode"])] = float(r["success"])
+    success = episode_success(rows)
     out = []
     for (env_set, label), a in sorted(success.items()):
         if label == "greedy":
