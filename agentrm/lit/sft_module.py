@@ -107,7 +107,7 @@ class PolicySFTModule(L.LightningModule):
         _set_special_tokens(model, self.tokenizer)
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        self.model = apply_lora(model, lora, "CAUSAL_LM")
+        self.model = apply_lora(model, lora, "CAUSAL_LM").train()  # from_pretrained returns eval mode
         self.train_loss = MeanMetric()
         self.val_loss = MeanMetric()
         self.val_token_acc = MeanMetric()

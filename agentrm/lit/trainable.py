@@ -94,7 +94,10 @@ class ModelBuiltInConfigure:
 
     def configure_model(self) -> None:
         if "model" not in self._modules:
-            self.model = self.build_model()
+            # ``from_pretrained`` returns a model in eval mode and Lightning keeps each submodule's mode:
+            # without this a pretrained backbone would train with its dropout off (frozen parts that must
+            # stay in eval mode, like the implicit PRM's reference, keep it through their own ``train``).
+            self.model = self.build_model().train(self.training)
 
     def __getattr__(self, name: str) -> Any:
         if name == "model" and "model" not in self.__dict__.get("_modules", {}):

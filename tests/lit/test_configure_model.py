@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
+import yaml
+from transformers import LlamaConfig, LlamaForCausalLM
 
+from agentrm.fit import main
 from agentrm.lit.fsdp import decoder_layer_policy
 from agentrm.lit.prm_module import ImplicitPRMModule
+from agentrm.lit.sft_module import PolicySFTModule
 from agentrm.lit.value_module import ValueRMModule
+from agentrm.paths import load_tokenizer
 from tests.lit.conftest import TINY_BACKBONE
 
 
@@ -66,3 +72,44 @@ def test_fsdp_policy_makes_the_reference_its_own_unit():
     assert decoder_layer_policy(module.model.reference, recurse=False)
     assert not decoder_layer_policy(module.model.policy, recurse=False)
     assert decoder_layer_policy(module.model.policy.model.layers[0], recurse=False)
+
+
+class RecordTrainModes(L.Callback):
+    """Records, at every training batch, the names of the LightningModule's submodules in eval mode."""
+
+    seen: list[list[str]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        RecordTrainModes.seen.append([name for name, m in pl_module.named_modules() if not m.training])
+
+
+@pytest.mark.parametrize("class_path", ["agentrm.lit.value_module.ValueRMModule",
+                                        "agentrm.lit.prm_module.ImplicitPRMModule"])
+def test_a_pretrained_backbone_trains_in_train_mode(tiny_setup, tmp_path, class_path):
+    """``from_pretrained`` returns eval mode and Lightning keeps submodule modes: through ``agentrm.fit`` the
+    backbone (here with attention dropout) must train in train mode, only the PRM's frozen reference in eval."""
+    cfg_path, _ = tiny_setup
+    cfg = yaml.safe_load(cfg_path.read_text())
+    vocab = len(load_tokenizer(cfg["data"]["tokenizer"]))
+    fields = {k: v for k, v in TINY_BACKBONE.items() if k != "model_type"}
+    pretrained = tmp_path / "pretrained"
+    LlamaForCausalLM(LlamaConfig(vocab_size=vocab, attention_dropout=0.2, **fields)).save_pretrained(pretrained)
+    cfg["model"] = {"class_path": class_path, "init_args": {"backbone": str(pretrained), "warmup_steps": 2}}
+    cfg["trainer"]["max_epochs"] = 1
+    cfg["trainer"]["callbacks"].append({"class_path": "tests.lit.test_configure_model.RecordTrainModes"})
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    RecordTrainModes.seen = []
+    main(["--config", str(cfg_path)])
+    assert RecordTrainModes.seen, "no training batch ran"
+    for in_eval in RecordTrainModes.seen:
+        assert all(name.startswith("model.reference_model") for name in in_eval), in_eval[:5]
+    if class_path.endswith("ImplicitPRMModule"):
+        assert all("model.reference_model" in in_eval for in_eval in RecordTrainModes.seen)
+
+
+def test_sft_policy_from_pretrained_is_in_train_mode(tmp_path):
+    fields = {k: v for k, v in TINY_BACKBONE.items() if k != "model_type"}
+    vocab = len(load_tokenizer("agentrm/assets/tiny_tokenizer"))
+    LlamaForCausalLM(LlamaConfig(vocab_size=vocab, attention_dropout=0.2, **fields)).save_pretrained(tmp_path)
+    module = PolicySFTModule(backbone=str(tmp_path))
+    assert all(m.training for m in module.modules())
