@@ -19,7 +19,7 @@ def collate_trajectories(items: Sequence[TokenizedTrajectory], pad_token_id: int
         step_end_idx ``[B, S]`` long (``-1`` padding), step_mask ``[B, S]`` bool (real step),
         step_values ``[B, S]`` float (``nan`` where unlabeled or padding),
         step_parent / step_action ``[B, S]`` long (sibling keys, ``0`` padding),
-        success ``[B]`` float, reward ``[B]`` float.
+        success ``[B]`` float, reward ``[B]`` float, task_key ``[B]`` long (hash of the task type).
     """
     B = len(items)
     T = max(1, max(len(it.input_ids) for it in items))
@@ -53,4 +53,5 @@ def collate_trajectories(items: Sequence[TokenizedTrajectory], pad_token_id: int
         "step_action": step_action,
         "success": torch.tensor([float(it.success) for it in items]),
         "reward": torch.tensor([it.reward for it in items], dtype=torch.float32),
+        "task_key": torch.tensor([it.task_key for it in items], dtype=torch.long),
     }

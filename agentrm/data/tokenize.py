@@ -45,6 +45,7 @@ class TokenizedTrajectory:
         step_parent: ``[S]`` 63-bit hash of everything before the step (siblings share it).
         step_action: ``[S]`` 63-bit hash of the step's action (siblings differ in it).
         success / reward: the trajectory's final outcome.
+        task_key: 63-bit hash of the trajectory's task type (``Trajectory.task``), for per-type metrics.
     """
 
     id: str
@@ -63,6 +64,7 @@ class TokenizedTrajectory:
     """Index in the trajectory of the first kept step (> 0 when truncation dropped the oldest steps)."""
     labels_dropped: int = 0
     """Step values (labels) lost with the steps truncation dropped."""
+    task_key: int = 0
 
     def __post_init__(self) -> None:
         n = len(self.step_end_idx)
@@ -217,6 +219,7 @@ def tokenize_trajectory(tokenizer, traj: Trajectory, max_length: int | None = No
         num_steps_total=len(traj.steps),
         first_step=min(first, len(traj.steps)),
         labels_dropped=sum(not math.isnan(v) for v in values[: min(first, len(traj.steps))]),
+        task_key=_hash63(traj.task),
     )
     n = len(out.step_end_idx)
     assert len(out.step_values) == n and (not n or out.step_end_idx[-1] < len(ids) <= (max_length or len(ids)))
@@ -307,4 +310,5 @@ def tokenize_initial_state(tokenizer, traj: Trajectory, max_length: int | None =
         id=traj.id, group=traj.group, input_ids=ids, step_start_idx=[end], action_end_idx=[end],
         step_end_idx=[end], step_values=[math.nan], step_parent=[_hash63(f"{traj.task}\x00{traj.instruction}")],
         step_action=[0], success=bool(traj.success), reward=float(traj.reward), num_steps_total=0, first_step=0,
+        task_key=_hash63(traj.task),
     )

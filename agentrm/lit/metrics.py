@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torchmetrics import Metric
 from torchmetrics.classification import BinaryAUROC
+from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.utilities import dim_zero_cat, rank_zero_warn
 
 
@@ -84,3 +85,51 @@ class PairwiseRankingAccuracy(Metric):
     def compute(self) -> torch.Tensor:
         pairs, correct = self.pair_count_and_correct()
         return torch.tensor(correct / pairs if pairs else float("nan"))
+
+
+class PerTypeAUROC(Metric):
+    """Macro AUROC over groups (task types): the mean, over the groups whose targets hold both classes, of the
+    binary AUROC within the group; ``nan`` (with a one-line warning) when no group does.
+
+    A pooled AUROC also rewards telling the task types apart (an easy type with high values, a hard one
+    with low values scores well with no ordering inside either); this one asks, within each type, whether
+    steps of successful trajectories score above those of failed ones. Each update takes flat ``[M]``
+    tensors: predictions, binary targets and a group key per item (:attr:`TokenizedTrajectory.task_key`).
+    States are concatenated across processes, so the result is exact under DDP. After :meth:`compute`,
+    ``groups_averaged`` holds the number of groups in the mean.
+    """
+
+    full_state_update = False
+
+    def __init__(self, name: str = "type_auroc", **kwargs):
+        super().__init__(**kwargs)
+        self.metric_name = name
+        self.groups_averaged = 0
+        for state in ("preds", "target", "groups"):
+            self.add_state(state, default=[], dist_reduce_fx="cat")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor, groups: torch.Tensor) -> None:
+        self.preds.append(preds.detach().float().flatten())
+        self.target.append(target.detach().long().flatten())
+        self.groups.append(groups.flatten())
+
+    def per_group(self) -> dict[int, float]:
+        """``{group key: AUROC}`` for every group whose targets hold both classes."""
+        if len(self.preds) == 0:
+            return {}
+        preds, target, groups = (dim_zero_cat(x).cpu() for x in (self.preds, self.target, self.groups))
+        out = {}
+        for key in torch.unique(groups).tolist():
+            sel = groups == key
+            if torch.unique(target[sel]).numel() == 2:
+                out[key] = float(binary_auroc(preds[sel], target[sel]))
+        return out
+
+    def compute(self) -> torch.Tensor:
+        values = list(self.per_group().values())
+        self.groups_averaged = len(values)
+        if not values:
+            rank_zero_warn(f"{self.metric_name} is undefined: no group's validation targets hold both classes; "
+                           "reporting nan")
+            return torch.tensor(float("nan"))
+        return torch.tensor(sum(values) / len(values))

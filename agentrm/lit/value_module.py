@@ -15,7 +15,7 @@ from torchmetrics import MeanMetric, MeanSquaredError
 from agentrm.data.labels import LabelError
 from agentrm.data.schema import format_range
 from agentrm.lit.dist_metrics import synced_compute
-from agentrm.lit.metrics import AUROCOrNaN, PairwiseRankingAccuracy
+from agentrm.lit.metrics import AUROCOrNaN, PairwiseRankingAccuracy, PerTypeAUROC
 from agentrm.lit.optim import adamw_with_warmup_cosine
 from agentrm.lit.trainable import ModelBuiltInConfigure, build_trainable_backbone
 from agentrm.models.quant import check_quantization, validate_training_setup
@@ -184,8 +184,10 @@ class StepValueMetrics(nn.Module):
     """The value RM's validation metrics over one validation set, logged as ``<prefix>/<metric>``.
 
     ``mse`` (predicted vs target step values), ``auroc`` (every step's value against its trajectory's success),
-    ``traj_auroc`` (the last step's value against success), ``rank_acc`` and ``rank_pairs`` (ordering of sibling
-    steps by value, :class:`~agentrm.lit.metrics.PairwiseRankingAccuracy`).
+    ``type_auroc`` (the same within each task type, averaged over the types that hold successes and failures,
+    :class:`~agentrm.lit.metrics.PerTypeAUROC`; ``type_auroc_types``: how many), ``traj_auroc`` (the last step's
+    value against success), ``rank_acc`` and ``rank_pairs`` (ordering of sibling steps by value,
+    :class:`~agentrm.lit.metrics.PairwiseRankingAccuracy`).
     """
 
     def __init__(self, prefix: str):
@@ -194,11 +196,12 @@ class StepValueMetrics(nn.Module):
         self.mse = MeanSquaredError()
         self.auroc = AUROCOrNaN(f"{prefix}/auroc")
         self.traj_auroc = AUROCOrNaN(f"{prefix}/traj_auroc")
+        self.type_auroc = PerTypeAUROC(f"{prefix}/type_auroc")
         self.rank_acc = PairwiseRankingAccuracy()
 
     def update(self, pred: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
         """Add a batch: ``pred`` ``[B, S]`` predicted values at the step ends; ``batch`` as collated (``step_mask``,
-        ``step_values``, ``success``, ``step_parent``, ``step_action``: ``[B, S]``; ``success``: ``[B]``)."""
+        ``step_values``, ``step_parent``, ``step_action``: ``[B, S]``; ``success``, ``task_key``: ``[B]``)."""
         mask = batch["step_mask"]
         labeled = mask & ~torch.isnan(batch["step_values"])
         # Update on every batch, with empty selections when there is nothing to add, so
@@ -206,6 +209,7 @@ class StepValueMetrics(nn.Module):
         self.mse.update(pred[labeled], batch["step_values"][labeled])
         success = batch["success"][:, None].expand_as(mask)
         self.auroc.update(pred[mask], success[mask].long())
+        self.type_auroc.update(pred[mask], success[mask], batch["task_key"][:, None].expand_as(mask)[mask])
         has_step = mask.any(1)
         last = mask.sum(1).clamp(min=1) - 1
         last_pred = pred.gather(1, last[:, None])[:, 0]
@@ -220,10 +224,13 @@ class StepValueMetrics(nn.Module):
         Every call below is collective under DDP and made on every rank (see :mod:`agentrm.lit.dist_metrics`).
         """
         out: dict[str, torch.Tensor | float] = {}
-        for name, metric in (("mse", self.mse), ("auroc", self.auroc), ("traj_auroc", self.traj_auroc)):
+        for name, metric in (("mse", self.mse), ("auroc", self.auroc), ("traj_auroc", self.traj_auroc),
+                             ("type_auroc", self.type_auroc)):
             value = synced_compute(metric)
             if value is not None:
                 out[f"{self.prefix}/{name}"] = value
+        if f"{self.prefix}/type_auroc" in out:
+            out[f"{self.prefix}/type_auroc_types"] = float(self.type_auroc.groups_averaged)
         with self.rank_acc.sync_context():
             pairs, correct = self.rank_acc.pair_count_and_correct()
         if pairs:

@@ -189,7 +189,7 @@ def test_ddp_two_processes_match_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     main(["--config", str(cfg), *run_args(one, 8)])
     run_ddp(cfg, two, 4)
-    for key in ("train/epoch_loss", "val/mse", "val/auroc"):
+    for key in ("train/epoch_loss", "val/mse", "val/auroc", "val/type_auroc"):
         a, b = epoch_metrics(one, key), epoch_metrics(two, key)
         assert len(a) == len(b) == 2, (key, a, b)
         assert b == pytest.approx(a, rel=2e-3, abs=1e-5), key

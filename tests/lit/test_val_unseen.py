@@ -46,7 +46,7 @@ def test_fit_logs_val_unseen_metrics_beside_val(tiny_setup, tmp_path):
     cfg, run = tiny_setup
     cli = main(["--config", str(with_unseen(cfg, tmp_path))])
     rows = list(csv.DictReader(open(next((run / "logs").glob("version_*/metrics.csv")))))
-    for name in ("auroc", "rank_acc", "mse", "traj_auroc", "rank_pairs"):
+    for name in ("auroc", "type_auroc", "type_auroc_types", "rank_acc", "mse", "traj_auroc", "rank_pairs"):
         for prefix in ("val", "val_unseen") if name not in ("rank_acc", "rank_pairs") else ("val_unseen",):
             values = [float(r[f"{prefix}/{name}"]) for r in rows if r.get(f"{prefix}/{name}")]
             assert len(values) == 2 and all(math.isfinite(v) for v in values), (prefix, name, values)
@@ -54,6 +54,10 @@ def test_fit_logs_val_unseen_metrics_beside_val(tiny_setup, tmp_path):
     # the unseen set is its own: one sibling pair per success of its 24 main records
     assert float(metrics["val_unseen/rank_pairs"]) == sum(t.success for t in learnable_trajectories(24, seed=11))
     assert float(metrics["val_unseen/mse"]) != pytest.approx(float(metrics["val/mse"]))
+    # each set holds one task type: the per-type AUROC is the pooled one, over one type
+    for prefix in ("val", "val_unseen"):
+        assert float(metrics[f"{prefix}/type_auroc_types"]) == 1
+        assert float(metrics[f"{prefix}/type_auroc"]) == pytest.approx(float(metrics[f"{prefix}/auroc"]), abs=1e-6)
     # checkpoints can select on the unseen set
     best = cli.trainer.checkpoint_callback
     assert best.monitor == "val_unseen/auroc" and best.best_model_score is not None
