@@ -116,3 +116,26 @@ def test_backbone_comparison_eval_keeps_the_test_protocol(extra, out, names, cap
     assert [s["name"] for s in composed["scorers"]] == list(names)
     assert all(s["path"] == f"runs/generalisation/backbones/rm/{names[s['name']]}/hf_model_selected"
                for s in composed["scorers"])
+
+
+@pytest.mark.parametrize("extra,out,judges", [
+    ("judge_eval.yaml", "judge_eval", {"judge_smollm2": "smollm2-135m-instruct"}),
+    ("judges_eval.yaml", "judges_eval", {"judge_smollm2": "smollm2-135m-instruct", "judge_gemma3": "gemma3-270m"}),
+])
+def test_judge_runs_keep_the_test_protocol(extra, out, judges, capsys):
+    """The LLM judges play the final evaluation's episodes (same specs, seeds, policy and checks), Best-of-5 only."""
+    from agentrm.search import evaluate
+
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--config", str(GEN / "test_eval.yaml"), "--config", str(BACKBONES / extra),
+                       "--print_config"])
+    assert e.value.code == 0
+    composed = yaml.safe_load(capsys.readouterr().out)
+    base = yaml.safe_load((GEN / "test_eval.yaml").read_text())
+    for key in ("held_out", "seed", "train_envs", "train_seed", "train_episodes", "greedy"):
+        assert composed[key] == base[key], key
+    assert {k: composed["policy"][k] for k in base["policy"]} == base["policy"]
+    assert composed["out_dir"] == f"runs/generalisation/backbones/{out}"
+    assert composed["best_of_n"] == [5] and composed["beam"] == []
+    assert {s["name"]: (s["kind"], s["judge_model"], s["judge_mode"]) for s in composed["scorers"]} == {
+        name: ("judge", model, "pointwise") for name, model in judges.items()}
