@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -119,6 +120,13 @@ class ImplicitPRMModule(ModelBuiltInConfigure, L.LightningModule):
             raise FeatureCacheError(f"data.max_length={max_length} but the reference log-probs in "
                                     f"{self.hparams.reference_logprobs} were tokenised with max_length "
                                     f"{manifest['max_length']}: use the same")
+
+    def on_fit_start(self) -> None:
+        """The frozen reference is in eval mode on purpose: silence Lightning's "Found N module(s) in eval mode"
+        warning when those N modules are exactly the reference's (any other module in eval mode still warns)."""
+        in_eval = [name for name, m in self.named_modules() if not m.training]
+        if in_eval and all(name.startswith("model.reference_model") for name in in_eval):
+            warnings.filterwarnings("ignore", message=rf"Found {len(in_eval)} module\(s\) in eval mode at the start")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Checkpoints hold the reference (a submodule) under ``model.reference_model.``; fill it in for

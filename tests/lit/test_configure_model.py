@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -99,7 +101,10 @@ def test_a_pretrained_backbone_trains_in_train_mode(tiny_setup, tmp_path, class_
     cfg["trainer"]["callbacks"].append({"class_path": "tests.lit.test_configure_model.RecordTrainModes"})
     cfg_path.write_text(yaml.safe_dump(cfg))
     RecordTrainModes.seen = []
-    main(["--config", str(cfg_path)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(["--config", str(cfg_path)])
+    assert not [w for w in caught if "in eval mode" in str(w.message)]  # nor the reference's, which is on purpose
     assert RecordTrainModes.seen, "no training batch ran"
     for in_eval in RecordTrainModes.seen:
         assert all(name.startswith("model.reference_model") for name in in_eval), in_eval[:5]
