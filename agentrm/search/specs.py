@@ -107,7 +107,9 @@ class ScorerSpec:
         max_length, batch_size: RM scoring context budget (default: the ``max_length`` the RM was trained with,
             recorded in its export; 1024 for an export that predates the record; a smaller value warns) and
             batch size.
-        judge_mode, judge_samples, judge_temperature: see :class:`agentrm.judge.JudgeScorer`.
+        judge_mode, judge_samples, judge_temperature: see :class:`agentrm.judge.JudgeScorer`; ``judge_temperature``
+            ``None`` (the default) is greedy decoding (0) for one sample, so a judge's scores are reproducible
+            (on resume, with concurrent episodes), and 1.0 when several samples are averaged.
         judge_max_tokens: the longest judge reply (tokens); a judge that reasons at length needs more.
         oracle_rollouts, oracle_error_rate: rollouts per candidate and the error rate of the rollout
             policy (the environment's expert).

@@ -45,3 +45,26 @@ def test_recorded_settings_are_the_defaults(exports):
 def test_an_export_without_a_record_uses_the_stated_fallback(exports):
     rm = build_scorer(ScorerSpec(path=str(exports["old_rm"])))
     assert (rm.max_length, rm.aggregate) == (FALLBACK_MAX_LENGTH, "last")
+
+
+@pytest.fixture(scope="module")
+def judge_dir(tmp_path_factory):
+    tok = load_tokenizer("agentrm/assets/tiny_tokenizer")
+    root = tmp_path_factory.mktemp("judge")
+    torch.manual_seed(0)
+    build_backbone(config=TINY_BACKBONE, vocab_size=len(tok), causal_lm=True).save_pretrained(root)
+    tok.save_pretrained(root)
+    return str(root)
+
+
+@pytest.mark.parametrize("samples,temperature,expected", [(1, None, 0.0), (3, None, 1.0), (1, 0.7, 0.7)])
+def test_a_single_sample_judge_decodes_greedily_by_default(judge_dir, samples, temperature, expected):
+    """A sampled single reply would depend on the order of the judge's calls (resume, concurrent episodes)."""
+    judge = build_scorer(ScorerSpec(kind="judge", judge_model=judge_dir, judge_samples=samples,
+                                    judge_temperature=temperature, judge_max_tokens=4))
+    assert judge.temperature == expected
+    if expected == 0.0:  # the same prompt gets the same reply whatever was asked before
+        messages = [{"role": "user", "content": "Go to the ball. You see the ball. Rating?"}]
+        first = judge.client.chat(messages, n=1, temperature=judge.temperature)
+        judge.client.chat([{"role": "user", "content": "Something else."}], n=1, temperature=judge.temperature)
+        assert judge.client.chat(messages, n=1, temperature=judge.temperature) == first
