@@ -27,6 +27,7 @@ across beams with different prefixes).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -109,7 +110,8 @@ def beam_search(
 
     Returns:
         A :class:`SearchResult` whose ``candidates``/``scores`` are the final live beams and the
-        failed fallbacks; ``stats`` counts ``env_steps``, ``policy_calls``, ``candidates_scored``,
+        failed fallbacks; ``stats`` counts ``env_steps``, ``policy_calls``, ``candidates_scored``, ``unscored``
+        (candidates whose score is ``nan``, e.g. a judge reply without a rating: ranked last),
         ``tokens_scored`` (tokens forwarded), ``cached_tokens`` (prefix tokens read from the scorer's
         cache), ``forward_passes``, ``scoring_paths`` (scoring calls per path: cached/packed/plain),
         ``depth`` and ``stop`` (``finished``: the best-scored
@@ -122,7 +124,7 @@ def beam_search(
     before = scorer.counters.as_dict()
     root = Node(env=env, history=begin_episode(env, seed, task, episode_id), score=float("nan"))
     beams, finished = [root], []
-    stats = {"env_steps": 0, "policy_calls": 0, "candidates_scored": 0, "depth": 0, "stop": "budget"}
+    stats = {"env_steps": 0, "policy_calls": 0, "candidates_scored": 0, "unscored": 0, "depth": 0, "stop": "budget"}
     for depth in range(max_depth):
         children = _expand(beams, root, policy, scorer, k, dedupe, stats)
         stats["depth"] = depth + 1
@@ -166,6 +168,7 @@ def _expand(beams: list[Node], root: Node, policy: Policy, scorer: Scorer, k: in
     children: list[Node] = []
     for beam, s, sc in zip(beams, stepped, scores):
         stats["candidates_scored"] += len(s)
+        stats["unscored"] += sum(math.isnan(v) for v in sc.tolist())
         children.extend(Node.child(beam, c, score) for c, score in zip(s, sc.tolist()))
         if beam is not root:
             beam.env.close()

@@ -60,7 +60,8 @@ def rank_samples(
     withheld (:func:`agentrm.search.blind.score_finished`).  Trajectory aggregation of step scores is the
     scorer's (e.g. ``ValueRMScorer(aggregate=...)``).
     ``stats`` reports the scorer's counter deltas (``candidates_scored`` = trajectories scored,
-    ``tokens_scored``, ``forward_passes``) and ``score_wall_s``.
+    ``tokens_scored``, ``forward_passes``), ``unscored`` (samples whose score is ``nan``, e.g. a judge reply
+    without a rating: ranked last) and ``score_wall_s``.
     """
     before = scorer.counters.as_dict()
     t0 = time.perf_counter()
@@ -80,6 +81,7 @@ def rank_samples(
             "env_steps": steps,
             "policy_calls": steps,
             "candidates_scored": len(samples),
+            "unscored": sum(math.isnan(s) for s in scores),
             "tokens_scored": after["forward_tokens"] - before["forward_tokens"],
             "forward_passes": after["forward_passes"] - before["forward_passes"],
             "score_wall_s": wall,

@@ -143,6 +143,7 @@ def _result(res: SearchResult) -> dict[str, Any]:
         "reward": float(t.reward),
         "steps": len(t.steps),
         "candidates_scored": int(res.stats.get("candidates_scored", 0)),
+        "unscored": int(res.stats.get("unscored", 0)),
         "tokens_scored": int(res.stats.get("tokens_scored", 0)),
         "forward_passes": int(res.stats.get("forward_passes", 0)),
         "server_wait_s": round(float(res.stats.get("server_wait_s", 0.0)), 4),

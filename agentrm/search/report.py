@@ -15,6 +15,7 @@ COLUMNS = (
     "success_rate",
     "avg_reward",
     "candidates_scored",
+    "unscored",
     "tokens_scored",
     "scoring_path",
     "wall_s",
@@ -39,6 +40,9 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "success_rate": sum(float(r["success"]) for r in rs) / n,
                 "avg_reward": sum(float(r["reward"]) for r in rs) / n,
                 "candidates_scored": sum(r.get("candidates_scored", 0) for r in rs) / n,
+                # share of the scored candidates without a score (nan, ranked last: a judge reply without a rating)
+                "unscored": (sum(r.get("unscored", 0) for r in rs) / scored
+                             if (scored := sum(r.get("candidates_scored", 0) for r in rs)) else None),
                 "tokens_scored": sum(r.get("tokens_scored", 0) for r in rs) / n,
                 # which scoring path the RM took (cached / packed / plain), as the scorer reported it
                 "scoring_path": "+".join(sorted({p for r in rs for p in (r.get("scoring_path") or "").split("+") if p}))

@@ -144,6 +144,18 @@ def test_blind_scorers_never_see_what_a_finished_step_returned(tmp_path, models,
     assert scored == {(m, k) for m in ("best_of_n", "beam") for k in kinds}
     ended = [r for r in rows if r["method"] in ("best_of_n", "beam")]
     assert ended and all(r["steps"] >= 1 for r in ended)
+    # the random tiny judge seldom writes a number in 4 tokens: most candidates it scored come out nan (ranked
+    # last) and are counted unscored, in the rows and as a share in the summary; the RMs score every candidate
+    for r in ended:
+        assert 0 <= r["unscored"] <= r["candidates_scored"] and (r["scorer"] == "judge" or r["unscored"] == 0), r
+    by_group = {}
+    for r in ended:
+        got = by_group.setdefault((r["env_set"], r["method"], r["scorer"]), [0, 0])
+        got[0], got[1] = got[0] + r["unscored"], got[1] + r["candidates_scored"]
+    assert all(u > scored / 2 for (_, _, k), (u, scored) in by_group.items() if k == "judge")
+    assert {(r["env_set"], r["method"], r["scorer"]): r["unscored"] for r in summary
+            if r["method"] in ("best_of_n", "beam")} == {
+        key: pytest.approx(u / scored) for key, (u, scored) in by_group.items()}
     # a killed run resumes: drop the last episode's rows, rerun the same config, nothing seen either
     last = (rows[-1]["env_set"], rows[-1]["env"], rows[-1]["episode"])
     kept = [r for r in rows if (r["env_set"], r["env"], r["episode"]) != last]
