@@ -120,6 +120,25 @@ def success_table(groups: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def unscored_table(groups: dict[str, list[dict[str, Any]]]) -> str:
+    """Methods x families: the share of scored candidates that got no score (``nan``, ranked last: a judge reply
+    without a rating), from the rows' ``unscored`` / ``candidates_scored``; ``""`` when every candidate was scored."""
+    counts: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    for fam, rows in groups.items():
+        for r in rows:
+            if r.get("candidates_scored"):
+                c = counts[method_label(r)][fam]
+                c[0], c[1] = c[0] + int(r.get("unscored") or 0), c[1] + int(r["candidates_scored"])
+    if not any(c[0] for fams in counts.values() for c in fams.values()):
+        return ""
+    fams = [f for f in FAMILIES if f in groups and f != "all"] + ["all"]
+    lines = ["| method | " + " | ".join(f"{f}: unscored / scored" for f in fams) + " |", "|---|" + "---:|" * len(fams)]
+    for label in sorted(counts, key=_method_order):
+        cells = [f"{c[0] / c[1]:.2f} ({c[0]}/{c[1]})" if (c := counts[label].get(f)) else "–" for f in fams]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def per_spec_table(rows: list[dict[str, Any]]) -> str:
     """Task types (env specs) x the main methods: success rate (episodes in the first column)."""
     succ: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -190,6 +209,8 @@ def main(argv: list[str] | None = None) -> str:
     text = "### Success per method and family\n\n" + success_table(groups) + \
         "\n### Paired differences (bootstrap over episodes)\n\n" + comparisons_markdown(comps) + \
         "\n### Success per task type\n\n" + per_spec_table(rows)
+    if unscored := unscored_table(groups):
+        text += "\n### Candidates without a score (nan, ranked last)\n\n" + unscored
     print(text)
     if args.md:
         args.md.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from bench.generalisation_report import join_rows, read_rows
+from bench.generalisation_report import by_family, join_rows, read_rows, unscored_table
 
 
 def _row(method, episode, success, scorer=None, n=None):
@@ -34,3 +34,13 @@ def test_join_adds_other_scorers_on_the_same_episodes_only(tmp_path):
     other = _run(tmp_path / "other", [_row("greedy", 0, False), _row("best_of_n", 0, True, "rm", 5)])
     with pytest.raises(SystemExit, match="not the same episodes"):
         join_rows(read_rows([judge]), [other])
+
+
+def test_unscored_table_gives_the_share_of_candidates_without_a_score():
+    rows = [{**_row("best_of_n", e, True, "judge", 5), "candidates_scored": 5, "unscored": u} for e, u in enumerate([1, 4])]
+    rows += [{**_row("best_of_n", e, True, "rm", 5), "candidates_scored": 5, "unscored": 0} for e in range(2)]
+    rows += [{**_row("greedy", e, True), "candidates_scored": 0} for e in range(2)]
+    table = unscored_table(by_family(rows))
+    assert "| best_of_n[judge]@5 | 0.50 (5/10) | 0.50 (5/10) |" in table
+    assert "| best_of_n[rm]@5 | 0.00 (0/10) | 0.00 (0/10) |" in table and "greedy" not in table
+    assert unscored_table(by_family([r for r in rows if r["scorer"] != "judge"])) == ""
