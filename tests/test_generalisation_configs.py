@@ -93,14 +93,9 @@ def test_backbone_comparison_fits_share_data_and_selection(name):
     assert f"fit_and_export {name} {cfg.model.class_path} {raw['data']['max_length']}" in script
 
 
-@pytest.mark.parametrize("extra,out,names", [
-    ("test_eval.yaml", "test_eval", {"tiny_sub": "tiny", "frozen_minilm": "frozen_minilm",
-                                     "frozen_smollm2": "frozen_smollm2"}),
-    ("lora_eval.yaml", "lora_eval", {"lora_smollm2": "lora_smollm2"}),
-])
-def test_backbone_comparison_eval_keeps_the_test_protocol(extra, out, names, capsys):
-    """Composed on the final evaluation's config: same held-out specs, seeds and checks; its own scorers (one per
-    RM of the comparison, each the export of the epoch selected on the development set) and output directory."""
+def composed_on_the_test_protocol(extra: str, out: str, capsys, same=("best_of_n",)) -> dict:
+    """``extra`` composed on the final evaluation's config, checked to keep its held-out specs, seeds, instance
+    checks and policy (and the ``same`` keys) with its own output directory; returns the composed config."""
     from agentrm.search import evaluate
 
     with pytest.raises(SystemExit) as e:
@@ -109,10 +104,22 @@ def test_backbone_comparison_eval_keeps_the_test_protocol(extra, out, names, cap
     assert e.value.code == 0
     composed = yaml.safe_load(capsys.readouterr().out)
     base = yaml.safe_load((GEN / "test_eval.yaml").read_text())
-    for key in ("held_out", "seed", "train_envs", "train_seed", "train_episodes", "best_of_n", "greedy"):
+    for key in ("held_out", "seed", "train_envs", "train_seed", "train_episodes", "greedy", *same):
         assert composed[key] == base[key], key
     assert {k: composed["policy"][k] for k in base["policy"]} == base["policy"]
     assert composed["out_dir"] == f"runs/generalisation/backbones/{out}"
+    return composed
+
+
+@pytest.mark.parametrize("extra,out,names", [
+    ("test_eval.yaml", "test_eval", {"tiny_sub": "tiny", "frozen_minilm": "frozen_minilm",
+                                     "frozen_smollm2": "frozen_smollm2"}),
+    ("lora_eval.yaml", "lora_eval", {"lora_smollm2": "lora_smollm2"}),
+])
+def test_backbone_comparison_eval_keeps_the_test_protocol(extra, out, names, capsys):
+    """Composed on the final evaluation's config: same held-out specs, seeds and checks; its own scorers (one per
+    RM of the comparison, each the export of the epoch selected on the development set) and output directory."""
+    composed = composed_on_the_test_protocol(extra, out, capsys)
     assert [s["name"] for s in composed["scorers"]] == list(names)
     assert all(s["path"] == f"runs/generalisation/backbones/rm/{names[s['name']]}/hf_model_selected"
                for s in composed["scorers"])
@@ -124,18 +131,7 @@ def test_backbone_comparison_eval_keeps_the_test_protocol(extra, out, names, cap
 ])
 def test_judge_runs_keep_the_test_protocol(extra, out, judges, capsys):
     """The LLM judges play the final evaluation's episodes (same specs, seeds, policy and checks), Best-of-5 only."""
-    from agentrm.search import evaluate
-
-    with pytest.raises(SystemExit) as e:
-        evaluate.main(["--config", str(GEN / "test_eval.yaml"), "--config", str(BACKBONES / extra),
-                       "--print_config"])
-    assert e.value.code == 0
-    composed = yaml.safe_load(capsys.readouterr().out)
-    base = yaml.safe_load((GEN / "test_eval.yaml").read_text())
-    for key in ("held_out", "seed", "train_envs", "train_seed", "train_episodes", "greedy"):
-        assert composed[key] == base[key], key
-    assert {k: composed["policy"][k] for k in base["policy"]} == base["policy"]
-    assert composed["out_dir"] == f"runs/generalisation/backbones/{out}"
+    composed = composed_on_the_test_protocol(extra, out, capsys, same=())
     assert composed["best_of_n"] == [5] and composed["beam"] == []
     assert {s["name"]: (s["kind"], s["judge_model"], s["judge_mode"]) for s in composed["scorers"]} == {
         name: ("judge", model, "pointwise") for name, model in judges.items()}
