@@ -121,12 +121,5 @@ def _judge(resolved: ResolvedScorer, seed: int) -> Scorer:
         path = str(resolved.path) if resolved.path else spec.judge_model
         model = build_backbone(path, causal_lm=True, **resolved.placement.load_kwargs())
         client = HFPolicy(model, load_tokenizer(path), max_new_tokens=spec.judge_max_tokens, seed=seed)
-    return JudgeScorer(client, spec.judge_mode, spec.judge_samples, judge_temperature(spec), outcome_blind=spec.blind)
-
-
-def judge_temperature(spec: ScorerSpec) -> float:
-    """The spec's ``judge_temperature``, or by default greedy (0) for one sample and 1.0 for several: a sampled
-    single reply would depend on the order of the judge's calls (a resumed run, concurrent episodes)."""
-    if spec.judge_temperature is not None:
-        return spec.judge_temperature
-    return 0.0 if spec.judge_samples == 1 else 1.0
+    return JudgeScorer(client, spec.judge_mode, spec.judge_samples, spec.judge_decoding_temperature,
+                       outcome_blind=spec.blind)

@@ -33,7 +33,9 @@ def recorded_config(config: EvalConfig, fingerprints: dict[str, Any]) -> dict[st
         "held_out": [str(s) for s in config.sets["held_out"]],
         "train_envs": [str(s) for s in config.train_specs],
         "policy": asdict(config.policy),
-        "scorers": [asdict(s) for s in config.scorers],
+        # a judge's effective temperature, so a run decoded otherwise (an older default) is not resumed
+        "scorers": [asdict(s) | ({"judge_temperature": s.judge_decoding_temperature} if s.kind == "judge" else {})
+                    for s in config.scorers],
         "beam": [list(b) for b in config.beam],
     }
     rec.update({k: getattr(config, k) for k in RESULT_FIELDS if k not in rec})

@@ -169,6 +169,15 @@ class ScorerSpec:
             return self.outcome_blind
         return True if self.exclude_final_step is None else self.exclude_final_step
 
+    @property
+    def judge_decoding_temperature(self) -> float:
+        """The judge's effective temperature: ``judge_temperature``, or by default greedy (0) for one sample and
+        1.0 for several (a sampled single reply would depend on the order of the judge's calls: a resumed run,
+        concurrent episodes)."""
+        if self.judge_temperature is not None:
+            return self.judge_temperature
+        return 0.0 if self.judge_samples == 1 else 1.0
+
 
 def _refuse_loading_options(spec: PolicySpec | ScorerSpec, what: str) -> None:
     """Loading options (device, dtype, quantization, attention) apply to a locally loaded model only."""

@@ -13,6 +13,7 @@ import yaml
 
 from agentrm.search.evaluate import main
 from tests.search.test_evaluate import tiny_rm_dir  # noqa: F401  (fixture)
+from tests.search.test_scorer_defaults import judge_dir  # noqa: F401  (fixture)
 
 SPECS = {"held_in": ["babyai:GoToRedBall?max_steps=8"], "held_out": ["babyai:GoToRedBallGrey?max_steps=8"]}
 
@@ -140,4 +141,21 @@ def test_a_run_written_before_new_options_existed_resumes(tmp_path, tiny_rm_dir)
     changed["policy"]["max_resample"] = 5  # an option that was stored, now different: refused
     cfg.write_text(yaml.safe_dump(changed))
     with pytest.raises(ValueError, match=r"another configuration \(policy: .* there, .* now\)"):
+        main(["--config", str(cfg)])
+
+
+def test_a_judge_run_decoded_otherwise_is_not_resumed(tmp_path, judge_dir):  # noqa: F811
+    """config.json records a judge's effective temperature: a run written when a single-sample judge sampled at
+    temperature 1 by default (stored ``judge_temperature: null``) is refused, not continued greedily."""
+    import pytest
+
+    judge = {"kind": "judge", "name": "judge", "judge_model": judge_dir, "judge_max_tokens": 4}
+    out, cfg = _config(tmp_path, "judge", None, episodes=1, beam=[], best_of_n=[2], scorers=[judge])
+    main(["--config", str(cfg)])
+    stored = json.loads((out / "config.json").read_text())
+    assert stored["scorers"][0]["judge_temperature"] == 0.0
+    main(["--config", str(cfg)])  # the same run resumes
+    stored["scorers"][0]["judge_temperature"] = None
+    (out / "config.json").write_text(json.dumps(stored))
+    with pytest.raises(ValueError, match=r"another configuration \(scorers: "):
         main(["--config", str(cfg)])
