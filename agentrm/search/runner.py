@@ -12,8 +12,9 @@
 
 Determinism: an episode's result is a function of its seeds (env, policy, tie-break) and the scorer,
 never of the thread that ran it or of the order episodes finished in; rows are sorted by job
-before summarising. (A scorer that samples, such as an LLM judge at temperature > 0, draws its
-per-call seeds in the order calls reach it, which concurrency can change.)
+before summarising. (A scorer that samples, such as an LLM judge set to ``judge_temperature`` > 0 or to several
+``judge_samples``, draws its per-call seeds in the order calls reach it, which concurrency can change; a
+single-sample judge decodes greedily by default.)
 """
 
 from __future__ import annotations
