@@ -167,9 +167,10 @@ def _expand(beams: list[Node], root: Node, policy: Policy, scorer: Scorer, k: in
     scores = score_children(scorer, [(b.history, [(c.step, c.done) for c in s]) for b, s in zip(beams, stepped)])
     children: list[Node] = []
     for beam, s, sc in zip(beams, stepped, scores):
+        values = sc.tolist()
         stats["candidates_scored"] += len(s)
-        stats["unscored"] += sum(math.isnan(v) for v in sc.tolist())
-        children.extend(Node.child(beam, c, score) for c, score in zip(s, sc.tolist()))
+        stats["unscored"] += sum(math.isnan(v) for v in values)
+        children.extend(Node.child(beam, c, score) for c, score in zip(s, values))
         if beam is not root:
             beam.env.close()
     return children
