@@ -134,6 +134,21 @@ def _retrain_rm(d: Path) -> list[str]:
     return ["--config", "{d}/search.yaml"]
 
 
+def _with_judge(d: Path) -> None:
+    save_lm(d / "judge", 0)
+    search_config(d, scorers=[{"kind": "judge", "name": "judge", "judge_model": str(d / "judge"), "judge_max_tokens": 4}],
+                  episodes=1, beam=[])
+
+
+def _as_a_sampled_judge_run(d: Path) -> list[str]:
+    """The run's config.json as written when a single-sample judge sampled at temperature 1 by default."""
+    path = d / "out" / "config.json"
+    stored = json.loads(path.read_text())
+    stored["scorers"][0]["judge_temperature"] = None
+    path.write_text(json.dumps(stored))
+    return ["--config", "{d}/search.yaml"]
+
+
 def _retrain_policy(d: Path) -> list[str]:
     save_lm(d / "sft", 1)
     return TREES_LM
@@ -212,6 +227,10 @@ CASES: list[FaultCase] = [
               setup=_with_rm(), run=_resume_refused("agentrm.search", ["--config", "{d}/search.yaml"], "out/episodes.jsonl",
                                                     _retrain_rm),
               message=r"out_dir: .* holds episodes of other models \(scorer 'value_rm' \w+ -> \w+\)"),
+    FaultCase(id="search/resume-a-sampled-judge-run", covers="a judge run of the old sampling default is not continued greedily",
+              setup=_with_judge, run=_resume_refused("agentrm.search", ["--config", "{d}/search.yaml"], "out/episodes.jsonl",
+                                                     _as_a_sampled_judge_run),
+              message=r"out_dir: .* holds episodes of another configuration \(scorers: "),
     FaultCase(id="search/kill-and-resume", covers="SIGKILL mid-evaluation, rerun: the summary of an uninterrupted run",
               run=_search_kill_resume, exit_code=0),
     FaultCase(id="collect/episodes-zero", covers="episodes 0 refused", module="agentrm.collect",
