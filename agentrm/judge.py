@@ -197,7 +197,9 @@ class JudgeScorer:
         messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
         self.counters.forward_passes += 1
         self.counters.forward_tokens += (len(SYSTEM) + len(prompt)) // 4
-        return self.client.chat(messages, n=self.samples, temperature=self.temperature)
+        # keyed by the prompt: sampled replies are then a function of the prompt (and the client's seed), not of
+        # the order in which concurrent or resumed episodes reach the judge
+        return self.client.chat(messages, n=self.samples, temperature=self.temperature, key=prompt)
 
     def _note(self, replies: list[str], parsed: list) -> None:
         self.replies += len(replies)

@@ -18,8 +18,9 @@ class FakeClient:
         self.reply = reply
         self.calls: list[tuple[str, int]] = []
 
-    def chat(self, messages, n=1, temperature=None):
+    def chat(self, messages, n=1, temperature=None, key=None):
         prompt = messages[-1]["content"]
+        assert key == prompt, "the judge keys every request by its prompt (order-free sampling seeds)"
         self.calls.append((prompt, n))
         return [self.reply(prompt, i) for i in range(n)]
 

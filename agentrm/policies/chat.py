@@ -8,6 +8,7 @@ backend can act as the agent and as the judge (:mod:`agentrm.judge`).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Protocol, runtime_checkable
 
@@ -18,9 +19,27 @@ _ACTION_RE = re.compile(r"action\s*:\s*(.+)", flags=re.IGNORECASE)
 class ChatClient(Protocol):
     """Anything that samples chat completions."""
 
-    def chat(self, messages: list[dict[str, str]], n: int = 1, temperature: float | None = None) -> list[str]:
-        """Return ``n`` sampled assistant replies to ``messages`` (``temperature`` None: the client's default)."""
+    def chat(
+        self, messages: list[dict[str, str]], n: int = 1, temperature: float | None = None, key: str | None = None
+    ) -> list[str]:
+        """Return ``n`` sampled assistant replies to ``messages`` (``temperature`` None: the client's default).
+
+        ``key`` (the judge passes its prompt) names the request: its replies are then drawn from seeds that
+        derive from the client's seed and the key (:func:`call_index_of_key`), not from how many calls came
+        before, so the same request gets the same replies whatever order concurrent or resumed callers ask in.
+        """
         ...
+
+
+KEY_INDEX_RANGE = 1 << 20
+"""Call indices of keyed requests lie in ``[0, KEY_INDEX_RANGE)``: an HTTP ``seed`` of ``seed + index * 1009``
+stays below 2**31 (llama.cpp reads it as 32-bit). Two keys may share an index; seeds need not be unique."""
+
+
+def call_index_of_key(key: str) -> int:
+    """The stable call index of a keyed request (a hash of ``key``, the same in every process and run)."""
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % KEY_INDEX_RANGE
 
 
 def parse_action(text: str) -> str:

@@ -11,6 +11,7 @@ import torch
 from agentrm.data.schema import Trajectory
 from agentrm.envs.base import Env
 from agentrm.policies.batcher import GenerateBatcher
+from agentrm.policies.chat import call_index_of_key
 from agentrm.policies.prompt import AgentPrompt, ReplyStats, propose_many_validated, propose_validated
 from agentrm.policies.sampling import PerRowSampler, reply_seed
 
@@ -26,7 +27,8 @@ class HFPolicy:
 
     Sampling is reproducible: every :meth:`chat` call seeds a forked torch RNG with
     ``seed`` plus a call counter, so the global RNG is left untouched and the same
-    sequence of calls gives the same samples.
+    sequence of calls gives the same samples; a keyed call (``chat(..., key=)``: the judge's)
+    is seeded by its key instead, so it gets the same samples wherever it comes in the sequence.
 
     **Batching across requests** (``batch_requests=True``): :meth:`propose_many` / :meth:`chat_many`
     generate the replies of many prompts (the beams of a depth, the samples of Best-of-N, the trees of
@@ -115,21 +117,26 @@ class HFPolicy:
 
     @torch.no_grad()
     def chat_many(
-        self, prompts: Sequence[tuple[list[dict[str, str]], int]], temperature: float | None = None
+        self, prompts: Sequence[tuple[list[dict[str, str]], int]], temperature: float | None = None,
+        keys: Sequence[str | None] | None = None,
     ) -> list[list[str]]:
-        """``chat(messages, n)`` for each ``(messages, n)``; call indices assigned in prompt order.
+        """``chat(messages, n)`` for each ``(messages, n)``; call indices assigned in prompt order (a prompt with a
+        key, ``keys[i]``, is seeded by its key instead: :meth:`chat`).
 
         With ``batch_requests`` all replies are generated in left-padded batches of ``batch_size``
         rows, each reply with its own generator; without, one :meth:`chat` after another.
         """
+        keys = list(keys) if keys is not None else [None] * len(prompts)
+        if len(keys) != len(prompts):
+            raise ValueError(f"chat_many: {len(keys)} keys for {len(prompts)} prompts")
         if not self.batch_requests:
-            return [self.chat(m, n, temperature) for m, n in prompts]
+            return [self.chat(m, n, temperature, key=k) for (m, n), k in zip(prompts, keys)]
         temp = self.temperature if temperature is None else temperature
         device = next(self.model.parameters()).device
         rows: list[tuple[int, list[int], int]] = []  # (prompt index, prompt ids, reply seed)
-        for i, (messages, n) in enumerate(prompts):
+        for i, ((messages, n), key) in enumerate(zip(prompts, keys)):
             ids = self._prompt_ids(messages)
-            call = self.calls
+            call = self.calls if key is None else call_index_of_key(key)
             self.calls += 1
             for j in range(1 if temp == 0 else n):  # greedy: decode once, repeat
                 rows.append((i, ids, reply_seed(self.seed, call, j)))
@@ -179,10 +186,13 @@ class HFPolicy:
         return self.tokenizer.batch_decode(new, skip_special_tokens=True), (new != pad).sum(dim=1).tolist()
 
     @torch.no_grad()
-    def chat(self, messages: list[dict[str, str]], n: int = 1, temperature: float | None = None) -> list[str]:
-        """``n`` decoded replies (special tokens removed) to ``messages``."""
+    def chat(
+        self, messages: list[dict[str, str]], n: int = 1, temperature: float | None = None, key: str | None = None
+    ) -> list[str]:
+        """``n`` decoded replies (special tokens removed) to ``messages``; with ``key``, sampled from a seed of the
+        key instead of the call counter (:meth:`agentrm.policies.chat.ChatClient.chat`)."""
         if self.batch_requests:
-            return self.chat_many([(messages, n)], temperature)[0]
+            return self.chat_many([(messages, n)], temperature, keys=[key])[0]
         temp = self.temperature if temperature is None else temperature
         if self.system_prompt:
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
@@ -199,7 +209,7 @@ class HFPolicy:
         out: list[str] = []
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.seed * 1_000_003 + self.calls)
+            torch.manual_seed(self.seed * 1_000_003 + (self.calls if key is None else call_index_of_key(key)))
             self.calls += 1
             while len(out) < n:
                 m = min(self.batch_size, n - len(out)) if temp > 0 else 1  # greedy: decode once

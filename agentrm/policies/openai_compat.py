@@ -30,6 +30,7 @@ from typing import Any
 
 from agentrm.data.schema import Trajectory
 from agentrm.envs.base import Env
+from agentrm.policies.chat import call_index_of_key
 from agentrm.policies.endpoint import (
     RETRY_STATUS,
     EndpointError,
@@ -151,16 +152,22 @@ class OpenAIChatPolicy:
                                       self.temperature == 0)
 
     def chat_many(
-        self, prompts: Sequence[tuple[list[dict[str, str]], int]], temperature: float | None = None
+        self, prompts: Sequence[tuple[list[dict[str, str]], int]], temperature: float | None = None,
+        keys: Sequence[str | None] | None = None,
     ) -> list[list[str]]:
         """``chat(messages, n)`` for each ``(messages, n)``, concurrently; results in prompt order.
 
-        Call indices (hence seeds and replicas) are assigned in prompt order before any request is sent.
+        Call indices (hence seeds and replicas) are assigned in prompt order before any request is sent; a prompt
+        with a key (``keys[i]``, see :meth:`chat`) is seeded by its key instead.
         """
         with self._lock:
             first = self.calls
             self.calls += len(prompts)
-        jobs = [(m, n, first + i, i) for i, (m, n) in enumerate(prompts)]
+        keys = list(keys) if keys is not None else [None] * len(prompts)
+        if len(keys) != len(prompts):
+            raise ValueError(f"chat_many: {len(keys)} keys for {len(prompts)} prompts")
+        jobs = [(m, n, first + i if k is None else call_index_of_key(k), i)
+                for i, ((m, n), k) in enumerate(zip(prompts, keys))]
         if self.max_concurrency == 1 or len(jobs) <= 1:
             return [self._chat(m, n, temperature, i, j) for m, n, i, j in jobs]
         failed = threading.Event()  # once a call fails, queued ones are not started: a dead server costs
@@ -183,12 +190,15 @@ class OpenAIChatPolicy:
                 raise errors[0]
             return [f.result() for f in futures]
 
-    def chat(self, messages: list[dict[str, str]], n: int = 1, temperature: float | None = None) -> list[str]:
-        """``n`` sampled replies to ``messages``."""
+    def chat(
+        self, messages: list[dict[str, str]], n: int = 1, temperature: float | None = None, key: str | None = None
+    ) -> list[str]:
+        """``n`` sampled replies to ``messages``; with ``key``, seeded by the key instead of the call index
+        (:meth:`agentrm.policies.chat.ChatClient.chat`)."""
         with self._lock:
             index = self.calls
             self.calls += 1
-        return self._chat(messages, n, temperature, index)
+        return self._chat(messages, n, temperature, index if key is None else call_index_of_key(key))
 
     def _chat(
         self, messages: list[dict[str, str]], n: int, temperature: float | None, index: int, slot: int = 0

@@ -33,13 +33,19 @@ def recorded_config(config: EvalConfig, fingerprints: dict[str, Any]) -> dict[st
         "held_out": [str(s) for s in config.sets["held_out"]],
         "train_envs": [str(s) for s in config.train_specs],
         "policy": asdict(config.policy),
-        # a judge's effective temperature, so a run decoded otherwise (an older default) is not resumed
-        "scorers": [asdict(s) | ({"judge_temperature": s.judge_decoding_temperature} if s.kind == "judge" else {})
-                    for s in config.scorers],
+        "scorers": [asdict(s) | (_judge_decoding(s) if s.kind == "judge" else {}) for s in config.scorers],
         "beam": [list(b) for b in config.beam],
     }
     rec.update({k: getattr(config, k) for k in RESULT_FIELDS if k not in rec})
     return json.loads(json.dumps({**rec, "fingerprints": fingerprints}))
+
+
+def _judge_decoding(spec: ScorerSpec) -> dict[str, Any]:
+    """How a judge decodes, as recorded: its effective temperature, so a run decoded otherwise (an older default) is
+    not resumed; a sampling judge's seeding too (by prompt: :meth:`agentrm.policies.chat.ChatClient.chat`'s key), so
+    a run whose judge was seeded by the order of its calls (older versions) is not continued with other seeds."""
+    temperature = spec.judge_decoding_temperature
+    return {"judge_temperature": temperature} | ({"judge_seeds": "by prompt"} if temperature > 0 else {})
 
 
 def _with_new_defaults(stored: dict[str, Any], config: EvalConfig) -> dict[str, Any]:

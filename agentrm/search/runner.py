@@ -12,9 +12,9 @@
 
 Determinism: an episode's result is a function of its seeds (env, policy, tie-break) and the scorer,
 never of the thread that ran it or of the order episodes finished in; rows are sorted by job
-before summarising. (A scorer that samples, such as an LLM judge set to ``judge_temperature`` > 0 or to several
-``judge_samples``, draws its per-call seeds in the order calls reach it, which concurrency can change; a
-single-sample judge decodes greedily by default.)
+before summarising. An LLM judge that samples (``judge_temperature`` > 0, or several ``judge_samples``) seeds each
+request by its prompt (:meth:`agentrm.policies.chat.ChatClient.chat`'s ``key``), not by the order requests reach
+it, so concurrency and resume do not change its scores either.
 """
 
 from __future__ import annotations

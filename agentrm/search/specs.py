@@ -108,8 +108,9 @@ class ScorerSpec:
             recorded in its export; 1024 for an export that predates the record; a smaller value warns) and
             batch size.
         judge_mode, judge_samples, judge_temperature: see :class:`agentrm.judge.JudgeScorer`; ``judge_temperature``
-            ``None`` (the default) is greedy decoding (0) for one sample, so a judge's scores are reproducible
-            (on resume, with concurrent episodes), and 1.0 when several samples are averaged.
+            ``None`` (the default) is greedy decoding (0) for one sample (one sampled reply is a noisy rating), and
+            1.0 when several samples are averaged; a sampling judge seeds each request by its prompt, so its scores
+            are reproducible on resume and with concurrent episodes.
         judge_max_tokens: the longest judge reply (tokens); a judge that reasons at length needs more.
         oracle_rollouts, oracle_error_rate: rollouts per candidate and the error rate of the rollout
             policy (the environment's expert).
@@ -172,8 +173,7 @@ class ScorerSpec:
     @property
     def judge_decoding_temperature(self) -> float:
         """The judge's effective temperature: ``judge_temperature``, or by default greedy (0) for one sample and
-        1.0 for several (a sampled single reply would depend on the order of the judge's calls: a resumed run,
-        concurrent episodes)."""
+        1.0 for several (averaging samples needs them to differ)."""
         if self.judge_temperature is not None:
             return self.judge_temperature
         return 0.0 if self.judge_samples == 1 else 1.0

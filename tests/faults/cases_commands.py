@@ -149,6 +149,21 @@ def _as_a_sampled_judge_run(d: Path) -> list[str]:
     return ["--config", "{d}/search.yaml"]
 
 
+def _with_sampling_judge(d: Path) -> None:
+    save_lm(d / "judge", 0)
+    search_config(d, scorers=[{"kind": "judge", "name": "judge", "judge_model": str(d / "judge"), "judge_max_tokens": 4,
+                               "judge_temperature": 1.0}], episodes=1, beam=[])
+
+
+def _as_a_judge_run_seeded_by_call_order(d: Path) -> list[str]:
+    """The run's config.json as written when a sampling judge drew its seeds in the order calls reached it."""
+    path = d / "out" / "config.json"
+    stored = json.loads(path.read_text())
+    assert stored["scorers"][0].pop("judge_seeds") == "by prompt"
+    path.write_text(json.dumps(stored))
+    return ["--config", "{d}/search.yaml"]
+
+
 def _retrain_policy(d: Path) -> list[str]:
     save_lm(d / "sft", 1)
     return TREES_LM
@@ -230,6 +245,11 @@ CASES: list[FaultCase] = [
     FaultCase(id="search/resume-a-sampled-judge-run", covers="a judge run of the old sampling default is not continued greedily",
               setup=_with_judge, run=_resume_refused("agentrm.search", ["--config", "{d}/search.yaml"], "out/episodes.jsonl",
                                                      _as_a_sampled_judge_run),
+              message=r"out_dir: .* holds episodes of another configuration \(scorers: "),
+    FaultCase(id="search/resume-a-judge-run-seeded-by-call-order",
+              covers="a sampling judge's run of the call-order seeds is not continued with seeds by prompt",
+              setup=_with_sampling_judge, run=_resume_refused("agentrm.search", ["--config", "{d}/search.yaml"],
+                                                              "out/episodes.jsonl", _as_a_judge_run_seeded_by_call_order),
               message=r"out_dir: .* holds episodes of another configuration \(scorers: "),
     FaultCase(id="search/kill-and-resume", covers="SIGKILL mid-evaluation, rerun: the summary of an uninterrupted run",
               run=_search_kill_resume, exit_code=0),

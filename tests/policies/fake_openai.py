@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -23,13 +24,15 @@ class ChatServer:
         max_n: the most choices per reply (``1``: a server that ignores ``n``).
         models: what ``GET /v1/models`` lists (``None``: 404, a server without a model list).
         accept: model names the chat endpoint serves (others: 404 as vLLM does); ``None``: any name.
-        reply: the assistant's content (``{i}`` = the choice's index).
+        reply: the assistant's content (``{i}`` = the choice's index), or a function of the request's body and the
+            choice's index that returns it.
         hang_chat: chat requests are never answered (the model list still is).
     """
 
     def __init__(self, fail_first: int = 0, fail_status: int = 503, max_n: int | None = None,
                  models: list[str] | None = None, accept: set[str] | None = None,
-                 reply: str = "Thought: go.\nAction: move forward{i}", hang_chat: bool = False,
+                 reply: str | Callable[[dict, int], str] = "Thought: go.\nAction: move forward{i}",
+                 hang_chat: bool = False,
                  retry_after: str | None = None):
         self.requests: list[dict] = []
         self.gets: list[str] = []
@@ -63,7 +66,8 @@ class ChatServer:
                 if outer.accept is not None and body.get("model") not in outer.accept:
                     return self._send(404, {"error": {"message": f"The model `{body.get('model')}` does not exist."}})
                 n = body.get("n", 1) if outer.max_n is None else min(outer.max_n, body.get("n", 1))
-                choices = [{"index": i, "message": {"role": "assistant", "content": outer.reply.format(i=i)}}
+                content = outer.reply if callable(outer.reply) else lambda _, i: outer.reply.format(i=i)
+                choices = [{"index": i, "message": {"role": "assistant", "content": content(body, i)}}
                            for i in range(n)]
                 self._send(200, {"choices": choices, "usage": {"prompt_tokens": 7, "completion_tokens": 3 * n}})
 

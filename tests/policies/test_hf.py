@@ -116,3 +116,25 @@ def test_per_row_sampler_nucleus_and_streams():
     top2 = PerRowSampler([3], 1.0, 1.0, top_k=2)
     logits = torch.tensor([[0.0, 3.0, 2.9, 2.8, -1.0]])
     assert {int(top2(None, logits).argmax(-1)) for _ in range(30)} == {1, 2}  # only the two most likely
+
+
+@pytest.mark.parametrize("batch_requests", [False, True])
+def test_a_keyed_call_samples_the_same_replies_wherever_it_comes(lm_and_tok, batch_requests):
+    """The judge keys its calls by prompt: a keyed call's samples do not depend on the calls made before it (a
+    resumed run, concurrent episodes), only on the key and the seed; unkeyed calls keep the call-counter stream."""
+    model, tok = lm_and_tok
+    make = lambda seed=3: HFPolicy(model, tok, temperature=1.0, max_new_tokens=6, seed=seed,  # noqa: E731
+                                   batch_requests=batch_requests)
+    messages = _history().to_messages()
+    fresh = make().chat(messages, n=3, key="the prompt")
+    late = make()
+    late.chat([{"role": "user", "content": "another request"}], n=2)
+    late.chat([{"role": "user", "content": "another request"}], n=2, key="another key")
+    assert late.chat(messages, n=3, key="the prompt") == fresh
+    assert late.chat_many([(messages, 3)], keys=["the prompt"])[0] == fresh
+    assert make().chat(messages, n=3, key="other prompt") != fresh  # the key decides the seed
+    assert make(seed=4).chat(messages, n=3, key="the prompt") != fresh  # and so does the client's seed
+    counted = make()
+    assert counted.chat(messages, n=3) == make().chat(messages, n=3)  # unkeyed: the call counter
+    with pytest.raises(ValueError, match="2 keys for 1 prompts"):
+        counted.chat_many([(messages, 1)], keys=["a", "b"])

@@ -49,6 +49,26 @@ def test_server_ignoring_n_is_asked_again():
     assert len(replies) == 3 and [r["n"] for r in srv.requests] == [3, 2, 1]
 
 
+def test_a_keyed_call_sends_a_seed_of_its_key_not_of_its_place():
+    """The judge keys its calls by prompt: the HTTP seed (vLLM and llama.cpp sample by it) is then a function of the
+    key and the client's seed only, the same after other calls, below 2**31; unkeyed calls count."""
+    from agentrm.policies.chat import KEY_INDEX_RANGE
+
+    with ChatServer() as srv:
+        pol = OpenAIChatPolicy(srv.url, "tiny", seed=5, max_concurrency=2)
+        pol.chat(HI, key="the prompt")
+        pol.chat(HI)
+        pol.chat(HI)
+        pol.chat(HI, key="the prompt")
+        pol.chat_many([(HI, 1), (HI, 1)], keys=[None, "the prompt"])
+        OpenAIChatPolicy(srv.url, "tiny", seed=6).chat(HI, key="the prompt")
+    seeds = [r["seed"] for r in srv.requests]
+    assert seeds[0] == seeds[3] == seeds[5] and seeds[1:3] == [5 + 1009, 5 + 2 * 1009] and seeds[4] == 5 + 4 * 1009
+    assert seeds[6] == seeds[0] + 1 and 0 <= seeds[0] < 5 + KEY_INDEX_RANGE * 1009 < 2**31
+    with pytest.raises(ValueError, match="1 keys for 2 prompts"):
+        OpenAIChatPolicy("http://127.0.0.1:9/v1", "tiny").chat_many([(HI, 1), (HI, 1)], keys=["a"])
+
+
 @pytest.mark.parametrize("status", [503, 429])
 def test_retries_with_backoff_then_succeeds(status, monkeypatch):
     sleeps: list[float] = []

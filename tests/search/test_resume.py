@@ -159,3 +159,32 @@ def test_a_judge_run_decoded_otherwise_is_not_resumed(tmp_path, judge_dir):  # n
     (out / "config.json").write_text(json.dumps(stored))
     with pytest.raises(ValueError, match=r"another configuration \(scorers: "):
         main(["--config", str(cfg)])
+
+
+def test_a_sampling_judge_scores_an_episode_the_same_after_other_episodes(tmp_path):
+    """A sampling judge keys its calls by prompt (the HTTP seed derives from it), so an episode's judge scores do not
+    depend on what the judge was asked before: here the held-out episodes are played alone, then after the held-in
+    ones, against a judge server whose rating is a function of the seed it is sent (as a sampling server's)."""
+    from tests.policies.fake_openai import ChatServer
+
+    def rating(body: dict, i: int) -> str:
+        return f"Thought: looks fine.\nRating: {(body.get('seed', 0) + i) % 11}"  # no seed: the readiness probe
+
+    with ChatServer(reply=rating) as srv:
+        judge = {"kind": "judge", "name": "judge", "judge_base_url": srv.url, "judge_model": "judge",
+                 "judge_temperature": 1.0, "judge_samples": 2, "judge_max_tokens": 8}
+        common = dict(episodes=2, beam=[], best_of_n=[3], scorers=[judge], concurrency=2)
+        alone, cfg_alone = _config(tmp_path, "alone", None, **common, held_in=[])
+        after, cfg_after = _config(tmp_path, "after", None, **common)
+        main(["--config", str(cfg_alone)])
+        main(["--config", str(cfg_after)])
+    assert len({r.get("seed") for r in srv.requests}) > 3  # the judge sampled with seeds of several prompts
+
+    def judged(out) -> dict:
+        rows = [json.loads(x) for x in (out / "episodes.jsonl").read_text().splitlines()]
+        return {(r["env"], r["episode"]): (r["scores"], r["chosen"]) for r in rows
+                if r["method"] == "best_of_n" and r["env"].startswith("babyai:GoToRedBallGrey")}
+
+    scores = judged(alone)
+    assert len(scores) == 2 and all(len(s) == 3 and all(0.0 <= x <= 1.0 for x in s) for s, _ in scores.values())
+    assert judged(after) == scores

@@ -59,7 +59,7 @@ def judge_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("samples,temperature,expected", [(1, None, 0.0), (3, None, 1.0), (1, 0.7, 0.7)])
 def test_a_single_sample_judge_decodes_greedily_by_default(judge_dir, samples, temperature, expected):
-    """A sampled single reply would depend on the order of the judge's calls (resume, concurrent episodes)."""
+    """One sampled reply is a noisy rating: a single-sample judge decodes greedily unless told otherwise."""
     judge = build_scorer(ScorerSpec(kind="judge", judge_model=judge_dir, judge_samples=samples,
                                     judge_temperature=temperature, judge_max_tokens=4))
     assert judge.temperature == expected
