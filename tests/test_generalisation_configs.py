@@ -135,3 +135,20 @@ def test_judge_runs_keep_the_test_protocol(extra, out, judges, capsys):
     assert composed["best_of_n"] == [5] and composed["beam"] == []
     assert {s["name"]: (s["kind"], s["judge_model"], s["judge_mode"]) for s in composed["scorers"]} == {
         name: ("judge", model, "pointwise") for name, model in judges.items()}
+
+
+def test_the_type_auroc_selection_composes_on_the_tiny_rm_with_its_own_directory():
+    """selection/type_auroc.yaml changes what is monitored and where the run writes, nothing the model learns from."""
+    from tests.test_configs import parse
+
+    base, extra = GEN / "tiny_value_rm.yaml", GEN / "selection" / "type_auroc.yaml"
+    alone, composed = parse(base), parse(base, extra)
+    assert composed.model == alone.model and composed.data == alone.data
+    assert composed.seed_everything == alone.seed_everything
+    assert composed.trainer.max_epochs == alone.trainer.max_epochs
+    callbacks = yaml.safe_load(extra.read_text())["trainer"]["callbacks"]
+    monitors = [c["init_args"].get("monitor") for c in callbacks]
+    assert monitors == ["val_unseen/type_auroc", "val_unseen/auroc", "val_unseen/type_auroc", None]
+    dirs = [c["init_args"]["dirpath"] for c in callbacks if "dirpath" in c["init_args"]]
+    assert composed.trainer.default_root_dir == "runs/generalisation/rm/tiny_type"
+    assert all(d.startswith("runs/generalisation/rm/tiny_type/") for d in dirs)

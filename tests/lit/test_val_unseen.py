@@ -93,3 +93,34 @@ def test_val_set_names_follow_the_config(tiny_setup):
     assert TrajectoryDataModule(data["train_path"], tokenizer=data["tokenizer"]).val_set_names == ["val"]
     dm = TrajectoryDataModule(data["train_path"], val_unseen_path="x.jsonl", tokenizer=data["tokenizer"])
     assert dm.val_set_names == ["val", "val_unseen"]
+
+
+def test_the_type_auroc_selection_config_keeps_the_best_epoch_by_each_metric(tiny_setup, tmp_path):
+    """configs/generalisation/selection/type_auroc.yaml, composed on a fit: one training run keeps the best epoch by
+    val_unseen/type_auroc and the best by the pooled val_unseen/auroc, each file named by its value, and stops early
+    on the per-type metric; the development set here holds two task types, so the two metrics differ."""
+    from agentrm.paths import PROJECT_ROOT
+
+    cfg_path, run = tiny_setup
+    selection = yaml.safe_load((PROJECT_ROOT / "configs/generalisation/selection/type_auroc.yaml").read_text())
+    callbacks = selection["trainer"]["callbacks"]
+    for cb in callbacks:  # the selection's callbacks, writing under this test's run directory
+        if "dirpath" in cb["init_args"]:
+            cb["init_args"]["dirpath"] = str(run / cb["init_args"]["dirpath"].rsplit("/", 1)[1])
+    cfg = yaml.safe_load(open(cfg_path))
+    cfg["trainer"].update(callbacks=callbacks, max_epochs=3)
+    unseen = unseen_trajectories()
+    for t in unseen:
+        t.task = "OpenBall" if int(t.meta["group"].split("-")[-1]) % 2 else "OpenBox"
+    write_jsonl(tmp_path / "unseen.jsonl", unseen)
+    cfg["data"].update(val_unseen_path=[str(tmp_path / "unseen.jsonl")], max_length=256)
+    (tmp_path / "selection.yaml").write_text(yaml.safe_dump(cfg))
+    main(["--config", str(tmp_path / "selection.yaml")])
+    rows = [r for r in csv.DictReader(open(next((run / "logs").glob("version_*/metrics.csv"))))
+            if r.get("val_unseen/auroc")]
+    assert rows and all(float(r["val_unseen/type_auroc_types"]) == 2 for r in rows)
+    names = sorted(p.name for p in (run / "checkpoints").glob("epoch*.ckpt"))
+    for metric, tag in (("val_unseen/type_auroc", "unseen_type_auroc"), ("val_unseen/auroc", "unseen_auroc")):
+        best = max(range(len(rows)), key=lambda e: (float(rows[e][metric]), -e))  # the first best epoch
+        assert f"epoch{best:02d}-{tag}{float(rows[best][metric]):.3f}.ckpt" in names, (metric, names)
+    assert len(names) == 2 and (run / "checkpoints" / "last.ckpt").exists() and (run / "hf_model").is_dir()
