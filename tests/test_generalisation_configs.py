@@ -93,13 +93,14 @@ def test_backbone_comparison_fits_share_data_and_selection(name):
     assert f"fit_and_export {name} {cfg.model.class_path} {raw['data']['max_length']}" in script
 
 
-def composed_on_the_test_protocol(extra: str, out: str, capsys, same=("best_of_n",)) -> dict:
-    """``extra`` composed on the final evaluation's config, checked to keep its held-out specs, seeds, instance
-    checks and policy (and the ``same`` keys) with its own output directory; returns the composed config."""
+def composed_on_the_test_protocol(extra: str, out: str, capsys, same=("best_of_n",), folder: str = "backbones") -> dict:
+    """``configs/generalisation/<folder>/<extra>`` composed on the final evaluation's config, checked to keep its
+    held-out specs, seeds, instance checks and policy (and the ``same`` keys) with its own output directory
+    ``runs/generalisation/<folder>/<out>``; returns the composed config."""
     from agentrm.search import evaluate
 
     with pytest.raises(SystemExit) as e:
-        evaluate.main(["--config", str(GEN / "test_eval.yaml"), "--config", str(BACKBONES / extra),
+        evaluate.main(["--config", str(GEN / "test_eval.yaml"), "--config", str(GEN / folder / extra),
                        "--print_config"])
     assert e.value.code == 0
     composed = yaml.safe_load(capsys.readouterr().out)
@@ -107,7 +108,7 @@ def composed_on_the_test_protocol(extra: str, out: str, capsys, same=("best_of_n
     for key in ("held_out", "seed", "train_envs", "train_seed", "train_episodes", "greedy", *same):
         assert composed[key] == base[key], key
     assert {k: composed["policy"][k] for k in base["policy"]} == base["policy"]
-    assert composed["out_dir"] == f"runs/generalisation/backbones/{out}"
+    assert composed["out_dir"] == f"runs/generalisation/{folder}/{out}"
     return composed
 
 
@@ -152,3 +153,13 @@ def test_the_type_auroc_selection_composes_on_the_tiny_rm_with_its_own_directory
     dirs = [c["init_args"]["dirpath"] for c in callbacks if "dirpath" in c["init_args"]]
     assert composed.trainer.default_root_dir == "runs/generalisation/rm/tiny_type"
     assert all(d.startswith("runs/generalisation/rm/tiny_type/") for d in dirs)
+
+
+def test_the_selection_rerun_keeps_the_test_protocol(capsys):
+    """The RM selected on the per-type AUROC (and the same fit's pooled choice) play the final evaluation's episodes,
+    each from the export of its selected checkpoint under the selection fit's run directory."""
+    composed = composed_on_the_test_protocol("test_eval.yaml", "test_eval", capsys, same=("best_of_n", "beam"),
+                                             folder="selection")
+    fit_dir = yaml.safe_load((GEN / "selection" / "type_auroc.yaml").read_text())["trainer"]["default_root_dir"]
+    assert {s["name"]: s["path"] for s in composed["scorers"]} == {
+        "tiny_type": f"{fit_dir}/hf_model_type_auroc", "tiny_pooled": f"{fit_dir}/hf_model_pooled_auroc"}
