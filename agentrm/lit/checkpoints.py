@@ -70,11 +70,16 @@ class ResumableCheckpoint(ModelCheckpoint):
     ``last.ckpt`` is a file of its own, so it cannot point at a stale top-k file). Top-k files are
     written atomically too. ``python -m agentrm.fit`` uses this class for every ``ModelCheckpoint``
     its config names (and adds one when there is none).
+
+    Args:
+        writes_last: ``False`` for a second checkpoint callback in the directory of another (two selection rules
+            of one run, each keeping its best epoch): the first one's ``last.ckpt`` already holds the newest state,
+            and a copy would be written as ``last-v1.ckpt`` (``python -m agentrm.fit`` sets it).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, writes_last: bool = True, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.save_last = True
+        self.save_last = writes_last
         self._last_saved_step: int | None = None
         self._saving: str = "validation"
         self.written: dict[str, tuple[int, int]] = {}  # path -> (epoch, global step) of the files this run wrote
@@ -98,6 +103,8 @@ class ResumableCheckpoint(ModelCheckpoint):
             isinstance(exception, KeyboardInterrupt) and trainer.world_size == 1)  # Ctrl-C may reach one rank only
         if not interrupted:
             return super().on_exception(trainer, pl_module, exception)
+        if not self.save_last:  # another callback in this directory keeps last.ckpt
+            return None
         if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or trainer.global_step == 0:
             return None
         if self._last_saved_step == trainer.global_step:
@@ -110,7 +117,7 @@ class ResumableCheckpoint(ModelCheckpoint):
         return None
 
     def _keep_last_current(self, trainer: L.Trainer) -> None:
-        if (trainer.fast_dev_run or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking
+        if (not self.save_last or trainer.fast_dev_run or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking
                 or self._last_saved_step == trainer.global_step):
             return
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -118,7 +118,8 @@ def _default_dirpath(cb, dirpath: Path) -> None:
 def use_resumable_checkpoints(config) -> None:
     """Every ``ModelCheckpoint`` of the parsed config becomes a ``ResumableCheckpoint`` (a checkpoint
     directory defaults to ``<default_root_dir>/checkpoints``); one is added when there is none and
-    checkpointing is not switched off (``trainer.enable_checkpointing: false``)."""
+    checkpointing is not switched off (``trainer.enable_checkpointing: false``). Of several in one directory
+    (each keeping the best epoch by its own metric) the first writes ``last.ckpt``, the others not (``writes_last``)."""
     from jsonargparse import Namespace
 
     callbacks = config.get("trainer.callbacks")
@@ -128,11 +129,17 @@ def use_resumable_checkpoints(config) -> None:
         callbacks = [callbacks]
     checkpoints = _run_root(config) / "checkpoints"
     found = False
+    last_kept_in: set[str] = set()
     for cb in callbacks:
         class_path = getattr(cb, "class_path", "")
         if class_path in PLAIN_CHECKPOINTS or class_path == RESUMABLE:
             cb.class_path = RESUMABLE
             _default_dirpath(cb, checkpoints)
+            directory = str(Path(cb.init_args.dirpath).resolve())
+            if directory in last_kept_in:
+                cb.init_args.writes_last = False
+            elif _init_args(cb).get("writes_last", True):
+                last_kept_in.add(directory)
             found = True
         elif class_path.rsplit(".", 1)[-1] in ("ModelCheckpoint", "ResumableCheckpoint", "OnExceptionCheckpoint"):
             _init_args(cb)

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,3 +139,24 @@ def test_shipped_configs_run_their_checkpoints_as_resumable(configs):
     assert len(ckpts) == 1, config["trainer.callbacks"]
     built = ResumableCheckpoint(**vars(ckpts[0].init_args))
     assert built.save_last is True and built.dirpath.endswith("checkpoints")
+
+
+def test_of_two_checkpoint_callbacks_in_one_directory_only_the_first_writes_last(tmp_path):
+    """Two selection rules of one run (each keeping its best epoch) share a directory: one last.ckpt, not a copy."""
+    import yaml
+
+    from agentrm.fit import RESUMABLE
+    from agentrm.lit.checkpoints import ResumableCheckpoint
+    from agentrm.lit.cli import parse_fit_config
+    from agentrm.paths import PROJECT_ROOT
+
+    extra = tmp_path / "callbacks.yaml"
+    ckpt = "lightning.pytorch.callbacks.ModelCheckpoint"
+    extra.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": ckpt, "init_args": {"dirpath": str(tmp_path / "a"), "monitor": "val/auroc", "mode": "max"}},
+        {"class_path": ckpt, "init_args": {"dirpath": str(tmp_path / "a"), "monitor": "val/mse"}},
+        {"class_path": ckpt, "init_args": {"dirpath": str(tmp_path / "b"), "monitor": "val/mse"}},
+    ]}}))
+    config = parse_fit_config(["--config", str(PROJECT_ROOT / "configs/tiny/value_rm.yaml"), "--config", str(extra)])
+    built = [ResumableCheckpoint(**vars(cb.init_args)) for cb in config["trainer.callbacks"] if cb.class_path == RESUMABLE]
+    assert [(Path(b.dirpath).name, b.save_last) for b in built] == [("a", True), ("a", False), ("b", True)]
