@@ -156,10 +156,10 @@ def test_the_type_auroc_selection_composes_on_the_tiny_rm_with_its_own_directory
 
 
 def test_the_selection_rerun_keeps_the_test_protocol(capsys):
-    """The RM selected on the per-type AUROC (and the same fit's pooled choice) play the final evaluation's episodes,
-    each from the export of its selected checkpoint under the selection fit's run directory."""
+    """The RM of the complete data selected on the per-type AUROC (and the same fit's last epoch) play the final
+    evaluation's episodes, each from an export under the selection fit's run directory."""
     composed = composed_on_the_test_protocol("test_eval.yaml", "test_eval", capsys, same=("best_of_n", "beam"),
                                              folder="selection")
     fit_dir = yaml.safe_load((GEN / "selection" / "type_auroc.yaml").read_text())["trainer"]["default_root_dir"]
     assert {s["name"]: s["path"] for s in composed["scorers"]} == {
-        "tiny_type": f"{fit_dir}/hf_model_type_auroc", "tiny_pooled": f"{fit_dir}/hf_model_pooled_auroc"}
+        "tiny_full": f"{fit_dir}/hf_model_selected", "tiny_full_last": f"{fit_dir}/hf_model"}
