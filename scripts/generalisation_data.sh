@@ -5,7 +5,7 @@
 # (python -m agentrm.data.splits). Every command resumes: rerun this script after an interruption.
 # Outputs (regenerated, not committed): runs/generalisation/data/*.jsonl with <file>.manifest.json beside
 # each, logs in runs/generalisation/logs/. Extra arguments go to every collect command (e.g. --workers 4).
-#   bash scripts/generalisation_data.sh            # ~45 min of CPU/2 on 2 cores (see the doc)
+#   bash scripts/generalisation_data.sh            # measured on 2 free cores: 70 min, 63 of them the training data
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}

@@ -13,7 +13,8 @@
 #   FAMILIES=babyai bash scripts/generalisation_test.sh      # one family (the report covers every family run so far)
 #   FAMILIES= bash scripts/generalisation_test.sh            # the report only
 # CFG_EXTRA names a second config composed on top (other scorers, out_dir: scripts/generalisation_backbones.sh),
-# OUT the run directory, PNG the figure, REFERENCE_SCORER a scorer every other one is also compared with, JOIN
+# OUT the run directory, PNG the figure (default: docs/img/generalisation_test.png for the default OUT, else
+# $OUT/families.png, so another run never replaces the committed figure), REFERENCE_SCORER a scorer every other one is also compared with, JOIN
 # other run directories (space-separated) whose Best-of-N / beam rows on the same episodes join the report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +22,8 @@ PY=${PYTHON:-.venv/bin/python}
 CFG=configs/generalisation/test_eval.yaml
 CONFIGS=(--config "$CFG"); [ -n "${CFG_EXTRA:-}" ] && CONFIGS+=(--config "$CFG_EXTRA")
 OUT=${OUT:-runs/generalisation/test_eval}
-PNG=${PNG:-docs/img/generalisation_test.png}
+# the committed figure is the default run's; another run directory gets its figure beside its report
+if [ "$OUT" = runs/generalisation/test_eval ]; then PNG=${PNG:-docs/img/generalisation_test.png}; else PNG=${PNG:-$OUT/families.png}; fi
 EPISODES=${EPISODES:-30}
 TEXTWORLD_BEAM_EPISODES=${TEXTWORLD_BEAM_EPISODES:-12}
 SCIWORLD_EPISODES=${SCIWORLD_EPISODES:-6}
