@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 _ACTION_RE = re.compile(r"action\s*:\s*(.+)", flags=re.IGNORECASE)
@@ -40,6 +41,15 @@ def call_index_of_key(key: str) -> int:
     """The stable call index of a keyed request (a hash of ``key``, the same in every process and run)."""
     digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % KEY_INDEX_RANGE
+
+
+def keys_of_prompts(keys: Sequence[str | None] | None, prompts: int) -> list[str | None]:
+    """The key of each of ``prompts`` requests of a ``chat_many`` call (``None``: unkeyed), checked one per prompt."""
+    if keys is None:
+        return [None] * prompts
+    if len(keys) != prompts:
+        raise ValueError(f"chat_many: {len(keys)} keys for {prompts} prompts")
+    return list(keys)
 
 
 def parse_action(text: str) -> str:

@@ -11,7 +11,7 @@ import torch
 from agentrm.data.schema import Trajectory
 from agentrm.envs.base import Env
 from agentrm.policies.batcher import GenerateBatcher
-from agentrm.policies.chat import call_index_of_key
+from agentrm.policies.chat import call_index_of_key, keys_of_prompts
 from agentrm.policies.prompt import AgentPrompt, ReplyStats, propose_many_validated, propose_validated
 from agentrm.policies.sampling import PerRowSampler, reply_seed
 
@@ -126,9 +126,7 @@ class HFPolicy:
         With ``batch_requests`` all replies are generated in left-padded batches of ``batch_size``
         rows, each reply with its own generator; without, one :meth:`chat` after another.
         """
-        keys = list(keys) if keys is not None else [None] * len(prompts)
-        if len(keys) != len(prompts):
-            raise ValueError(f"chat_many: {len(keys)} keys for {len(prompts)} prompts")
+        keys = keys_of_prompts(keys, len(prompts))
         if not self.batch_requests:
             return [self.chat(m, n, temperature, key=k) for (m, n), k in zip(prompts, keys)]
         temp = self.temperature if temperature is None else temperature

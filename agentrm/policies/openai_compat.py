@@ -30,7 +30,7 @@ from typing import Any
 
 from agentrm.data.schema import Trajectory
 from agentrm.envs.base import Env
-from agentrm.policies.chat import call_index_of_key
+from agentrm.policies.chat import call_index_of_key, keys_of_prompts
 from agentrm.policies.endpoint import (
     RETRY_STATUS,
     EndpointError,
@@ -163,9 +163,7 @@ class OpenAIChatPolicy:
         with self._lock:
             first = self.calls
             self.calls += len(prompts)
-        keys = list(keys) if keys is not None else [None] * len(prompts)
-        if len(keys) != len(prompts):
-            raise ValueError(f"chat_many: {len(keys)} keys for {len(prompts)} prompts")
+        keys = keys_of_prompts(keys, len(prompts))
         jobs = [(m, n, first + i if k is None else call_index_of_key(k), i)
                 for i, ((m, n), k) in enumerate(zip(prompts, keys))]
         if self.max_concurrency == 1 or len(jobs) <= 1:

@@ -134,34 +134,36 @@ def _retrain_rm(d: Path) -> list[str]:
     return ["--config", "{d}/search.yaml"]
 
 
-def _with_judge(d: Path) -> None:
-    save_lm(d / "judge", 0)
-    search_config(d, scorers=[{"kind": "judge", "name": "judge", "judge_model": str(d / "judge"), "judge_max_tokens": 4}],
-                  episodes=1, beam=[])
+def _with_judge(**options: Any) -> Callable[[Path], None]:
+    """A search with one local judge (``options``: its other fields), one episode, no beam."""
+    def setup(d: Path) -> None:
+        save_lm(d / "judge", 0)
+        search_config(d, scorers=[{"kind": "judge", "name": "judge", "judge_model": str(d / "judge"),
+                                   "judge_max_tokens": 4, **options}], episodes=1, beam=[])
+
+    return setup
 
 
-def _as_a_sampled_judge_run(d: Path) -> list[str]:
-    """The run's config.json as written when a single-sample judge sampled at temperature 1 by default."""
-    path = d / "out" / "config.json"
-    stored = json.loads(path.read_text())
-    stored["scorers"][0]["judge_temperature"] = None
-    path.write_text(json.dumps(stored))
-    return ["--config", "{d}/search.yaml"]
+def _stored_judge_edited(edit: Callable[[dict], None]) -> Callable[[Path], list[str]]:
+    """Between the runs: ``edit`` the judge's entry of the run's config.json (as an older version wrote it)."""
+    def run(d: Path) -> list[str]:
+        path = d / "out" / "config.json"
+        stored = json.loads(path.read_text())
+        edit(stored["scorers"][0])
+        path.write_text(json.dumps(stored))
+        return ["--config", "{d}/search.yaml"]
+
+    return run
 
 
-def _with_sampling_judge(d: Path) -> None:
-    save_lm(d / "judge", 0)
-    search_config(d, scorers=[{"kind": "judge", "name": "judge", "judge_model": str(d / "judge"), "judge_max_tokens": 4,
-                               "judge_temperature": 1.0}], episodes=1, beam=[])
+def _as_sampled_by_default(judge: dict) -> None:
+    """As written when a single-sample judge sampled at temperature 1 by default."""
+    judge["judge_temperature"] = None
 
 
-def _as_a_judge_run_seeded_by_call_order(d: Path) -> list[str]:
-    """The run's config.json as written when a sampling judge drew its seeds in the order calls reached it."""
-    path = d / "out" / "config.json"
-    stored = json.loads(path.read_text())
-    assert stored["scorers"][0].pop("judge_seeds") == "by prompt"
-    path.write_text(json.dumps(stored))
-    return ["--config", "{d}/search.yaml"]
+def _as_seeded_by_call_order(judge: dict) -> None:
+    """As written when a sampling judge drew its seeds in the order calls reached it."""
+    assert judge.pop("judge_seeds") == "by prompt"
 
 
 def _retrain_policy(d: Path) -> list[str]:
@@ -243,13 +245,14 @@ CASES: list[FaultCase] = [
                                                     _retrain_rm),
               message=r"out_dir: .* holds episodes of other models \(scorer 'value_rm' \w+ -> \w+\)"),
     FaultCase(id="search/resume-a-sampled-judge-run", covers="a judge run of the old sampling default is not continued greedily",
-              setup=_with_judge, run=_resume_refused("agentrm.search", ["--config", "{d}/search.yaml"], "out/episodes.jsonl",
-                                                     _as_a_sampled_judge_run),
+              setup=_with_judge(), run=_resume_refused("agentrm.search", ["--config", "{d}/search.yaml"],
+                                                       "out/episodes.jsonl", _stored_judge_edited(_as_sampled_by_default)),
               message=r"out_dir: .* holds episodes of another configuration \(scorers: "),
     FaultCase(id="search/resume-a-judge-run-seeded-by-call-order",
               covers="a sampling judge's run of the call-order seeds is not continued with seeds by prompt",
-              setup=_with_sampling_judge, run=_resume_refused("agentrm.search", ["--config", "{d}/search.yaml"],
-                                                              "out/episodes.jsonl", _as_a_judge_run_seeded_by_call_order),
+              setup=_with_judge(judge_temperature=1.0),
+              run=_resume_refused("agentrm.search", ["--config", "{d}/search.yaml"], "out/episodes.jsonl",
+                                  _stored_judge_edited(_as_seeded_by_call_order)),
               message=r"out_dir: .* holds episodes of another configuration \(scorers: "),
     FaultCase(id="search/kill-and-resume", covers="SIGKILL mid-evaluation, rerun: the summary of an uninterrupted run",
               run=_search_kill_resume, exit_code=0),
